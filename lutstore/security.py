@@ -1,0 +1,102 @@
+"""Who may talk to the daemon: TLS credentials and a bearer-token check.
+
+Defaults are safe without these (bind 127.0.0.1, read-only RPCs); on a real
+network, `--tls-cert/--tls-key` encrypt and `--auth-token(-file)` authenticate.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from pathlib import Path
+from typing import Callable
+
+import grpc
+
+from lutstore.errors import UserError
+
+log = logging.getLogger(__name__)
+
+AUTH_HEADER = "authorization"
+# Health checks stay open so that load balancers and orchestrators can probe.
+UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+def read_token(token: str | None, token_file: Path | None) -> str | None:
+    """The bearer token from a flag or a file (the file keeps it out of `ps`)."""
+    if token and token_file:
+        raise UserError("give --auth-token or --auth-token-file, not both")
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as e:
+            raise UserError(f"cannot read auth token file {token_file}: {e.strerror}") from e
+        if not token:
+            raise UserError(f"auth token file {token_file} is empty")
+    return token or None
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror}") from e
+
+
+def server_credentials(cert: Path | None, key: Path | None) -> grpc.ServerCredentials | None:
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise UserError("TLS needs both --tls-cert and --tls-key")
+    return grpc.ssl_server_credentials([(_read(key, "TLS key"), _read(cert, "TLS certificate"))])
+
+
+def channel_credentials(tls_ca: Path | None) -> grpc.ChannelCredentials | None:
+    """Credentials for a TLS channel trusting `tls_ca` (None: plaintext)."""
+    if not tls_ca:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=_read(tls_ca, "TLS CA certificate"))
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying the bearer token (works with and without TLS)."""
+    return ((AUTH_HEADER, f"Bearer {token}"),) if token else ()
+
+
+class BearerTokenInterceptor(grpc.ServerInterceptor):
+    """Rejects every RPC without `authorization: Bearer <token>` (health excepted)."""
+
+    def __init__(self, token: str, on_reject: Callable[[str], None] | None = None) -> None:
+        self._expected = f"Bearer {token}".encode()
+        self._on_reject = on_reject
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method.startswith(UNAUTHENTICATED_PREFIXES):
+            return continuation(handler_call_details)
+        presented = dict(handler_call_details.invocation_metadata or ()).get(AUTH_HEADER, "")
+        if hmac.compare_digest(presented.encode(), self._expected):
+            return continuation(handler_call_details)
+        log.warning("rejected unauthenticated call to %s", method)
+        if self._on_reject:
+            self._on_reject(method)
+        return _rejecting_handler(continuation(handler_call_details))
+
+
+def _rejecting_handler(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
+    def abort(request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
+
+    def abort_stream(request, context):
+        abort(request, context)
+        yield  # pragma: no cover  (makes this a generator, as stream handlers must be)
+
+    deser = handler.request_deserializer if handler else None
+    ser = handler.response_serializer if handler else None
+    if handler is not None and handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(abort_stream, deser, ser)
+    if handler is not None and handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(abort, deser, ser)
+    if handler is not None and handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(abort_stream, deser, ser)
+    return grpc.unary_unary_rpc_method_handler(abort, deser, ser)
