@@ -1,0 +1,161 @@
+'use strict';
+// A lutstore client built from the .proto alone: proto-loader reads
+// proto/lutstore/v1/lutstore.proto at run time, no generated code.
+
+const path = require('node:path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+const { RowFormat, decodeRow, checkRow } = require('./codec');
+
+const DEFAULT_PROTO = path.resolve(__dirname, '..', '..', '..', 'proto', 'lutstore', 'v1', 'lutstore.proto');
+
+// Field names as in the .proto (snake_case), enums as their names, 64-bit
+// integers as Numbers (row and table byte counts stay far below 2^53).
+const LOADER_OPTIONS = { keepCase: true, longs: Number, enums: String, defaults: true };
+
+/** An RPC that failed, with its gRPC status code (a number) and code name. */
+class LutError extends Error {
+  constructor(code, details) {
+    const codeName = Object.keys(grpc.status).find((k) => grpc.status[k] === code) || String(code);
+    super(`${codeName}: ${details}`);
+    this.name = 'LutError';
+    this.code = code;
+    this.codeName = codeName;
+    this.details = details;
+  }
+
+  static from(err) {
+    return err instanceof LutError ? err : new LutError(err.code ?? grpc.status.UNKNOWN, err.details || err.message);
+  }
+}
+
+function loadService(protoPath = DEFAULT_PROTO) {
+  const definition = protoLoader.loadSync(protoPath, LOADER_OPTIONS);
+  return grpc.loadPackageDefinition(definition).lutstore.v1.LutStore;
+}
+
+function checkTokenIds(ids) {
+  if (!Array.isArray(ids) && !ArrayBuffer.isView(ids)) throw new TypeError('token ids must be an array of integers');
+  for (const id of ids) {
+    if (!Number.isInteger(Number(id)) || id < 0 || id > 0xffffffff) throw new RangeError(`token id ${id} is not a uint32`);
+  }
+}
+
+class LutClient {
+  /**
+   * @param {string} address  "host:port", e.g. "127.0.0.1:50051"
+   * @param {object} [opts]
+   * @param {grpc.ChannelCredentials} [opts.credentials]  default: insecure (loopback)
+   * @param {number} [opts.timeoutMs=30000]  deadline of each RPC
+   * @param {number} [opts.maxMessageBytes=64 MiB]  largest message accepted
+   * @param {string} [opts.protoPath]  where lutstore.proto lives
+   */
+  constructor(address, { credentials, timeoutMs = 30000, maxMessageBytes = 64 << 20, protoPath } = {}) {
+    const Service = loadService(protoPath);
+    this.stub = new Service(address, credentials || grpc.credentials.createInsecure(), {
+      'grpc.max_receive_message_length': maxMessageBytes,
+    });
+    this.timeoutMs = timeoutMs;
+  }
+
+  deadline() {
+    return new Date(Date.now() + this.timeoutMs);
+  }
+
+  unary(method, request) {
+    return new Promise((resolve, reject) => {
+      this.stub[method](request, { deadline: this.deadline() }, (err, response) => {
+        if (err) reject(LutError.from(err));
+        else resolve(response);
+      });
+    });
+  }
+
+  /** Every table with its latest version: TableInfo objects. */
+  async tables() {
+    const response = await this.unary('ListTables', {});
+    return response.tables;
+  }
+
+  /** TableInfo of one table version (0: the latest). */
+  info(name, version = 0) {
+    return this.unary('GetTableInfo', { table: name, version });
+  }
+
+  /** The RowFormat (shape, encoding, compression) of a TableInfo. */
+  static rowFormat(info) {
+    return new RowFormat(info);
+  }
+
+  /**
+   * Raw stored values (body || crc32) of the distinct ids, checksums verified.
+   * One BatchGet of at most info.max_batch_rows ids; the version is pinned.
+   * @returns {Promise<Map<number, Buffer>>}
+   */
+  getRaw(name, ids, version) {
+    checkTokenIds(ids);
+    return new Promise((resolve, reject) => {
+      const rows = new Map();
+      const call = this.stub.BatchGet({ table: name, version, token_ids: Array.from(ids) }, { deadline: this.deadline() });
+      call.on('data', (message) => {
+        for (const row of message.rows) {
+          try {
+            checkRow(row.data, row.token_id);
+          } catch (err) {
+            call.cancel();
+            reject(err);
+            return;
+          }
+          rows.set(row.token_id, row.data);
+        }
+      });
+      call.on('error', (err) => {
+        if (err.code !== grpc.status.CANCELLED) reject(LutError.from(err));
+      });
+      call.on('end', () => resolve(rows));
+    });
+  }
+
+  /**
+   * Decoded rows in the order of `ids` (duplicates allowed).
+   * Splits the ids into batches of the server's max_batch_rows and pins
+   * every batch to one table version, so a concurrent ingest cannot mix rows.
+   * @returns {Promise<{version: number, shape: number[], values: Float32Array, rows: Float32Array[]}>}
+   *   values holds len(ids) x L x N x D floats, row-major; rows[i] is the
+   *   [L*N*D] view of ids[i] within it.
+   */
+  async getRows(name, ids, version = 0) {
+    checkTokenIds(ids);
+    const info = await this.info(name, version);
+    const format = new RowFormat(info);
+    for (const id of ids) {
+      if (id >= info.vocab_size) throw new RangeError(`token id ${id} is out of range: table ${name} has vocab_size ${info.vocab_size}`);
+    }
+    const distinct = [...new Set(Array.from(ids, Number))].sort((a, b) => a - b);
+    const batchRows = info.max_batch_rows || distinct.length || 1;
+    const raw = new Map();
+    for (let start = 0; start < distinct.length; start += batchRows) {
+      const batch = distinct.slice(start, start + batchRows);
+      const got = await this.getRaw(name, batch, info.version);
+      for (const id of batch) {
+        if (!got.has(id)) throw new LutError(grpc.status.INTERNAL, `server sent no row for token ${id}`);
+        raw.set(id, got.get(id));
+      }
+    }
+    const values = new Float32Array(ids.length * format.values);
+    const rows = [];
+    for (let i = 0; i < ids.length; i++) {
+      const out = values.subarray(i * format.values, (i + 1) * format.values);
+      // Checksums were verified as the rows arrived.
+      decodeRow(format, raw.get(Number(ids[i])), { tokenId: ids[i], out, verify: false });
+      rows.push(out);
+    }
+    return { version: info.version, shape: [ids.length, ...format.shape], values, rows };
+  }
+
+  close() {
+    this.stub.close();
+  }
+}
+
+module.exports = { LutClient, LutError, loadService, DEFAULT_PROTO };

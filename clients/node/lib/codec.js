@@ -1,0 +1,165 @@
+'use strict';
+// Row bytes -> Float32Array, written from the layout at the top of
+// proto/lutstore/v1/lutstore.proto and nothing else:
+//   data = body || crc32-LE(body); body = payload, or one zstd frame of it;
+//   payload (little-endian, E = L*N*D values) by encoding:
+//     FP32 E x float32 | FP16 E x binary16 | BF16 E x bfloat16 |
+//     INT8 L*N x float32 scales, then E x int8 (value = q * scale[l,n]).
+
+const CRC_BYTES = 4;
+
+class RowError extends Error {
+  constructor(message, tokenId) {
+    super(tokenId === undefined ? message : `token ${tokenId}: ${message}`);
+    this.name = 'RowError';
+    this.tokenId = tokenId;
+  }
+}
+
+// CRC-32 (IEEE 802.3, reflected polynomial 0xEDB88320), as zlib computes it.
+const CRC_TABLE = (() => {
+  const table = new Uint32Array(256);
+  for (let n = 0; n < 256; n++) {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    table[n] = c >>> 0;
+  }
+  return table;
+})();
+
+function crc32(bytes) {
+  let crc = 0xffffffff;
+  for (let i = 0; i < bytes.length; i++) crc = CRC_TABLE[(crc ^ bytes[i]) & 0xff] ^ (crc >>> 8);
+  return (crc ^ 0xffffffff) >>> 0;
+}
+
+// Every binary16 bit pattern's float value, computed once (256 KiB): decoding
+// fp16 is then one table lookup per value.
+let fp16Table = null;
+function halfToFloatTable() {
+  if (fp16Table) return fp16Table;
+  fp16Table = new Float32Array(65536);
+  for (let h = 0; h < 65536; h++) {
+    const sign = h & 0x8000 ? -1 : 1;
+    const exponent = (h >> 10) & 0x1f;
+    const mantissa = h & 0x3ff;
+    let value;
+    if (exponent === 0) value = mantissa * 2 ** -24; // zero and subnormals
+    else if (exponent === 0x1f) value = mantissa ? NaN : Infinity;
+    else value = (1 + mantissa / 1024) * 2 ** (exponent - 15);
+    fp16Table[h] = sign * value;
+  }
+  return fp16Table;
+}
+
+// Lazily loaded so that a table without zstd never needs the package.
+let zstdDecompress = null;
+function decompressZstd(body) {
+  if (!zstdDecompress) {
+    try {
+      zstdDecompress = require('fzstd').decompress;
+    } catch (err) {
+      throw new RowError('this table is zstd-compressed and the npm package "fzstd" is not installed (run `npm ci` in clients/node)');
+    }
+  }
+  // The row already passed its CRC, so the frame is what the server stored;
+  // the length check in payloadOf catches a frame of the wrong size.
+  try {
+    return zstdDecompress(body);
+  } catch (err) {
+    throw new RowError(`zstd frame does not decompress: ${err.message}`);
+  }
+}
+
+/** Geometry and encoding of one table's rows, from a TableInfo message. */
+class RowFormat {
+  constructor({ num_layers, num_experts, hidden_size, encoding, compression }) {
+    this.numLayers = Number(num_layers);
+    this.numExperts = Number(num_experts);
+    this.hiddenSize = Number(hidden_size);
+    this.encoding = String(encoding).replace(/^ENCODING_/, '').toLowerCase();
+    this.zstd = compression === 'COMPRESSION_ZSTD' || compression === 1;
+    if (!['fp32', 'fp16', 'bf16', 'int8'].includes(this.encoding)) {
+      throw new RowError(`unsupported row encoding ${encoding}`);
+    }
+  }
+
+  get shape() { return [this.numLayers, this.numExperts, this.hiddenSize]; }
+  get values() { return this.numLayers * this.numExperts * this.hiddenSize; }
+  get vectors() { return this.numLayers * this.numExperts; }
+
+  /** Bytes of one uncompressed payload (TableInfo.row_bytes). */
+  get payloadBytes() {
+    if (this.encoding === 'fp32') return 4 * this.values;
+    if (this.encoding === 'int8') return 4 * this.vectors + this.values;
+    return 2 * this.values;
+  }
+}
+
+/** Verify the CRC-32 trailer of a stored value; returns the body (no copy). */
+function checkRow(data, tokenId) {
+  if (data.length < CRC_BYTES) throw new RowError(`row is ${data.length} bytes, shorter than its checksum`, tokenId);
+  const bodyLength = data.length - CRC_BYTES;
+  const body = data.subarray(0, bodyLength);
+  const view = new DataView(data.buffer, data.byteOffset, data.byteLength);
+  const expected = view.getUint32(bodyLength, true);
+  if (crc32(body) !== expected) throw new RowError('row checksum mismatch', tokenId);
+  return body;
+}
+
+/** The uncompressed payload of one stored value. */
+function payloadOf(format, data, tokenId, verify = true) {
+  let body = verify ? checkRow(data, tokenId) : data.subarray(0, data.length - CRC_BYTES);
+  if (format.zstd) body = decompressZstd(body);
+  if (body.length !== format.payloadBytes) {
+    throw new RowError(`row payload is ${body.length} bytes, expected ${format.payloadBytes}`, tokenId);
+  }
+  return body;
+}
+
+/** Decode one payload into `out` (a Float32Array of format.values). */
+function decodePayload(format, payload, out = new Float32Array(format.values)) {
+  // DataView reads little-endian whatever the host's byte order and whatever
+  // the alignment of the Buffer gRPC handed us.
+  const view = new DataView(payload.buffer, payload.byteOffset, payload.byteLength);
+  const n = format.values;
+  switch (format.encoding) {
+    case 'fp32':
+      for (let i = 0; i < n; i++) out[i] = view.getFloat32(4 * i, true);
+      break;
+    case 'fp16': {
+      const table = halfToFloatTable();
+      for (let i = 0; i < n; i++) out[i] = table[view.getUint16(2 * i, true)];
+      break;
+    }
+    case 'bf16': {
+      // bfloat16 is the upper half of a float32: shift it back into place.
+      const word = new DataView(new ArrayBuffer(4));
+      for (let i = 0; i < n; i++) {
+        word.setUint32(0, view.getUint16(2 * i, true) << 16 >>> 0);
+        out[i] = word.getFloat32(0);
+      }
+      break;
+    }
+    case 'int8': {
+      const d = format.hiddenSize;
+      const qOffset = 4 * format.vectors;
+      for (let v = 0; v < format.vectors; v++) {
+        const scale = view.getFloat32(4 * v, true);
+        const base = v * d;
+        for (let j = 0; j < d; j++) out[base + j] = view.getInt8(qOffset + base + j) * scale;
+      }
+      break;
+    }
+    default:
+      throw new RowError(`unsupported row encoding ${format.encoding}`);
+  }
+  return out;
+}
+
+/** Stored value (body || crc32) -> Float32Array of L*N*D values, [l][n][d] row-major. */
+function decodeRow(format, data, { tokenId, out, verify = true } = {}) {
+  return decodePayload(format, payloadOf(format, data, tokenId, verify), out);
+}
+
+module.exports = { CRC_BYTES, RowError, RowFormat, crc32, checkRow, payloadOf, decodePayload, decodeRow };
