@@ -49,13 +49,16 @@ class LutClient {
    * @param {number} [opts.timeoutMs=30000]  deadline of each RPC
    * @param {number} [opts.maxMessageBytes=64 MiB]  largest message accepted
    * @param {string} [opts.protoPath]  where lutstore.proto lives
+   * @param {string} [opts.token]  bearer token, for a daemon started with one
    */
-  constructor(address, { credentials, timeoutMs = 30000, maxMessageBytes = 64 << 20, protoPath } = {}) {
+  constructor(address, { credentials, timeoutMs = 30000, maxMessageBytes = 64 << 20, protoPath, token } = {}) {
     const Service = loadService(protoPath);
     this.stub = new Service(address, credentials || grpc.credentials.createInsecure(), {
       'grpc.max_receive_message_length': maxMessageBytes,
     });
     this.timeoutMs = timeoutMs;
+    this.metadata = new grpc.Metadata();
+    if (token) this.metadata.set('authorization', `Bearer ${token}`);
   }
 
   deadline() {
@@ -64,7 +67,7 @@ class LutClient {
 
   unary(method, request) {
     return new Promise((resolve, reject) => {
-      this.stub[method](request, { deadline: this.deadline() }, (err, response) => {
+      this.stub[method](request, this.metadata, { deadline: this.deadline() }, (err, response) => {
         if (err) reject(LutError.from(err));
         else resolve(response);
       });
@@ -96,7 +99,7 @@ class LutClient {
     checkTokenIds(ids);
     return new Promise((resolve, reject) => {
       const rows = new Map();
-      const call = this.stub.BatchGet({ table: name, version, token_ids: Array.from(ids) }, { deadline: this.deadline() });
+      const call = this.stub.BatchGet({ table: name, version, token_ids: Array.from(ids) }, this.metadata, { deadline: this.deadline() });
       call.on('data', (message) => {
         for (const row of message.rows) {
           try {
