@@ -77,9 +77,9 @@ def _drain(stream, sink: list[str]) -> None:
         sink.append(line)
 
 
-def start_server(db: Path, *extra: str, timeout: float = 30.0) -> Server:
+def start_server(db: Path, *extra: str, verbose: int = 1, timeout: float = 30.0) -> Server:
     """Start `lutstore serve --db DB --port 0` and wait until it prints its ready line."""
-    cmd = [sys.executable, "-m", "lutstore.cli", "serve", "--db", str(db), "--port", "0",
+    cmd = [sys.executable, "-m", "lutstore.cli", *(["-" + "v" * verbose] if verbose else []), "serve", "--db", str(db), "--port", "0",
            "--workers", "4", "--refresh-seconds", "0.2", *extra]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

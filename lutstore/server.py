@@ -1,0 +1,315 @@
+"""`lutstore serve`: the gRPC daemon.
+
+The servicer validates each request and delegates: table lookups to
+`lutstore.store.Store` (opened as a RocksDB secondary, so `lutstore ingest`
+can add tables while we serve), row bytes to `RowSource` (hot-row LRU in
+front of RocksDB multi-gets, checksum checked once per row). Rows travel in
+their stored encoding; the client decodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+from typing import Iterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from lutstore import codec
+from lutstore.cache import ByteLRU
+from lutstore.errors import UserError
+from lutstore.store import Store, StoreError, TableMeta, TableNotFound, VersionGone
+from lutstore.v1 import lutstore_pb2 as pb
+from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LutStore"].full_name
+SHUTDOWN_GRACE_SECONDS = 10.0
+MESSAGE_TARGET_BYTES = 4 << 20  # rows per BatchGetResponse: a few MiB, well below the limit
+ZSTD_FRAME_SLACK = 64  # a zstd frame of incompressible data is at most a few bytes longer
+
+ENCODINGS = {
+    codec.Encoding.FP32: pb.ENCODING_FP32,
+    codec.Encoding.FP16: pb.ENCODING_FP16,
+    codec.Encoding.BF16: pb.ENCODING_BF16,
+    codec.Encoding.INT8: pb.ENCODING_INT8,
+}
+
+
+class CorruptRow(Exception):
+    def __init__(self, meta: TableMeta, token_id: int, reason: str):
+        self.token_id = token_id
+        super().__init__(f"row {token_id} of table {meta.name!r} v{meta.version} is corrupt ({reason}); "
+                         f"run `lutstore verify` on the server")
+
+
+class RowSource:
+    """Verified stored values of rows: the hot path, kept in one place so it
+    can be swapped for a faster one (pre-serialised responses, ...)."""
+
+    def __init__(self, store: Store, cache: ByteLRU):
+        self.store = store
+        self.cache = cache
+
+    def rows(self, meta: TableMeta, token_ids: list[int]) -> list[bytes]:
+        """Stored values of token_ids (ascending, distinct), each checksum-verified."""
+        tid = meta.table_id
+        values = self.cache.get_many([(tid, t) for t in token_ids])
+        missing = [i for i, v in enumerate(values) if v is None]
+        if missing:
+            fetched = self.store.get_values(meta, [token_ids[i] for i in missing])
+            verified = []
+            for i, value in zip(missing, fetched):
+                token = token_ids[i]
+                if value is None:
+                    raise CorruptRow(meta, token, "missing from the database")
+                try:
+                    codec.check(value)
+                except codec.ChecksumError as e:
+                    raise CorruptRow(meta, token, str(e)) from None
+                values[i] = value
+                verified.append(((tid, token), value))
+            self.cache.put_many(verified)
+        return values  # type: ignore[return-value]
+
+
+class Catalog:
+    """Table lookups with a refresh on a miss, so a just-ingested table or
+    version is found without waiting for the periodic refresh."""
+
+    def __init__(self, store: Store, cache: ByteLRU):
+        self.store = store
+        self.cache = cache
+        self._lock = threading.Lock()
+        self._refreshed_at = 0.0
+
+    def refresh(self) -> None:
+        with self._lock:
+            before = {m.table_id for m in self.store.tables()}
+            self.store.refresh()
+            self._refreshed_at = time.monotonic()
+            gone = before - {m.table_id for m in self.store.tables()}
+        if gone:
+            evicted = self.cache.evict_where(lambda key: key[0] in gone)
+            log.info("tables %s dropped; evicted %d cached rows", sorted(gone), evicted)
+
+    def resolve(self, name: str, version: int) -> TableMeta:
+        asked_at = time.monotonic()
+        try:
+            return self.store.resolve(name, version)
+        except (TableNotFound, VersionGone):
+            if self._refreshed_at < asked_at:  # nobody refreshed since we asked: look again
+                self.refresh()
+            return self.store.resolve(name, version)
+
+
+class LutStoreServicer(pb_grpc.LutStoreServicer):
+    def __init__(self, catalog: Catalog, rows: RowSource, max_batch_rows: int, max_message_bytes: int):
+        self.catalog = catalog
+        self.rows = rows
+        self.max_batch_rows = max_batch_rows
+        self.max_message_bytes = max_message_bytes
+        self.message_target = max(1, min(MESSAGE_TARGET_BYTES, max_message_bytes // 2))
+
+    # ---- helpers -------------------------------------------------------
+
+    def _resolve(self, name: str, version: int, context: grpc.ServicerContext) -> TableMeta:
+        if not name:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request names no table")
+        try:
+            return self.catalog.resolve(name, version)
+        except TableNotFound as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except VersionGone as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except StoreError as e:
+            context.abort(grpc.StatusCode.INTERNAL, str(e))
+        raise AssertionError("unreachable")  # context.abort always raises
+
+    def table_info(self, meta: TableMeta) -> pb.TableInfo:
+        fmt = meta.row_format()
+        live = [m.version for m in self.catalog.store.tables() if m.name == meta.name]
+        return pb.TableInfo(
+            name=meta.name, version=meta.version, vocab_size=meta.vocab_size,
+            num_layers=meta.num_layers, num_experts=meta.num_experts, hidden_size=meta.hidden_size,
+            encoding=ENCODINGS[fmt.encoding],
+            compression=pb.COMPRESSION_ZSTD if meta.zstd else pb.COMPRESSION_NONE,
+            fingerprint=meta.fingerprint,
+            artifacts=[pb.ArtifactInfo(name=a.name, size=a.size, sha256=a.sha256) for a in meta.artifacts],
+            row_bytes=fmt.payload_bytes, stored_bytes=meta.stored_bytes, live_versions=live,
+            created_unix_ms=meta.created_unix_ms, source_form=meta.source_form,
+            max_batch_rows=self.max_batch_rows)
+
+    def _row_bound(self, meta: TableMeta) -> int:
+        fmt = meta.row_format()
+        return fmt.stored_bytes or fmt.payload_bytes + ZSTD_FRAME_SLACK + codec.CRC_BYTES
+
+    # ---- RPCs ------------------------------------------------------------
+
+    def ListTables(self, request: pb.ListTablesRequest, context: grpc.ServicerContext) -> pb.ListTablesResponse:
+        latest: dict[str, TableMeta] = {}
+        for meta in self.catalog.store.tables():  # sorted by (name, version): the last one wins
+            latest[meta.name] = meta
+        return pb.ListTablesResponse(tables=[self.table_info(m) for m in latest.values()])
+
+    def GetTableInfo(self, request: pb.GetTableInfoRequest, context: grpc.ServicerContext) -> pb.TableInfo:
+        return self.table_info(self._resolve(request.table, request.version, context))
+
+    def BatchGet(self, request: pb.BatchGetRequest, context: grpc.ServicerContext) -> Iterator[pb.BatchGetResponse]:
+        started = time.perf_counter()
+        meta = self._resolve(request.table, request.version, context)
+        n = len(request.token_ids)
+        if n == 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty batch: give at least one token id")
+        if n > self.max_batch_rows:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"batch of {n} token ids exceeds max_batch_rows={self.max_batch_rows}; split it")
+        ids = sorted(set(request.token_ids))
+        if ids[-1] >= meta.vocab_size:
+            bad = next(t for t in request.token_ids if t >= meta.vocab_size)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"token id {bad} out of range: table {meta.name!r} v{meta.version} has vocab_size "
+                          f"{meta.vocab_size} (valid ids 0..{meta.vocab_size - 1})")
+        row_bound = self._row_bound(meta)
+        if row_bound + 1024 > self.max_message_bytes:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"one row of {meta.name!r} ({row_bound} bytes) does not fit this server's "
+                          f"--max-message-mb ({self.max_message_bytes} bytes)")
+        per_message = max(1, self.message_target // row_bound)
+        for start in range(0, len(ids), per_message):
+            group = ids[start : start + per_message]
+            try:
+                values = self.rows.rows(meta, group)
+            except CorruptRow as e:
+                log.error("%s", e)
+                context.abort(grpc.StatusCode.DATA_LOSS, str(e))
+            yield pb.BatchGetResponse(rows=[pb.Row(token_id=t, data=v) for t, v in zip(group, values)],
+                                      version=meta.version)
+        log.debug("BatchGet %s v%d: %d ids (%d distinct) in %.2f ms", meta.name, meta.version, n, len(ids),
+                  1000 * (time.perf_counter() - started))
+
+    def GetArtifact(self, request: pb.GetArtifactRequest, context: grpc.ServicerContext) -> Iterator[pb.ArtifactChunk]:
+        meta = self._resolve(request.table, request.version, context)
+        try:
+            meta.artifact(request.name)
+        except KeyError:
+            names = ", ".join(a.name for a in meta.artifacts) or "none"
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"table {meta.name!r} v{meta.version} has no artifact {request.name!r} (artifacts: {names})")
+        piece = self.message_target
+        offset = 0
+        try:
+            for chunk in self.catalog.store.iter_artifact(meta, request.name):
+                view = memoryview(chunk)
+                for start in range(0, max(len(view), 1), piece):
+                    data = view[start : start + piece]
+                    yield pb.ArtifactChunk(offset=offset, data=bytes(data))
+                    offset += len(data)
+        except StoreError as e:
+            context.abort(grpc.StatusCode.DATA_LOSS, str(e))
+
+
+class Refresher(threading.Thread):
+    """Catches up with the primary every `interval` seconds."""
+
+    def __init__(self, catalog: Catalog, interval: float):
+        super().__init__(name="lutstore-refresh", daemon=True)
+        self.catalog = catalog
+        self.interval = interval
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                self.catalog.refresh()
+            except Exception:  # keep serving what we have; the next round may succeed
+                log.exception("refresh failed")
+
+
+def _validate(args: argparse.Namespace) -> None:
+    if args.max_batch_rows < 1:
+        raise UserError(f"--max-batch-rows must be >= 1, got {args.max_batch_rows}")
+    if args.max_message_mb <= 0:
+        raise UserError(f"--max-message-mb must be > 0, got {args.max_message_mb}")
+    if args.cache_mb < 0:
+        raise UserError(f"--cache-mb must be >= 0, got {args.cache_mb}")
+    if args.workers < 1 or args.max_concurrent_streams < 1:
+        raise UserError("--workers and --max-concurrent-streams must be >= 1")
+    if args.refresh_seconds <= 0:
+        raise UserError(f"--refresh-seconds must be > 0, got {args.refresh_seconds}")
+    if not 0 <= args.port < 65536:
+        raise UserError(f"--port must be in 0..65535, got {args.port}")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT, then stop gracefully and return 0."""
+    _validate(args)
+    store = Store.open(args.db, "secondary")
+    try:
+        return _serve(args, store)
+    finally:
+        store.close()
+
+
+def _serve(args: argparse.Namespace, store: Store) -> int:
+    max_message = int(args.max_message_mb * (1 << 20))
+    cache = ByteLRU(int(args.cache_mb * (1 << 20)))
+    catalog = Catalog(store, cache)
+    servicer = LutStoreServicer(catalog, RowSource(store, cache), args.max_batch_rows, max_message)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="lutstore-rpc"),
+        options=[
+            ("grpc.max_send_message_length", max_message),
+            ("grpc.max_receive_message_length", max_message),
+            ("grpc.max_concurrent_streams", args.max_concurrent_streams),
+            ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+        ],
+    )
+    pb_grpc.add_LutStoreServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+
+    address = f"{args.host}:{args.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise UserError(f"cannot listen on {address}: {e}") from None
+    if port == 0:
+        raise UserError(f"cannot listen on {address} (in use, or not an address of this host)")
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame) -> None:
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    refresher = Refresher(catalog, args.refresh_seconds)
+    server.start()
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    refresher.start()
+    tables = store.tables()
+    log.info("%d table versions: %s", len(tables), ", ".join(f"{m.name} v{m.version}" for m in tables) or "none")
+    print(f"lutstore: serving {args.db} on {args.host}:{port}", flush=True)
+
+    while not stop.wait(0.5):
+        pass
+    health_servicer.enter_graceful_shutdown()  # NOT_SERVING, so balancers move away first
+    server.stop(SHUTDOWN_GRACE_SECONDS).wait()
+    refresher.stopped.set()
+    refresher.join()
+    s = cache.stats()
+    log.info("stopped; cache %d hits, %d misses, %d entries, %d bytes", s.hits, s.misses, s.entries, s.bytes)
+    return 0
