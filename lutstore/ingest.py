@@ -1,0 +1,289 @@
+"""`lutstore ingest`: a MoLE checkpoint folder -> one new, immutable table version.
+
+Order of work, so that bad input never touches the database:
+  1. open and validate the checkpoint (lutstore.checkpoint), the encoding,
+     the device and the free disk space;
+  2. open the DB as primary and stream rows in vocab chunks:
+       train form: e_l = expert_layernorm_l(embed[chunk]) (RMSNorm, fp32),
+                   row[l, j] = down_j(gelu_erf(up_j(e_l)))   (fp32, on --device)
+       rep form:   moe_table[chunk] upcast to fp32, reshaped [chunk, L, N, D]
+     encoded with lutstore.codec and appended to a TableWriter (staging SSTs);
+  3. add the artifacts (config.json, backbone.safetensors, tokenizer files)
+     and commit: one atomic RocksDB ingest makes the version visible.
+Any failure (including a full disk or a kill) before the commit leaves the
+database as it was.
+
+Test hook: LUTSTORE_INGEST_SKIP_SPACE_CHECK=1 skips the free-space estimate,
+so tests can drive a real ENOSPC on a tiny filesystem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zstandard
+
+from lutstore.checkpoint import EMBED, TABLE, Checkpoint
+from lutstore.codec import CRC_BYTES, Encoding, RowFormat, encode_rows
+from lutstore.errors import UserError
+from lutstore.store import Store, TableMeta
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_BYTES = 64 << 20      # fp32 rows computed per chunk when --chunk-tokens is 0
+EXPERT_CACHE_BYTES = 2 << 30        # keep all experts resident (fp32) when they fit in this
+KEY_OVERHEAD_BYTES = 32             # per-row key + SST index overhead, for the space estimate
+SPACE_MARGIN_BYTES = 32 << 20       # RocksDB's own files (WAL, manifest, options)
+SKIP_SPACE_CHECK_ENV = "LUTSTORE_INGEST_SKIP_SPACE_CHECK"
+
+
+# ---- validation --------------------------------------------------------------
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown --device {name!r}: use cpu or cuda (cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def _row_format(ckpt: Checkpoint, encoding: str, zstd: bool) -> RowFormat:
+    try:
+        enc = Encoding(encoding)
+    except ValueError:
+        raise UserError(f"unknown encoding {encoding!r}: use one of {', '.join(e.value for e in Encoding)}") from None
+    c = ckpt.config
+    return RowFormat(c.num_layers, c.num_experts, c.hidden_size, enc, zstd)
+
+
+def _chunk_tokens(fmt: RowFormat, vocab: int, chunk_tokens: int) -> int:
+    if chunk_tokens < 0:
+        raise UserError(f"--chunk-tokens must be >= 0 (0: automatic), got {chunk_tokens}")
+    if chunk_tokens == 0:
+        chunk_tokens = max(1, DEFAULT_CHUNK_BYTES // (4 * fmt.values))
+    return min(chunk_tokens, vocab)
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _estimate_bytes(ckpt: Checkpoint, fmt: RowFormat, backbone: list[str]) -> int:
+    """Upper bound of the disk this ingest needs: rows (zstd counted as uncompressed), the
+    backbone twice (the temporary file and its SST copy), the other artifacts and a margin."""
+    rows = ckpt.config.vocab_size * (fmt.payload_bytes + CRC_BYTES + KEY_OVERHEAD_BYTES)
+    others = sum(p.stat().st_size for p in ckpt.tokenizer_files()) + (ckpt.path / "config.json").stat().st_size
+    return rows + 2 * ckpt.weight_bytes(backbone) + others + SPACE_MARGIN_BYTES
+
+
+def _check_space(db_path: Path, need: int) -> None:
+    if os.environ.get(SKIP_SPACE_CHECK_ENV) == "1":
+        return
+    where = _existing_ancestor(db_path)
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise UserError(f"not enough disk space for this ingest at {where}: about {_mb(need)} MB needed, "
+                        f"{_mb(free)} MB free; free some space or use --encoding int8/fp16")
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f}"
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    text = str(e)  # rocksdict reports RocksDB IO errors as plain exceptions
+    return any(s in text for s in ("No space left", "Disk quota exceeded", "File too large"))
+
+
+# ---- rows -------------------------------------------------------------------
+
+class _TrainRows:
+    """Computes train-form rows: every expert on the token's normalised embedding, in fp32."""
+
+    def __init__(self, ckpt: Checkpoint, device: torch.device):
+        self.ckpt, self.device = ckpt, device
+        c = ckpt.config
+        expert_bytes = 4 * 2 * c.num_layers * c.num_experts * c.hidden_size * c.intermediate_size
+        self._cache: dict[int, tuple[torch.Tensor, ...]] | None = {} if expert_bytes <= EXPERT_CACHE_BYTES else None
+        if self._cache is None:
+            log.info("experts need %s MB in fp32; reloading them per chunk", _mb(expert_bytes))
+
+    def _layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(expert_layernorm weight [D], stacked up [N, I, D], stacked down [N, D, I]) in fp32 on device."""
+        if self._cache is not None and i in self._cache:
+            return self._cache[i]
+        p, n = f"model.layers.{i}.", self.ckpt.config.num_experts
+
+        def load(name: str) -> torch.Tensor:
+            return self.ckpt.tensor(name).to(self.device, torch.float32)
+
+        weights = (load(p + "expert_layernorm.weight"),
+                   torch.stack([load(p + f"experts.{j}.up_proj.weight") for j in range(n)]),
+                   torch.stack([load(p + f"experts.{j}.down_proj.weight") for j in range(n)]))
+        if self._cache is not None:
+            self._cache[i] = weights
+        return weights
+
+    @torch.inference_mode()
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        c = self.ckpt.config
+        x = self.ckpt.rows(EMBED, start, stop).to(self.device, torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + c.rms_norm_eps)
+        out = torch.empty(stop - start, c.num_layers, c.num_experts, c.hidden_size, device=self.device)
+        for i in range(c.num_layers):
+            norm_w, up, down = self._layer(i)
+            e = (x * norm_w).unsqueeze(0)                                             # [1, C, D]
+            h = torch.nn.functional.gelu(e @ up.transpose(1, 2), approximate="none")  # [N, C, I]
+            out[:, i] = (h @ down.transpose(1, 2)).transpose(0, 1)                    # [C, N, D]
+        return out.cpu().numpy()
+
+
+class _RepRows:
+    """Slices of the reparameterised table, upcast to fp32."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        c = self.ckpt.config
+        rows = self.ckpt.rows(TABLE, start, stop).to(torch.float32)
+        return rows.reshape(stop - start, c.num_layers, c.num_experts, c.hidden_size).numpy()
+
+
+# ---- artifacts --------------------------------------------------------------
+
+def _write_backbone(ckpt: Checkpoint, names: list[str], dest: Path) -> None:
+    """backbone.safetensors: the non-expert tensors, each in its stored dtype."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for n in names:
+        t = ckpt.tensor(n).contiguous()
+        # .bin tensors may be views sharing one storage; safetensors refuses shared memory.
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        tensors[n] = t
+    save_file(tensors, str(dest), metadata={"format": "pt"})
+
+
+# ---- the ingest -------------------------------------------------------------
+
+def ingest_checkpoint(ckpt_dir: str | Path, db_path: str | Path, name: str | None = None, encoding: str = "fp16",
+                      zstd: bool = False, device: str = "cpu", chunk_tokens: int = 0, progress: bool = True,
+                      keep_versions: int = 0) -> TableMeta:
+    """Ingest one checkpoint as a new version of table `name` (default: the folder's name).
+
+    Raises UserError (nothing written) for bad input or too little disk space.
+    Returns the committed version's TableMeta.
+    """
+    ckpt_dir, db_path = Path(ckpt_dir), Path(db_path)
+    if keep_versions < 0:
+        raise UserError(f"--keep-versions must be >= 0, got {keep_versions}")
+    name = name or ckpt_dir.resolve().name
+    ckpt = Checkpoint.open(ckpt_dir)
+    fmt = _row_format(ckpt, encoding, zstd)
+    dev = _device(device)
+    vocab = ckpt.config.vocab_size
+    chunk = _chunk_tokens(fmt, vocab, chunk_tokens)
+    backbone = ckpt.backbone_names()
+    need = _estimate_bytes(ckpt, fmt, backbone)
+    _check_space(db_path, need)
+    compute = _TrainRows(ckpt, dev) if ckpt.form == "train" else _RepRows(ckpt)
+
+    started = time.monotonic()
+    try:
+        with Store.open(db_path, "primary", create=True) as store:
+            with store.begin_table(name, fmt, vocab, ckpt.form) as writer:
+                _write_rows(writer, compute, fmt, vocab, chunk, progress)
+                _add_artifacts(writer, ckpt, backbone, db_path)
+                meta = writer.commit()
+            _keep_newest(store, name, keep_versions)
+    except UserError:
+        raise
+    except Exception as e:
+        if _is_disk_full(e):
+            raise UserError(f"disk full while writing to {db_path} (about {_mb(need)} MB needed); "
+                            f"the ingest was aborted and nothing was added") from None
+        raise
+    finally:
+        ckpt.close()
+    seconds = time.monotonic() - started
+    log.info("ingested %s v%d: %d rows, %d bytes in %.2fs (%.1f MB/s)", meta.name, meta.version, vocab,
+             meta.stored_bytes, seconds, meta.stored_bytes / 1e6 / max(seconds, 1e-9))
+    return meta
+
+
+def _write_rows(writer, compute, fmt: RowFormat, vocab: int, chunk: int, progress: bool) -> None:
+    from tqdm import tqdm
+
+    compressor = zstandard.ZstdCompressor(level=3) if fmt.zstd else None
+    written = 0
+    t0 = time.monotonic()
+    with tqdm(total=vocab, unit="rows", unit_scale=True, disable=not progress, desc="ingest", dynamic_ncols=True) as bar:
+        for start in range(0, vocab, chunk):
+            stop = min(start + chunk, vocab)
+            rows = compute(start, stop)
+            try:
+                values = encode_rows(fmt, rows, compressor)
+            except ValueError as e:  # non-finite values, or out of fp16 range
+                raise UserError(f"cannot encode rows {start}..{stop - 1} as {fmt.encoding.value}: {e}") from None
+            writer.add_rows(values)
+            written += sum(len(v) for v in values)
+            bar.update(stop - start)
+            bar.set_postfix_str(f"{_mb(written / max(time.monotonic() - t0, 1e-9))} MB/s", refresh=False)
+
+
+def _add_artifacts(writer, ckpt: Checkpoint, backbone: list[str], db_path: Path) -> None:
+    writer.add_artifact("config.json", (ckpt.path / "config.json").read_bytes())
+    # The temporary backbone file lives in the store's staging folder (same disk; a stale
+    # one left by a killed ingest is removed by the next ingest). The pid prefix marks it ours.
+    staging = db_path / "staging"
+    tmp = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-backbone-", dir=staging if staging.is_dir() else None))
+    try:
+        path = tmp / "backbone.safetensors"
+        _write_backbone(ckpt, backbone, path)
+        writer.add_artifact("backbone.safetensors", path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for f in ckpt.tokenizer_files():
+        writer.add_artifact(f.name, f.read_bytes())
+
+
+def _keep_newest(store: Store, name: str, keep: int) -> None:
+    if keep <= 0:
+        return
+    versions = sorted(m.version for m in store.tables() if m.name == name)
+    for v in versions[:-keep]:
+        store.drop(name, v)
+        log.info("dropped %s v%d (--keep-versions %d)", name, v, keep)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of `lutstore ingest` (flags parsed in lutstore.cli)."""
+    started = time.monotonic()
+    meta = ingest_checkpoint(args.checkpoint, args.db, name=args.name, encoding=args.encoding, zstd=args.zstd,
+                             device=args.device, chunk_tokens=args.chunk_tokens, progress=not args.no_progress,
+                             keep_versions=args.keep_versions)
+    seconds = time.monotonic() - started
+    print(f"ingested {meta.name} v{meta.version} ({meta.source_form} form, {meta.encoding}{'+zstd' if meta.zstd else ''}): "
+          f"{meta.vocab_size} rows, {meta.stored_bytes} bytes in {seconds:.2f}s "
+          f"({meta.stored_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s) into {args.db}", flush=True)
+    return 0
