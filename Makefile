@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install proto test demo bench clean
+.PHONY: install proto node-deps test demo bench clean
 
 install: $(STAMP)
 
@@ -20,7 +20,16 @@ $(STAMP): pyproject.toml
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/lutstore/v1/lutstore.proto
 
-test: $(STAMP)
+# The Node client's packages (clients/node), from npm, for its tests;
+# reinstalled when its lock file changes. Without npm its tests are skipped.
+NODE_DEPS := clients/node/node_modules/.package-lock.json
+node-deps: $(NODE_DEPS)
+
+$(NODE_DEPS): clients/node/package.json clients/node/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then cd clients/node && npm ci --no-audit --no-fund --ignore-scripts; \
+	else echo "npm not found: the Node client's tests will be skipped"; fi
+
+test: $(STAMP) node-deps
 	$(PY) -m pytest -q tests
 
 clean:
