@@ -9,6 +9,7 @@ grpc.health.v1 messages.
 from __future__ import annotations
 
 import signal
+import threading
 import struct
 import time
 import zlib
@@ -109,16 +110,41 @@ def test_health_serving_while_up(daemon):
         assert failure.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def watch_in_background(stub: health_pb2_grpc.HealthStub, service: str) -> tuple[list[int], threading.Thread]:
+    """Start a Watch stream; its statuses are appended to a list as they come."""
+    statuses: list[int] = []
+    stream = stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=30)
+
+    def read() -> None:
+        try:
+            for response in stream:
+                statuses.append(response.status)
+                if response.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    stream.cancel()  # a balancer would now move away; don't hold the server's grace period
+        except grpc.RpcError:
+            pass  # the server ends the stream when it stops
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return statuses, reader
+
+
 def test_health_not_serving_while_stopping(daemon):
     """SIGTERM starts a graceful stop: from then on health must never say
-    SERVING again; it says NOT_SERVING during the grace period, or the
-    connection is refused once the port is closed."""
+    SERVING again. A Check answers NOT_SERVING during the grace period, or
+    is refused once the port is closed; a Watch that was open is told
+    NOT_SERVING before its stream ends."""
     server, _meta, _values = daemon
     SERVING = health_pb2.HealthCheckResponse.SERVING
     NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
     with grpc.insecure_channel(server.address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         assert check(stub, SERVICE) == SERVING
+        watched, reader = watch_in_background(stub, SERVICE)
+        deadline = time.monotonic() + 10
+        while not watched and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert watched == [SERVING]
 
         server.proc.send_signal(signal.SIGTERM)
         seen: list[object] = []
@@ -132,6 +158,8 @@ def test_health_not_serving_while_stopping(daemon):
                     break
             time.sleep(0.01)
         assert server.proc.wait(20) == 0, "".join(server.output)
+        reader.join(10)
+    assert watched == [SERVING, NOT_SERVING], watched
 
     # The signal handler may need a moment to run: SERVING is allowed only
     # before the first sign of stopping, never after it.
