@@ -1,0 +1,260 @@
+"""Generate text with a MoLE model whose experts live in a lutstore daemon.
+
+    python -m inference.generate --lut-addr 127.0.0.1:50051 --prompt "the water"
+
+The backbone (config, tokenizer, non-expert weights) comes from the daemon and
+is cached under its table's fingerprint; rows are fetched as soon as a token
+is known (the prompt at once, each sampled token right after sampling) and
+kept in a byte-budgeted device cache. Text streams to stdout; one line of
+statistics goes to stderr at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from inference.lut import LutSource, LutStats
+from inference.model import Transformer
+from inference.sampling import SamplingConfig, sample
+from lutstore.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationResult:
+    prompts: list[list[int]]
+    tokens: list[list[int]]                 # generated ids of each sequence (up to and with EOS)
+    ttft_s: float = 0.0                      # start -> first token sampled (prefill + its fetches)
+    decode_s: float = 0.0                    # first token -> last token
+    decode_tokens: int = 0                   # tokens sampled after the first step, over the batch
+    lut: LutStats = field(default_factory=LutStats)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    def stats_line(self) -> str:
+        s = self.lut
+        return (f"prompt tokens: {self.prompt_tokens} | TTFT: {1000 * self.ttft_s:.1f} ms | "
+                f"decode: {self.decode_tok_s:.1f} tok/s ({self.decode_tokens} tokens) | "
+                f"row cache hit rate: {100 * s.hit_rate:.1f}% ({s.hits} hits, {s.misses} misses) | "
+                f"fetched: {s.bytes_fetched / 1e6:.2f} MB")
+
+    def stats_dict(self) -> dict:
+        s = self.lut
+        return {"prompt_tokens": self.prompt_tokens, "ttft_ms": 1000 * self.ttft_s, "decode_tok_s": self.decode_tok_s,
+                "decode_tokens": self.decode_tokens, "hits": s.hits, "misses": s.misses, "hit_rate": s.hit_rate,
+                "bytes_fetched": s.bytes_fetched, "cache_bytes": s.cache_bytes, "cache_budget": s.cache_budget}
+
+
+def fit_context(prompt: list[int], max_new_tokens: int, context: int, truncate: bool) -> list[int]:
+    """The prompt, checked (or cut to its last tokens) so that prompt + new tokens fit the context."""
+    room = context - max_new_tokens
+    if room < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                        f"context of {context} tokens")
+    if len(prompt) > room:
+        if not truncate:
+            raise UserError(f"prompt of {len(prompt)} tokens + --max-new-tokens {max_new_tokens} exceeds the "
+                            f"model's context of {context} tokens; shorten it or pass --truncate to keep its last {room}")
+        log.warning("prompt cut from %d to its last %d tokens", len(prompt), room)
+        prompt = prompt[-room:]
+    return prompt
+
+
+@torch.no_grad()
+def generate(model: Transformer, source: LutSource | None, prompts: list[list[int]], max_new_tokens: int,
+             sampling: SamplingConfig = SamplingConfig(), seed: int | None = None, eos_id: int | None = None,
+             on_step: Callable[[list[list[int]]], None] | None = None) -> GenerationResult:
+    """Decode a batch of prompts together (left-padded) with the static KV cache.
+
+    source None: the model is in train form and computes its experts.
+    on_step(tokens) is called after each sampled step with every sequence's tokens so far.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("every prompt needs at least one token")
+    device = model.lm_head.weight.device
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    max_seq = longest + max_new_tokens
+    started = time.perf_counter()
+    if source is not None:
+        source.request([t for p in prompts for t in p])          # every prompt row, before anything else
+    model.setup_caches(batch, max_seq)
+    pad = prompts[0][0]   # any valid id; padded positions are masked out of attention
+    idx = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], dtype=torch.long)
+    key_mask = torch.ones(batch, max_seq, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        key_mask[i, : longest - len(p)] = False
+    idx, key_mask = idx.to(device), key_mask.to(device)
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=device).manual_seed(seed)
+
+    def rows(ids: torch.Tensor):
+        return None if source is None else source.rows(ids)
+
+    tokens: list[list[int]] = [[] for _ in prompts]
+    done = [False] * batch
+    logits = model(idx, torch.arange(longest, device=device), lut_rows=rows(idx), key_mask=key_mask)
+    first_step_at = None
+    for step in range(max_new_tokens):
+        nxt = sample(logits[:, -1], sampling, gen)
+        nxt_list = nxt.tolist()
+        if source is not None:
+            source.request(nxt_list)       # the fetch runs while the next step's first attention computes
+        if first_step_at is None:
+            first_step_at = time.perf_counter()
+        for i, t in enumerate(nxt_list):
+            if not done[i]:
+                tokens[i].append(t)
+                done[i] = eos_id is not None and t == eos_id
+        if on_step is not None:
+            on_step(tokens)
+        if all(done) or step == max_new_tokens - 1:
+            break
+        cur = nxt[:, None]
+        logits = model(cur, torch.tensor([longest + step], device=device), lut_rows=rows(cur), key_mask=key_mask)
+    finished = time.perf_counter()
+    result = GenerationResult(prompts, tokens, lut=source.stats() if source is not None else LutStats())
+    if first_step_at is not None:
+        result.ttft_s = first_step_at - started
+        result.decode_s = finished - first_step_at
+        result.decode_tokens = batch * (max(len(t) for t in tokens) - 1)
+    return result
+
+
+class TextStream:
+    """Prints one sequence's text as it grows (decoding the whole list keeps multi-token characters whole)."""
+
+    def __init__(self, tokenizer, out=sys.stdout) -> None:
+        self.tokenizer, self.out, self.printed = tokenizer, out, ""
+
+    def __call__(self, tokens: list[list[int]]) -> None:
+        text = self.tokenizer.decode(tokens[0])
+        if text.startswith(self.printed) and not text.endswith("\ufffd"):
+            self.out.write(text[len(self.printed):])
+            self.out.flush()
+            self.printed = text
+
+
+def add_remote_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by generate and evaluate for reaching a daemon."""
+    p.add_argument("--lut-addr", help="lutstore daemon address host:port (or h1:p,h2:p for replicas)")
+    p.add_argument("--table", help="table name (default: the only table the daemon serves)")
+    p.add_argument("--version", type=int, default=0, help="table version (default 0: the latest)")
+    p.add_argument("--backbone", type=Path,
+                   help="use this local backbone folder instead of fetching it (checked against the table's sha256s)")
+    p.add_argument("--lut-cache-mb", type=float, default=256, help="device memory budget of the row cache (MiB; default 256)")
+    p.add_argument("--retry-seconds", type=float, default=10.0, help="how long to retry an unreachable daemon (default 10)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default float32, as the official loader)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m inference.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_remote_args(p)
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for several prompts)")
+    p.add_argument("--prompt-file", type=Path, action="append", default=[], help="a file whose whole text is one prompt")
+    p.add_argument("--bos", action="store_true", help="prepend the model's bos_token_id to each prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="sequences decoded together: the prompts repeated cyclically (default: one per prompt)")
+    p.add_argument("--truncate", action="store_true", help="keep a too-long prompt's last tokens instead of failing")
+    p.add_argument("--json", action="store_true", help="print one JSON object (ids, texts, stats) instead of streaming")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"generate: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("generate: interrupted", file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
+    from inference.backbone import check_device, open_remote, resolve_dtype
+
+    if not args.lut_addr:
+        raise UserError("--lut-addr is required (the address of a `lutstore serve` daemon)")
+    try:
+        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+        sampling.validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    texts = list(args.prompt)
+    for f in args.prompt_file:
+        try:
+            texts.append(f.read_text())
+        except OSError as e:
+            raise UserError(f"cannot read --prompt-file {f}: {e.strerror}") from None
+    if not texts:
+        raise UserError("give a prompt with --prompt TEXT or --prompt-file FILE")
+    batch_size = args.batch_size or len(texts)
+    if batch_size < len(texts):
+        raise UserError(f"--batch-size {batch_size} is smaller than the {len(texts)} prompts given")
+    device = check_device(args.device)
+
+    remote = open_remote(args.lut_addr, args.table, args.version, device, resolve_dtype(args.dtype, device),
+                         args.lut_cache_mb, args.backbone, args.retry_seconds)
+    try:
+        bb = remote.backbone
+        if bb.tokenizer is None:
+            raise UserError(f"table {remote.info.name!r} has no tokenizer.json artifact; cannot encode text prompts")
+        prompts = []
+        for text in texts:
+            ids = bb.tokenizer.encode(text).ids
+            if args.bos and bb.args.bos_token_id is not None:
+                ids = [bb.args.bos_token_id] + ids
+            if not ids:
+                raise UserError(f"prompt {text!r} encodes to no tokens")
+            prompts.append(fit_context(ids, args.max_new_tokens, bb.args.max_position_embeddings, args.truncate))
+        prompts = [prompts[i % len(prompts)] for i in range(batch_size)]
+        stream = None if args.json else TextStream(bb.tokenizer)
+        result = generate(bb.model, remote.source, prompts, args.max_new_tokens, sampling, args.seed,
+                          bb.args.eos_token_id, on_step=stream)
+    finally:
+        remote.close()
+    texts_out = [bb.tokenizer.decode(t) for t in result.tokens]
+    if args.json:
+        print(json.dumps({"sequences": [{"prompt_ids": p, "ids": t, "text": s}
+                                        for p, t, s in zip(result.prompts, result.tokens, texts_out)],
+                          "stats": result.stats_dict()}))
+    else:
+        print()
+        for i, text in enumerate(texts_out[1:], start=1):
+            print(f"--- sequence {i}: {text}")
+    print(result.stats_line(), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
