@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from lutstore.client import LutClient
-from lutstore.codec import Encoding, RowFormat, decode_rows
+from lutstore.codec import Encoding, RowFormat, decode_row, decode_rows, encode_rows
 
 from conftest import REPO, write_table
 
@@ -38,6 +38,23 @@ TABLES = [
 pytestmark = pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 
 
+def edge_rows() -> list[dict]:
+    """Rows with the values a decoder gets wrong first (fp16 subnormals and
+    extremes, signed zeros, an all-zero int8 vector), encoded and decoded by
+    the Python codec, for the Node decoder to reproduce offline."""
+    fmt_shape = (1, 2, 8)
+    values = np.array([[[0.0, -0.0, 6e-8, -3e-6, 6.1e-5, 65504.0, -65504.0, 1.0009765625],
+                        [0.0] * 8]], dtype=np.float32)[None]
+    cases = []
+    for encoding in Encoding:
+        for zstd in (False, True):
+            fmt = RowFormat(*fmt_shape, encoding, zstd=zstd)
+            (stored,) = encode_rows(fmt, values)
+            cases.append({"encoding": encoding.value, "zstd": zstd, "shape": list(fmt_shape), "data": stored.hex(),
+                          "values": decode_row(fmt, stored).astype(np.float64).ravel().tolist()})
+    return cases
+
+
 def python_rows(client: LutClient, name: str, ids: list[int]) -> np.ndarray:
     """The Python client's rows, asked for in batches the server accepts."""
     parts = [client.get_rows(name, ids[i:i + MAX_BATCH_ROWS]) for i in range(0, len(ids), MAX_BATCH_ROWS)]
@@ -53,7 +70,7 @@ def test_node_client_matches_python_client(db_path, serve, tmp_path):
         stored[name] = (meta, fmt, values)
     server = serve(db_path, "--max-batch-rows", str(MAX_BATCH_ROWS))
 
-    expected = {"tables": []}
+    expected = {"tables": [], "edge_rows": edge_rows()}
     client = LutClient(server.address)
     try:
         for name, (meta, fmt, values) in stored.items():
