@@ -1,0 +1,265 @@
+"""LutClient: the Python client of a lutstore daemon (or several replicas).
+
+    client = LutClient("127.0.0.1:50051")          # or "h1:p,h2:p": round robin, dead replicas skipped
+    rows = client.get_rows("mole-160m", [17, 4, 17])  # float32 [3, L, N, D], in the order asked
+
+Rows arrive in their stored encoding and are decoded with numpy straight
+from the received bytes. Calls have deadlines; UNAVAILABLE is retried with
+backoff within a budget, then reported as LutError naming the address.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Callable, Iterable, TypeVar
+
+import grpc
+import numpy as np
+
+from lutstore import codec
+from lutstore.errors import UserError
+from lutstore.v1 import lutstore_pb2 as pb
+from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+SERVICE_NAME = "lutstore.v1.LutStore"
+ENCODINGS = {
+    pb.ENCODING_FP32: codec.Encoding.FP32,
+    pb.ENCODING_FP16: codec.Encoding.FP16,
+    pb.ENCODING_BF16: codec.Encoding.BF16,
+    pb.ENCODING_INT8: codec.Encoding.INT8,
+}
+
+
+class LutError(UserError):
+    """A failed lutstore call: `code` is the grpc.StatusCode, `message` the server's reason."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        self.code = code
+        self.message = message
+        super().__init__(f"{code.name}: {message}")
+
+
+def channel_target(address: str) -> tuple[str, bool]:
+    """gRPC target for "host:port" or "h1:p1,h2:p2"; True when it is a replica list."""
+    parts = [a.strip() for a in address.split(",") if a.strip()]
+    if not parts:
+        raise ValueError("empty lutstore address")
+    if len(parts) == 1:
+        return parts[0], False
+    resolved = []
+    for part in parts:
+        host, sep, port = part.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"bad replica address {part!r}: expected host:port")
+        resolved.append(f"{socket.gethostbyname(host)}:{port}")  # ipv4: targets need literal addresses
+    return "ipv4:" + ",".join(resolved), True
+
+
+class LutClient:
+    def __init__(self, address: str, timeout: float = 30.0, retries: int = 5, retry_seconds: float = 10.0,
+                 verify: bool = True, prefetch_workers: int = 2):
+        """timeout: deadline of each call (s); retries / retry_seconds: how many times and for how long an
+        UNAVAILABLE call is retried; verify: check each row's CRC-32 on arrival."""
+        self.address = address
+        self.timeout = timeout
+        self.retries = retries
+        self.retry_seconds = retry_seconds
+        self.verify = verify
+        target, replicated = channel_target(address)
+        config: dict = {"loadBalancingConfig": [{"round_robin": {}}],
+                        "healthCheckConfig": {"serviceName": SERVICE_NAME}} if replicated else {}
+        options = [
+            ("grpc.max_receive_message_length", 1 << 30),
+            ("grpc.max_send_message_length", 64 << 20),
+            # Reconnect soon after a replica comes back, well within the retry budget.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ]
+        if config:
+            options.append(("grpc.service_config", json.dumps(config)))
+        self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = pb_grpc.LutStoreStub(self._channel)
+        self._infos: dict[tuple[str, int], pb.TableInfo] = {}  # pinned versions are immutable
+        self._prefetch_workers = prefetch_workers
+        self._pool: futures.ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    # ---- plumbing ------------------------------------------------------
+
+    def _with_retries(self, attempt: Callable[[], T]) -> T:
+        """Run attempt(); retry on UNAVAILABLE with exponential backoff within the budget."""
+        started = time.monotonic()
+        delay = 0.05
+        for tries in range(1, self.retries + 2):
+            try:
+                return attempt()
+            except grpc.RpcError as e:
+                code = e.code()
+                if code != grpc.StatusCode.UNAVAILABLE:
+                    raise LutError(code, e.details() or code.name) from None
+                elapsed = time.monotonic() - started
+                if tries > self.retries or elapsed + delay > self.retry_seconds:
+                    raise LutError(code, f"lutstore at {self.address} unavailable after {tries} attempts in "
+                                         f"{elapsed:.1f}s (retry budget: {self.retries} retries, "
+                                         f"{self.retry_seconds:g}s): {e.details()}") from None
+                log.debug("lutstore at %s unavailable (%s); retry %d in %.2fs", self.address, e.details(), tries, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        raise AssertionError("unreachable")
+
+    # ---- tables ----------------------------------------------------------
+
+    def tables(self) -> list[pb.TableInfo]:
+        """Every table with its latest version."""
+        resp = self._with_retries(lambda: self._stub.ListTables(pb.ListTablesRequest(), timeout=self.timeout))
+        return list(resp.tables)
+
+    def info(self, name: str, version: int = 0) -> pb.TableInfo:
+        """Shape, encoding and artifacts of one version (0: the latest, asked each time)."""
+        cached = self._infos.get((name, version))
+        if cached is not None:
+            return cached
+        req = pb.GetTableInfoRequest(table=name, version=version)
+        info = self._with_retries(lambda: self._stub.GetTableInfo(req, timeout=self.timeout))
+        self._infos[(name, info.version)] = info
+        return info
+
+    @staticmethod
+    def row_format(info: pb.TableInfo) -> codec.RowFormat:
+        return codec.RowFormat(info.num_layers, info.num_experts, info.hidden_size, ENCODINGS[info.encoding],
+                               info.compression == pb.COMPRESSION_ZSTD)
+
+    # ---- rows --------------------------------------------------------------
+
+    def _fetch(self, name: str, ids: list[int], version: int,
+               on_row: Callable[[pb.TableInfo, int, bytes], None]) -> pb.TableInfo:
+        """BatchGet distinct ascending ids in batches of the server's max_batch_rows, calling
+        on_row(info, id, data). Version 0 is resolved first (one small call; pin a version to
+        skip it), so every row comes from the one version `info` describes."""
+        info = self.info(name, version)
+        limit = max(1, info.max_batch_rows)
+        for start in range(0, len(ids), limit):
+            req = pb.BatchGetRequest(table=name, version=info.version, token_ids=ids[start : start + limit])
+            responses = self._with_retries(lambda: list(self._stub.BatchGet(req, timeout=self.timeout)))
+            for resp in responses:
+                for row in resp.rows:
+                    on_row(info, row.token_id, row.data)
+        return info
+
+    def get_raw(self, name: str, ids: Iterable[int], version: int = 0) -> dict[int, bytes]:
+        """Distinct ids -> stored value (body || crc32), as the server sent it."""
+        out: dict[int, bytes] = {}
+        self._fetch(name, _distinct(ids), version, lambda _info, t, data: out.__setitem__(t, data))
+        return out
+
+    def get_rows(self, name: str, ids: Iterable[int], version: int = 0) -> np.ndarray:
+        """float32 [len(ids), L, N, D], row i for ids[i] (duplicates allowed)."""
+        ids = list(_as_ids(ids))
+        positions: dict[int, list[int]] = {}
+        for i, t in enumerate(ids):
+            positions.setdefault(t, []).append(i)
+        info = self.info(name, version)  # version 0: ask once, then pin, so format and rows agree
+        fmt = self.row_format(info)
+        out = np.empty((len(ids), *fmt.shape), dtype=np.float32)
+        received = 0
+
+        def on_row(_info: pb.TableInfo, token: int, data: bytes) -> None:
+            nonlocal received
+            received += 1
+            try:
+                payload = codec.payload_of(fmt, data, verify=self.verify)
+            except codec.ChecksumError as e:
+                raise LutError(grpc.StatusCode.DATA_LOSS, f"row {token} of {name!r} arrived corrupt: {e}") from None
+            first, *rest = positions[token]
+            codec.decode_payload(fmt, payload, out=out[first])  # np.frombuffer on the received bytes
+            for j in rest:
+                out[j] = out[first]
+
+        if ids:
+            self._fetch(name, sorted(positions), info.version, on_row)
+        if received != len(positions):
+            raise LutError(grpc.StatusCode.INTERNAL, f"asked {name!r} for {len(positions)} rows, got {received}")
+        return out
+
+    def prefetch(self, name: str, ids: Iterable[int], version: int = 0) -> futures.Future:
+        """get_rows in the background; returns a Future of the array."""
+        ids = list(_as_ids(ids))
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = futures.ThreadPoolExecutor(self._prefetch_workers, thread_name_prefix="lutclient-prefetch")
+        return self._pool.submit(self.get_rows, name, ids, version)
+
+    # ---- artifacts -------------------------------------------------------
+
+    def fetch_artifacts(self, name: str, dest_dir: str | Path, version: int = 0) -> Path:
+        """Download every artifact of a table version into dest_dir, each checked
+        against its sha256 and written atomically (temp file + rename)."""
+        info = self.info(name, version)
+        dest = Path(dest_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        for art in info.artifacts:
+            target = (dest / art.name).resolve()
+            if dest.resolve() not in target.parents:
+                raise LutError(grpc.StatusCode.INVALID_ARGUMENT, f"artifact name {art.name!r} escapes {dest}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            req = pb.GetArtifactRequest(table=name, version=info.version, name=art.name)
+            self._with_retries(lambda: self._download(req, art, target))
+        return dest
+
+    def _download(self, req: pb.GetArtifactRequest, art: pb.ArtifactInfo, target: Path) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        try:
+            digest = hashlib.sha256()
+            size = 0
+            with os.fdopen(fd, "wb") as f:
+                for chunk in self._stub.GetArtifact(req, timeout=max(self.timeout, 600.0)):
+                    if chunk.offset != size:
+                        raise LutError(grpc.StatusCode.DATA_LOSS, f"artifact {art.name!r}: chunk at {chunk.offset}, expected {size}")
+                    f.write(chunk.data)
+                    digest.update(chunk.data)
+                    size += len(chunk.data)
+            if size != art.size or digest.hexdigest() != art.sha256:
+                raise LutError(grpc.StatusCode.DATA_LOSS,
+                               f"artifact {art.name!r}: got {size} bytes with sha256 {digest.hexdigest()}, "
+                               f"expected {art.size} bytes with sha256 {art.sha256}")
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    # ---- lifecycle ---------------------------------------------------------
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self._channel.close()
+
+    def __enter__(self) -> LutClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _as_ids(ids: Iterable[int]) -> Iterable[int]:
+    arr = np.asarray(ids if not hasattr(ids, "tolist") else ids.tolist())
+    if arr.size and (arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() >= 2**32):
+        raise LutError(grpc.StatusCode.INVALID_ARGUMENT, "token ids must be integers in 0..2^32-1")
+    return arr.reshape(-1).tolist()
+
+
+def _distinct(ids: Iterable[int]) -> list[int]:
+    return sorted(set(_as_ids(ids)))
