@@ -27,7 +27,11 @@ const CRC_TABLE = (() => {
   return table;
 })();
 
+// zlib's own crc32 (Node >= 20.15) is native and much faster; same function.
+const nativeCrc32 = require('node:zlib').crc32;
+
 function crc32(bytes) {
+  if (nativeCrc32) return nativeCrc32(bytes) >>> 0;
   let crc = 0xffffffff;
   for (let i = 0; i < bytes.length; i++) crc = CRC_TABLE[(crc ^ bytes[i]) & 0xff] ^ (crc >>> 8);
   return (crc ^ 0xffffffff) >>> 0;
@@ -117,37 +121,53 @@ function payloadOf(format, data, tokenId, verify = true) {
   return body;
 }
 
+const LITTLE_ENDIAN_HOST = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+
+/** `bytes` as a typed array of `Type`, copied only when it is not aligned for it. */
+function viewAs(Type, bytes) {
+  if (bytes.byteOffset % Type.BYTES_PER_ELEMENT !== 0) bytes = new Uint8Array(bytes); // aligned copy
+  return new Type(bytes.buffer, bytes.byteOffset, bytes.byteLength / Type.BYTES_PER_ELEMENT);
+}
+
 /** Decode one payload into `out` (a Float32Array of format.values). */
 function decodePayload(format, payload, out = new Float32Array(format.values)) {
-  // DataView reads little-endian whatever the host's byte order and whatever
-  // the alignment of the Buffer gRPC handed us.
-  const view = new DataView(payload.buffer, payload.byteOffset, payload.byteLength);
   const n = format.values;
+  const view = new DataView(payload.buffer, payload.byteOffset, payload.byteLength);
   switch (format.encoding) {
     case 'fp32':
-      for (let i = 0; i < n; i++) out[i] = view.getFloat32(4 * i, true);
+      // The payload is little-endian; typed arrays use the host's order, so
+      // they are a shortcut on little-endian hosts only.
+      if (LITTLE_ENDIAN_HOST) new Uint8Array(out.buffer, out.byteOffset, 4 * n).set(payload.subarray(0, 4 * n));
+      else for (let i = 0; i < n; i++) out[i] = view.getFloat32(4 * i, true);
       break;
     case 'fp16': {
       const table = halfToFloatTable();
-      for (let i = 0; i < n; i++) out[i] = table[view.getUint16(2 * i, true)];
+      if (LITTLE_ENDIAN_HOST) {
+        const halves = viewAs(Uint16Array, payload);
+        for (let i = 0; i < n; i++) out[i] = table[halves[i]];
+      } else {
+        for (let i = 0; i < n; i++) out[i] = table[view.getUint16(2 * i, true)];
+      }
       break;
     }
     case 'bf16': {
-      // bfloat16 is the upper half of a float32: shift it back into place.
-      const word = new DataView(new ArrayBuffer(4));
-      for (let i = 0; i < n; i++) {
-        word.setUint32(0, view.getUint16(2 * i, true) << 16 >>> 0);
-        out[i] = word.getFloat32(0);
+      // bfloat16 is the upper half of a float32: shift its bits back into place.
+      const bits = new Uint32Array(out.buffer, out.byteOffset, n);
+      if (LITTLE_ENDIAN_HOST) {
+        const halves = viewAs(Uint16Array, payload);
+        for (let i = 0; i < n; i++) bits[i] = halves[i] << 16;
+      } else {
+        for (let i = 0; i < n; i++) bits[i] = view.getUint16(2 * i, true) << 16;
       }
       break;
     }
     case 'int8': {
       const d = format.hiddenSize;
-      const qOffset = 4 * format.vectors;
+      const q = new Int8Array(payload.buffer, payload.byteOffset + 4 * format.vectors, n);
       for (let v = 0; v < format.vectors; v++) {
         const scale = view.getFloat32(4 * v, true);
         const base = v * d;
-        for (let j = 0; j < d; j++) out[base + j] = view.getInt8(qOffset + base + j) * scale;
+        for (let j = 0; j < d; j++) out[base + j] = q[base + j] * scale;
       }
       break;
     }
