@@ -112,8 +112,8 @@ def serve():
     """Factory: serve(db, *flags) -> Server; every server started is stopped at teardown."""
     started: list[Server] = []
 
-    def _serve(db: Path, *extra: str) -> Server:
-        server = start_server(db, *extra)
+    def _serve(db: Path, *extra: str, verbose: int = 1) -> Server:
+        server = start_server(db, *extra, verbose=verbose)
         started.append(server)
         return server
 
