@@ -1,0 +1,90 @@
+"""Shared pieces of the benchmarks: the machine's name, timing stats, result files, plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    """What ran the benchmark: every result file and plot names it."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(mem_gib, 1),
+        "python": platform.python_version(),
+        "host_kind": os.environ.get("LUTSTORE_BENCH_MACHINE", "dev machine (no accelerator)"),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+def machine_label(info: dict[str, Any] | None = None) -> str:
+    info = info or machine()
+    gpu = f", {info['gpu']}" if info.get("gpu") else ""
+    return f"{info['cores']}-core {info['cpu']}, {info['ram_gib']} GiB RAM{gpu}"
+
+
+def percentiles(samples_s: list[float]) -> dict[str, float]:
+    """p50/p99/mean in milliseconds."""
+    xs = sorted(samples_s)
+    if not xs:
+        return {"p50_ms": float("nan"), "p99_ms": float("nan"), "mean_ms": float("nan")}
+    p99 = xs[min(len(xs) - 1, int(round(0.99 * (len(xs) - 1))))]
+    return {"p50_ms": 1e3 * statistics.median(xs), "p99_ms": 1e3 * p99, "mean_ms": 1e3 * statistics.fmean(xs)}
+
+
+def disk_free_bytes(path: Path) -> int:
+    path = Path(path)
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def write_results(name: str, results: dict[str, Any]) -> Path:
+    """Write benchmarks/results/NAME.json with the machine and a timestamp."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = RESULTS_DIR / f"{name}.json"
+    doc = {"benchmark": name, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(), **results}
+    out.write_text(json.dumps(doc, indent=2, default=float) + "\n")
+    return out
+
+
+def target(name: str, value: float, goal: float, higher_is_better: bool = True, unit: str = "x") -> dict[str, Any]:
+    met = value >= goal if higher_is_better else value <= goal
+    sign = ">=" if higher_is_better else "<="
+    print(f"  target {name}: {value:.3g}{unit} (goal {sign} {goal:g}{unit}) -> {'MET' if met else 'NOT MET'}", flush=True)
+    return {"name": name, "value": value, "goal": goal, "higher_is_better": higher_is_better, "unit": unit, "met": met}
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
