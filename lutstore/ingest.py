@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK_BYTES = 64 << 20      # fp32 rows computed per chunk when --chunk-tokens is 0
 EXPERT_CACHE_BYTES = 2 << 30        # keep all experts resident (fp32) when they fit in this
 KEY_OVERHEAD_BYTES = 32             # per-row key + SST index overhead, for the space estimate
-SPACE_MARGIN_BYTES = 32 << 20       # RocksDB's own files (WAL, manifest, options)
+SPACE_MARGIN_BYTES = 4 << 20        # RocksDB's own files (WAL, manifest, options, log)
 SKIP_SPACE_CHECK_ENV = "LUTSTORE_INGEST_SKIP_SPACE_CHECK"
 
 
@@ -87,7 +87,7 @@ def _existing_ancestor(path: Path) -> Path:
 def _estimate_bytes(ckpt: Checkpoint, fmt: RowFormat, backbone: list[str]) -> int:
     """Upper bound of the disk this ingest needs: rows (zstd counted as uncompressed), the
     backbone twice (the temporary file and its SST copy), the other artifacts and a margin."""
-    rows = ckpt.config.vocab_size * (fmt.payload_bytes + CRC_BYTES + KEY_OVERHEAD_BYTES)
+    rows = int(ckpt.config.vocab_size * (fmt.payload_bytes + CRC_BYTES + KEY_OVERHEAD_BYTES) * 1.02)
     others = sum(p.stat().st_size for p in ckpt.tokenizer_files()) + (ckpt.path / "config.json").stat().st_size
     return rows + 2 * ckpt.weight_bytes(backbone) + others + SPACE_MARGIN_BYTES
 
@@ -237,7 +237,7 @@ def _write_rows(writer, compute, fmt: RowFormat, vocab: int, chunk: int, progres
     compressor = zstandard.ZstdCompressor(level=3) if fmt.zstd else None
     written = 0
     t0 = time.monotonic()
-    with tqdm(total=vocab, unit="rows", unit_scale=True, disable=not progress, desc="ingest", dynamic_ncols=True) as bar:
+    with tqdm(total=vocab, unit="rows", disable=not progress, desc="ingest", dynamic_ncols=True) as bar:
         for start in range(0, vocab, chunk):
             stop = min(start + chunk, vocab)
             rows = compute(start, stop)
