@@ -281,8 +281,8 @@ def _serve(args: argparse.Namespace, store: Store) -> int:
     address = f"{args.host}:{args.port}"
     try:
         port = server.add_insecure_port(address)
-    except RuntimeError as e:
-        raise UserError(f"cannot listen on {address}: {e}") from None
+    except RuntimeError:
+        raise UserError(f"cannot listen on {address} (port in use, or not an address of this host)") from None
     if port == 0:
         raise UserError(f"cannot listen on {address} (in use, or not an address of this host)")
 
