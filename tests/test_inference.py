@@ -1,0 +1,249 @@
+"""The inference client against a real `lutstore serve` daemon on loopback.
+
+Tables are ingested from small official-format checkpoints (tests/ckpt_factory.py);
+the reference is the train form of inference/model.py computing its experts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ckpt_factory import make_checkpoint, reference_lut
+from conftest import REPO, start_server
+
+from inference import evaluate, generate
+from inference.backbone import ensure_backbone, load_checkpoint, open_remote, pick_table
+from inference.generate import SamplingConfig
+from inference.lut import InProcessTable, RemoteTable
+from lutstore import cli
+from lutstore.client import LutClient
+from lutstore.errors import UserError
+
+INT8_BOUND = 2e-2   # measured: max |delta log-prob| 7.4e-3 here, <= 8.1e-3 over 8 sequences of 256 tokens
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    """One DB with the same train-form model as fp32/fp16/int8 tables, plus a different model."""
+    root = tmp_path_factory.mktemp("inference")
+    ckpt = make_checkpoint(root / "ckpt", form="train", vocab=128, layers=2, experts=4, hidden=32, heads=4, seed=7)
+    other = make_checkpoint(root / "other", form="train", vocab=128, layers=2, experts=4, hidden=32, heads=4, seed=8)
+    db = root / "db"
+    for name, enc, src in (("m32", "fp32", ckpt), ("m16", "fp16", ckpt), ("m8", "int8", ckpt), ("other", "fp32", other)):
+        assert cli.main(["ingest", str(src), "--db", str(db), "--name", name, "--encoding", enc, "--no-progress"]) == 0
+    server = start_server(db)
+    cache = root / "cache"
+    old = os.environ.get("LUTSTORE_CACHE")
+    os.environ["LUTSTORE_CACHE"] = str(cache)
+    yield {"ckpt": ckpt, "other": other, "addr": server.address, "cache": cache, "root": root}
+    if old is None:
+        os.environ.pop("LUTSTORE_CACHE", None)
+    else:
+        os.environ["LUTSTORE_CACHE"] = old
+    server.stop()
+
+
+def _ids(n: int, seed: int = 0, vocab: int = 128) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, n).astype(np.int64)
+
+
+def _train_logprobs(ckpt: Path, ids: np.ndarray) -> np.ndarray:
+    backbone, table = load_checkpoint(ckpt)
+    assert table is None and backbone.model.form == "train"
+    return evaluate.token_logprobs(backbone.model, None, ids.tolist())
+
+
+def _evaluate(capsys, *argv: str) -> dict:
+    assert evaluate.main(list(argv)) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("table,tol", [("m32", 1e-4), ("m16", 2e-3), ("m8", INT8_BOUND)])
+def test_evaluate_through_daemon_matches_train_form(daemon, tmp_path, capsys, table, tol) -> None:
+    ids = _ids(200, seed=1)
+    np.save(tmp_path / "ids.npy", ids)
+    out = tmp_path / "lp.npy"
+    result = _evaluate(capsys, "--lut-addr", daemon["addr"], "--table", table, "--token-ids", str(tmp_path / "ids.npy"),
+                       "--logprobs-out", str(out))
+    got = np.load(out)
+    want = _train_logprobs(daemon["ckpt"], ids)
+    assert got.dtype == np.float32 and got.shape == (199,)
+    delta = np.abs(got - want).max()
+    print(f"{table}: max |delta log p| = {delta:.3g}")
+    assert delta <= tol, f"{table}: max |delta log p| = {delta:.3g} > {tol}"
+    assert result["tokens"] == 200
+    assert result["nll"] == pytest.approx(float(-got.astype(np.float64).mean()), rel=1e-6)
+    assert result["ppl"] == pytest.approx(np.exp(result["nll"]), rel=1e-9)
+
+
+def test_evaluate_checkpoint_forms_in_process(daemon, tmp_path, capsys) -> None:
+    """--checkpoint runs train form (experts computed) and rep form (moe_table as the LUT)."""
+    rep = make_checkpoint(tmp_path / "rep", form="rep", vocab=128, layers=2, experts=4, hidden=32, heads=4, seed=7,
+                          dtype=torch.float32)
+    ids = _ids(100, seed=2)
+    np.save(tmp_path / "ids.npy", ids)
+    for ckpt in (daemon["ckpt"], rep):
+        _evaluate(capsys, "--checkpoint", str(ckpt), "--token-ids", str(tmp_path / "ids.npy"),
+                  "--logprobs-out", str(tmp_path / f"{ckpt.name}.npy"))
+    train, rep_lp = np.load(tmp_path / "ckpt.npy"), np.load(tmp_path / "rep.npy")
+    assert np.abs(train - _train_logprobs(daemon["ckpt"], ids)).max() == 0
+    assert np.abs(train - rep_lp).max() < 1e-4
+
+
+def test_text_file_and_truncation(daemon, tmp_path, capsys) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text("the water of the day " * 60)   # 300 tokens > context of 256
+    assert evaluate.main(["--lut-addr", daemon["addr"], "--table", "m32", "--text-file", str(text)]) == 2
+    assert "context of 256" in capsys.readouterr().err
+    result = _evaluate(capsys, "--lut-addr", daemon["addr"], "--table", "m32", "--text-file", str(text), "--truncate")
+    assert result["tokens"] == 256 and np.isfinite(result["ppl"])
+
+
+def test_greedy_generate_through_daemon_equals_in_process_table(daemon) -> None:
+    prompts = ["the water of", "one two three four five six"]
+    cmd = [sys.executable, "-m", "inference.generate", "--lut-addr", daemon["addr"], "--table", "m32",
+           "--max-new-tokens", "12", "--json"]
+    for p in prompts:
+        cmd += ["--prompt", p]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, LUTSTORE_CACHE=str(daemon["cache"])))
+    assert proc.returncode == 0, proc.stderr
+    remote = json.loads(proc.stdout)
+    assert "row cache hit rate" in proc.stderr and "TTFT" in proc.stderr
+
+    backbone, _ = load_checkpoint(daemon["ckpt"])
+    lut_model, _ = load_checkpoint_lut(daemon["ckpt"])
+    table = InProcessTable(torch.from_numpy(reference_lut(daemon["ckpt"])).float())
+    for seq in remote["sequences"]:
+        want = generate.generate(lut_model, table, [seq["prompt_ids"]], 12, eos_id=backbone.args.eos_token_id)
+        assert seq["ids"] == want.tokens[0]
+        trained = generate.generate(backbone.model, None, [seq["prompt_ids"]], 12, eos_id=backbone.args.eos_token_id)
+        assert seq["ids"] == trained.tokens[0]
+    assert len(remote["sequences"]) == 2 and all(len(s["ids"]) > 0 for s in remote["sequences"])
+
+
+def load_checkpoint_lut(ckpt: Path):
+    """The checkpoint's backbone as a lut-form model (experts dropped by name)."""
+    from inference.model import Transformer
+    from lutstore.checkpoint import Checkpoint
+
+    backbone, _ = load_checkpoint(ckpt)
+    model = Transformer(backbone.args, "lut").eval()
+    with Checkpoint.open(ckpt) as c:
+        model.load_official_state_dict({n: c.tensor(n).float() for n in c.names()})
+    return model, backbone
+
+
+def test_batched_sampling_is_per_sequence_and_seeded(daemon) -> None:
+    remote = open_remote(daemon["addr"], "m16", cache_mb=1)
+    try:
+        model, source = remote.backbone.model, remote.source
+        prompts = [[5, 6, 7], [9], [5, 6, 7]]
+        greedy = generate.generate(model, source, prompts, 8)
+        for p, toks in zip(prompts, greedy.tokens):     # left padding changes nothing for a sequence
+            assert generate.generate(model, source, [p], 8).tokens[0] == toks
+        cfg = SamplingConfig(temperature=1.0, top_k=20, top_p=0.9)
+        a = generate.generate(model, source, prompts, 8, cfg, seed=3).tokens
+        b = generate.generate(model, source, prompts, 8, cfg, seed=3).tokens
+        assert a == b and all(0 <= t < 128 for seq in a for t in seq)
+    finally:
+        remote.close()
+
+
+def test_row_cache_budget_and_hit_rate(daemon) -> None:
+    with LutClient(daemon["addr"]) as client:
+        info = client.info("m16")
+        row_device_bytes = info.num_layers * info.num_experts * info.hidden_size * 2   # fp16 rows stay fp16
+        stored = info.row_bytes + 4
+        source = RemoteTable(client, "m16", cache_bytes=3 * row_device_bytes + 100)
+        assert source.capacity == 3
+        want_rows = torch.from_numpy(client.get_rows("m16", list(range(128)))).half()
+
+        def step(ids: list[int]) -> torch.Tensor:
+            source.request(ids)
+            idx = torch.tensor([ids])
+            rows = source.rows(idx).all()
+            assert torch.equal(rows[0], want_rows[ids])          # the right rows, in order, duplicates too
+            return rows
+
+        step([1, 2, 1])      # 2 misses (1 deduplicated)
+        step([1, 2])         # 2 hits
+        step([3])            # miss; cache {1, 2, 3} full
+        step([4])            # miss; evicts 1 (least recent)
+        step([2])            # hit
+        step([1])            # miss again; evicts 3
+        step([3])            # miss; evicts 4
+        s = source.stats()
+        assert (s.hits, s.misses) == (3, 6) and s.hit_rate == pytest.approx(3 / 9)
+        assert s.bytes_fetched == 6 * stored
+        assert s.cache_bytes <= s.cache_budget and s.cache_bytes == 3 * row_device_bytes
+
+        # a batch wider than the cache is served whole and still correct
+        wide = list(range(10, 20))
+        rows = source.rows(torch.tensor([wide])).all()
+        assert torch.equal(rows[0], want_rows[wide])
+        assert source.stats().cache_bytes <= s.cache_budget
+        source.close()
+
+
+def test_int8_rows_decoded_on_fetch(daemon) -> None:
+    with LutClient(daemon["addr"]) as client:
+        source = RemoteTable(client, "m8", cache_bytes=1 << 20)
+        ids = [0, 127, 64]
+        got = source.rows(torch.tensor([ids])).all()[0]
+        assert torch.equal(got, torch.from_numpy(client.get_rows("m8", ids)))
+        source.close()
+
+
+def test_backbone_cache_and_fingerprint_refusal(daemon, capsys) -> None:
+    with LutClient(daemon["addr"]) as client:
+        info, other = pick_table(client, "m32"), pick_table(client, "other")
+        folder = ensure_backbone(client, info)
+        assert folder.name == info.fingerprint
+        mtime = (folder / "backbone.safetensors").stat().st_mtime_ns
+        assert ensure_backbone(client, info) == folder                         # reused, not fetched again
+        assert (folder / "backbone.safetensors").stat().st_mtime_ns == mtime
+        (folder / "config.json").write_text("{}")                               # damaged: fetched again
+        assert json.loads((ensure_backbone(client, info) / "config.json").read_text())["num_experts"] == 4
+        other_folder = ensure_backbone(client, other)
+    rc = generate.main(["--lut-addr", daemon["addr"], "--table", "m32", "--backbone", str(other_folder),
+                        "--prompt", "the", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "refusing" in err and "Traceback" not in err
+
+
+def test_user_errors_are_one_line(daemon, capsys) -> None:
+    cases = [
+        (["--lut-addr", daemon["addr"], "--prompt", "the"], "choose one with --table"),
+        (["--lut-addr", daemon["addr"], "--table", "nope", "--prompt", "the"], "tables: m16, m32, m8, other"),
+        (["--lut-addr", "127.0.0.1:1", "--retry-seconds", "0.5", "--prompt", "the"], "127.0.0.1:1"),
+        (["--lut-addr", daemon["addr"], "--table", "m32", "--prompt", "the " * 250, "--max-new-tokens", "10"],
+         "context of 256"),
+    ]
+    for argv, needle in cases:
+        assert generate.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+    assert "retry budget" in _last_err(capsys, ["--lut-addr", "127.0.0.1:1", "--retry-seconds", "0.5", "--prompt", "a"])
+    # --truncate keeps the prompt's last tokens instead
+    assert generate.main(["--lut-addr", daemon["addr"], "--table", "m32", "--prompt", "the " * 300,
+                          "--max-new-tokens", "4", "--truncate", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["sequences"][0]["prompt_ids"]) == 252
+
+
+def _last_err(capsys, argv: list[str]) -> str:
+    assert generate.main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_open_remote_rejects_unknown_table(daemon) -> None:
+    with pytest.raises(UserError, match="no table 'x'"):
+        open_remote(daemon["addr"], "x")
