@@ -1,0 +1,224 @@
+"""`make demo`: lutstore end to end on a CPU, in a few minutes.
+
+    1. train a tiny MoLE model on Shakespeare (inference.train), unless cached
+    2. `lutstore ingest` it twice: an fp16 table and an int8 table
+    3. `lutstore serve --port 0` in the background, on loopback
+    4. `python -m inference.generate` on a few prompts, streaming text
+    5. `python -m inference.evaluate` on the held-out plays, for both tables
+    6. stop the daemon with SIGTERM and check that it exits 0
+
+Everything lands under --data-dir (default ./demo-data): the checkpoint in
+model/, the database in db/. A second run reuses both (the DB is re-ingested
+only when the checkpoint changed), so it takes about a minute.
+Every command is printed before it runs, so you can run it yourself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+READY = re.compile(r"lutstore: serving .+ on 127\.0\.0\.1:(\d+)")
+TABLES = {"fp16": "shakespeare", "int8": "shakespeare-int8"}   # encoding -> table name
+PROMPTS = ["ROMEO.\n", "To be, or not to be,", "KING.\nMy lord, the"]
+
+
+class DemoError(Exception):
+    """A step failed; the message says which and why."""
+
+
+def say(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def run(cmd: list[str], capture: bool = False) -> str:
+    """Run a command (printed first, as one could type it); stream or capture its stdout."""
+    shown = [Path(c).name if c == sys.executable else c for c in cmd]
+    print("$ " + shlex.join(shown), flush=True)
+    done = subprocess.run(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE if capture else None)
+    if done.returncode != 0:
+        raise DemoError(f"`{shlex.join(shown)}` failed with exit code {done.returncode}")
+    return done.stdout or ""
+
+
+def lutstore(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lutstore.cli", *args]
+
+
+def checkpoint_digest(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        h.update((model_dir / name).read_bytes())
+    return h.hexdigest()
+
+
+def ensure_model(model_dir: Path, minutes: float, retrain: bool) -> dict:
+    if retrain or not (model_dir / "config.json").is_file():
+        say(f"1. training the default model ({minutes:g} min on this CPU; cached in {model_dir})")
+        run([sys.executable, "-m", "inference.train", "--out", str(model_dir), "--minutes", str(minutes)])
+    else:
+        say(f"1. reusing the trained model in {model_dir} (delete it, or pass --retrain, to train again)")
+    return json.loads((model_dir / "training.json").read_text())
+
+
+def ensure_tables(model_dir: Path, db: Path) -> None:
+    """Ingest fp16 and int8 tables unless this very checkpoint is already in the DB."""
+    stamp = db.parent / "ingested.json"
+    digest = checkpoint_digest(model_dir)
+    wanted = {"checkpoint_sha256": digest, "tables": TABLES}
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted and db.is_dir():
+        listed = json.loads(run(lutstore("info", "--db", str(db), "--json"), capture=True) or "[]")
+        names = {t.get("name") for t in (listed if isinstance(listed, list) else listed.get("tables", []))}
+        if set(TABLES.values()) <= names:
+            say(f"2. tables {', '.join(TABLES.values())} already hold this checkpoint; skipping ingest")
+            return
+    say(f"2. ingesting the checkpoint into {db} as fp16 and int8 tables")
+    stamp.unlink(missing_ok=True)
+    for encoding, name in TABLES.items():
+        run(lutstore("ingest", str(model_dir), "--db", str(db), "--name", name, "--encoding", encoding,
+                     "--keep-versions", "1"))
+    stamp.write_text(json.dumps(wanted, indent=2) + "\n")
+
+
+class Daemon:
+    """`lutstore serve --port 0` in the background; its port is read from its ready line."""
+
+    def __init__(self, db: Path, timeout: float = 60.0) -> None:
+        cmd = lutstore("serve", "--db", str(db), "--port", "0")
+        print("$ " + shlex.join(["python", *cmd[1:]]) + " &", flush=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.output: list[str] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                self.proc.wait()
+                raise DemoError(f"lutstore serve exited ({self.proc.returncode}) before serving:\n{''.join(self.output)}")
+            self.output.append(line)
+            match = READY.search(line)
+            if match:
+                print("  " + line.rstrip(), flush=True)
+                break
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise DemoError(f"lutstore serve did not get ready within {timeout:.0f}s")
+        self.address = f"127.0.0.1:{match.group(1)}"
+        # Keep draining its output so the daemon never blocks on a full pipe.
+        threading.Thread(target=lambda: self.output.extend(self.proc.stdout), daemon=True).start()
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise DemoError(f"lutstore serve did not stop within {timeout:.0f}s of SIGTERM; killed it")
+        return self.proc.returncode
+
+
+def generate(address: str, tokens: int) -> None:
+    say("4. generating from the fp16 table (greedy would loop; sampling at temperature 0.8, top-k 40)")
+    cmd = [sys.executable, "-m", "inference.generate", "--lut-addr", address, "--table", TABLES["fp16"],
+           "--max-new-tokens", str(tokens), "--temperature", "0.8", "--top-k", "40", "--seed", "0"]
+    for prompt in PROMPTS:
+        cmd += ["--prompt", prompt]
+    run(cmd)
+
+
+def evaluate(address: str, heldout: Path, max_tokens: int) -> dict[str, dict]:
+    say(f"5. scoring the held-out plays ({heldout.name}, first {max_tokens} tokens) with both tables")
+    results = {}
+    for encoding, name in TABLES.items():
+        out = run([sys.executable, "-m", "inference.evaluate", "--lut-addr", address, "--table", name,
+                   "--text-file", str(heldout), "--windows", "--max-tokens", str(max_tokens)], capture=True)
+        results[encoding] = json.loads(out.strip().splitlines()[-1])
+        print("  " + out.strip().splitlines()[-1], flush=True)
+    return results
+
+
+def unigram_perplexity(model_dir: Path, heldout: Path, max_tokens: int) -> float:
+    """The held-out text's perplexity under its own token frequencies (same tokens as evaluate)."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from inference.train import unigram_perplexity as ppl
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    ids = np.asarray(tok.encode(heldout.read_text(encoding="utf-8")).ids[:max_tokens], dtype=np.int64)
+    return ppl(ids[1:], tok.get_vocab_size())   # the first token is never predicted
+
+
+def report(training: dict, scores: dict[str, dict], unigram: float) -> None:
+    say("6. held-out perplexity (lower is better)")
+    works = " + ".join(w.replace("_", " ").title() for w in training["heldout_works"])
+    n = scores["fp16"]["tokens"]
+    rows = [("unigram (the text's own token frequencies)", unigram),
+            ("MoLE via lutstore, fp16 table", scores["fp16"]["ppl"]),
+            ("MoLE via lutstore, int8 table", scores["int8"]["ppl"])]
+    print(f"  text: {works}, {n} tokens never seen in training")
+    for label, value in rows:
+        print(f"  {label:<46} {value:8.2f}")
+    print(f"  model: {training['backbone_params'] / 1e6:.2f}M backbone parameters, LUT of "
+          f"{training['lut_values'] / 1e6:.1f}M values ({training['lut_over_backbone']}x the backbone), "
+          f"trained {training['steps']} steps in {training['train_seconds']:.0f}s "
+          f"(train loss {training['first_train_loss']:.2f} -> {training['final_train_loss']:.2f})", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=REPO / "demo-data", help="cache of the model and DB (default %(default)s)")
+    p.add_argument("--minutes", type=float, default=4.0, help="training time of the first run (default %(default)s)")
+    p.add_argument("--retrain", action="store_true", help="train again even if a model is cached")
+    p.add_argument("--new-tokens", type=int, default=48, help="tokens generated per prompt (default %(default)s)")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored (default %(default)s)")
+    args = p.parse_args(argv)
+
+    started = time.monotonic()
+    model_dir, db = args.data_dir / "model", args.data_dir / "db"
+    daemon = None
+    try:
+        training = ensure_model(model_dir, args.minutes, args.retrain)
+        ensure_tables(model_dir, db)
+        say("3. starting the daemon on loopback")
+        daemon = Daemon(db)
+        generate(daemon.address, args.new_tokens)
+        scores = evaluate(daemon.address, model_dir / "heldout.txt", args.eval_tokens)
+        unigram = unigram_perplexity(model_dir, model_dir / "heldout.txt", args.eval_tokens)
+        report(training, scores, unigram)
+        say("7. stopping the daemon (SIGTERM)")
+        code, daemon = daemon.stop(), None
+        if code != 0:
+            raise DemoError(f"lutstore serve exited with {code} after SIGTERM, not 0")
+        print("  lutstore serve exited cleanly (0)")
+    except DemoError as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("demo: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if daemon is not None:
+            try:
+                daemon.stop()
+            except DemoError as e:
+                print(f"demo: {e}", file=sys.stderr)
+    print(f"\ndemo finished in {time.monotonic() - started:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
