@@ -11,7 +11,6 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
@@ -31,6 +30,12 @@ $(NODE_DEPS): clients/node/package.json clients/node/package-lock.json
 
 test: $(STAMP) node-deps
 	$(PY) -m pytest -q tests
+
+# Train a tiny MoLE model on Shakespeare (first run only, ~4 min), ingest it,
+# serve it on loopback, generate and evaluate through the daemon, stop it.
+# Everything is cached in ./demo-data; DEMO_FLAGS passes options (see --help).
+demo: $(STAMP)
+	$(PY) demo/run_demo.py $(DEMO_FLAGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
