@@ -1,0 +1,76 @@
+"""lutstore.wire must stay byte-compatible with protobuf's BatchGetResponse."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lutstore import wire
+from lutstore.v1 import lutstore_pb2 as pb
+
+CASES = [
+    # (token ids, data lengths, version): zeros (left out by proto3), multi-byte varints, big rows
+    ([0], [8], 0),
+    ([0, 1, 127, 128, 300, 16383, 16384, 2**32 - 1], [4, 0, 1, 127, 128, 16384, 70_000, 5], 1),
+    ([5, 9], [295_000, 295_000], 2**31 + 7),
+    ([], [], 3),
+]
+
+
+def _rows(ids: list[int], lengths: list[int], seed: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    return [rng.bytes(n) for n in lengths]
+
+
+@pytest.mark.parametrize("ids,lengths,version", CASES)
+def test_encoder_output_is_what_protobuf_serialises_and_parses(ids, lengths, version) -> None:
+    values = _rows(ids, lengths)
+    ours = wire.encode_response(ids, values, version)
+    reference = pb.BatchGetResponse(rows=[pb.Row(token_id=t, data=v) for t, v in zip(ids, values)], version=version)
+    assert ours == reference.SerializeToString()
+    parsed = pb.BatchGetResponse.FromString(ours)
+    assert parsed.version == version
+    assert [(r.token_id, r.data) for r in parsed.rows] == list(zip(ids, values))
+
+
+@pytest.mark.parametrize("ids,lengths,version", CASES)
+def test_decoder_reads_protobuf_output_without_copies(ids, lengths, version) -> None:
+    values = _rows(ids, lengths, seed=1)
+    message = pb.BatchGetResponse(rows=[pb.Row(token_id=t, data=v) for t, v in zip(ids, values)],
+                                  version=version).SerializeToString()
+    got_version, rows = wire.decode_response(message)
+    assert got_version == version
+    assert [(t, bytes(d)) for t, d in rows] == list(zip(ids, values))
+    for _, data in rows:
+        assert data.obj is message  # a view into the received bytes, not a copy
+
+
+def test_decoder_accepts_any_valid_encoding() -> None:
+    """Field order, unknown fields of every wire type, repeated scalars (last wins), as protobuf does."""
+    row = pb.Row(token_id=42, data=b"payload")
+    unknown = (b"\x18\x96\x01"              # field 3 varint
+               b"\x21" + b"\x00" * 8 +      # field 4 fixed64
+               b"\x2a\x03abc" +             # field 5 bytes
+               b"\x35" + b"\x00" * 4)       # field 6 fixed32
+    # data before token_id, an unknown field inside the row, token_id given twice
+    odd_row = b"\x12\x07payload" + unknown + b"\x08\x07\x08\x2a"
+    message = (b"\x10\x05" + unknown + b"\x0a" + wire.varint(len(odd_row)) + odd_row + b"\x10\x09"
+               + b"\x0a" + wire.varint(row.ByteSize()) + row.SerializeToString())
+    reference = pb.BatchGetResponse.FromString(message)
+    version, rows = wire.decode_response(message)
+    assert version == reference.version == 9
+    assert [(t, bytes(d)) for t, d in rows] == [(r.token_id, r.data) for r in reference.rows] == [(42, b"payload")] * 2
+
+
+@pytest.mark.parametrize("bad", [
+    b"\x0a",                      # row tag without a length
+    b"\x0a\x05\x08\x01",          # row shorter than its length
+    b"\x0a\x04\x12\x09abc",       # data longer than its row
+    b"\x10",                      # version without a value
+    b"\x10" + b"\xff" * 11,       # varint too long
+    b"\x1b",                      # group start (wire type 3)
+    b"\x2a\x05ab",                # unknown bytes field cut short
+])
+def test_decoder_rejects_truncated_or_malformed_bytes(bad: bytes) -> None:
+    with pytest.raises(wire.WireError):
+        wire.decode_response(bad)
