@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from functools import partial
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -220,13 +221,15 @@ class DecoderLayer(nn.Module):
         return torch.stack([expert(e) for expert in self.experts], dim=-2)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None,
-                rows: Tensor) -> Tensor:
-        """rows [B, T, N, D]: each position's N expert outputs for this layer."""
+                rows: Callable[[], Tensor]) -> Tensor:
+        """rows() -> [B, T, N, D]: each position's N expert outputs for this layer. It is
+        called only after attention, MLP and router, so a row fetch overlaps all of them."""
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, input_pos)
         x = self.post_attention_layernorm(h)
         gates = torch.softmax(self.router(x).float(), dim=-1)            # [B, T, N] fp32
-        mixed = torch.matmul(gates.unsqueeze(-2), rows.float()).squeeze(-2)  # [B, T, D]
-        return h + self.mlp(x) + mixed.to(h.dtype)
+        h = h + self.mlp(x)
+        mixed = torch.matmul(gates.unsqueeze(-2), rows().float()).squeeze(-2)  # [B, T, D]
+        return h + mixed.to(h.dtype)
 
 
 class MoleModel(nn.Module):
@@ -298,11 +301,11 @@ class Transformer(nn.Module):
             distinct_embeds = self.model.embed_tokens(distinct)
         for l, layer in enumerate(self.model.layers):
             if self.form == "train":
-                rows = layer.expert_outputs(distinct_embeds)[inverse]   # experts once per distinct token
+                rows = partial(lambda layer: layer.expert_outputs(distinct_embeds)[inverse], layer)  # once per distinct token
             elif isinstance(lut_rows, Tensor):
-                rows = lut_rows[:, :, l]
+                rows = partial(lambda l: lut_rows[:, :, l], l)
             else:
-                rows = lut_rows.layer(l)
+                rows = partial(lut_rows.layer, l)
             h = layer(h, cos, sin, mask, input_pos, rows)
         return self.lm_head(self.model.norm(h))
 
