@@ -1,12 +1,29 @@
-"""Prometheus metrics of the daemon (served on --metrics-port when given)."""
+"""Prometheus metrics of the daemon (served on --metrics-port when given).
+
+Measured around the servicer, never inside it: `RpcInterceptor` wraps every
+handler (whatever way it is registered) to count calls by status code, time
+them and count the rows and bytes BatchGet streams; the row cache is read
+through `ByteLRU.stats()` when /metrics is scraped. The hot path stays as it is.
+
+The same interceptor turns a request that does not parse into
+INVALID_ARGUMENT (gRPC Python would answer INTERNAL) and writes one access
+log record per RPC at DEBUG level.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
+from typing import Callable, Iterator
 
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from lutstore.cache import CacheStats
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("lutstore.access")
 
 # Buckets from 100 us to 10 s: a hot one-row BatchGet is sub-millisecond.
 _LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -18,27 +35,189 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("lutstore_requests", "RPCs answered, by method and status code", ["method", "code"], registry=r)
-        self.latency = Histogram("lutstore_request_seconds", "RPC latency, by method", ["method"],
-                                 buckets=_LATENCY_BUCKETS, registry=r)
-        self.rows = Counter("lutstore_rows_served", "Rows sent, by table", ["table"], registry=r)
-        self.bytes = Counter("lutstore_bytes_served", "Row bytes sent, by table", ["table"], registry=r)
-        self.cache_hits = Counter("lutstore_cache_hits", "Row lookups answered from the RAM cache", registry=r)
-        self.cache_misses = Counter("lutstore_cache_misses", "Row lookups that went to RocksDB", registry=r)
-        self.cache_bytes = Gauge("lutstore_cache_bytes", "Bytes held by the RAM row cache", registry=r)
-        self.cache_hit_ratio = Gauge("lutstore_cache_hit_ratio", "Cache hits / lookups since start", registry=r)
+        self.requests = Counter("lutstore_requests", "RPCs answered, by method and status code", ["method", "code"],
+                                registry=r)
+        self.latency = Histogram("lutstore_request_seconds", "RPC latency (streams: until the last message), by method",
+                                 ["method"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("lutstore_requests_in_flight", "RPCs being handled now", registry=r)
+        self.rows = Counter("lutstore_rows_served", "Rows sent by BatchGet, by table", ["table"], registry=r)
+        self.bytes = Counter("lutstore_bytes_served", "Row bytes (stored values) sent by BatchGet, by table", ["table"],
+                             registry=r)
         self.auth_rejects = Counter("lutstore_auth_rejected", "RPCs rejected for a missing or wrong token", registry=r)
 
-    def observe_cache(self, hits: int, misses: int, held_bytes: int) -> None:
-        self.cache_hits.inc(hits)
-        self.cache_misses.inc(misses)
-        self.cache_bytes.set(held_bytes)
-        total = self.cache_hits._value.get() + self.cache_misses._value.get()
-        self.cache_hit_ratio.set(self.cache_hits._value.get() / total if total else 0.0)
+    def track_cache(self, stats: Callable[[], CacheStats]) -> None:
+        """Report the row cache's own counters at every scrape."""
+        self.registry.register(_CacheCollector(stats))
 
-    def serve_http(self, host: str, port: int) -> int:
-        """Expose /metrics; returns the bound port."""
+    def interceptor(self) -> RpcInterceptor:
+        return RpcInterceptor(self)
+
+    def serve_http(self, host: str, port: int):
+        """Expose /metrics in a background thread; returns the HTTP server (`.server_address`, `.shutdown()`)."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        bound = server.server_address[1]
-        log.info("metrics on http://%s:%d/metrics", host, bound)
-        return bound
+        log.info("metrics on http://%s:%d/metrics", host, server.server_address[1])
+        return server
+
+
+class _CacheCollector:
+    def __init__(self, stats: Callable[[], CacheStats]) -> None:
+        self._stats = stats
+
+    def collect(self):
+        s = self._stats()
+        yield CounterMetricFamily("lutstore_cache_hits", "Row lookups answered from the RAM cache", value=s.hits)
+        yield CounterMetricFamily("lutstore_cache_misses", "Row lookups that went to RocksDB", value=s.misses)
+        yield CounterMetricFamily("lutstore_cache_evictions", "Rows evicted from the RAM cache", value=s.evictions)
+        yield GaugeMetricFamily("lutstore_cache_hit_ratio", "Cache hits / lookups since start", value=s.hit_rate)
+        yield GaugeMetricFamily("lutstore_cache_bytes", "Bytes held by the RAM row cache", value=s.bytes)
+        yield GaugeMetricFamily("lutstore_cache_entries", "Rows held by the RAM row cache", value=s.entries)
+        yield GaugeMetricFamily("lutstore_cache_budget_bytes", "The RAM row cache's budget (--cache-mb)",
+                                value=s.budget_bytes)
+
+    def describe(self):
+        return []  # collected lazily: no describe-time call into the cache
+
+
+class _Unparsable:
+    """Stands in for a request whose bytes are not a valid message."""
+
+
+_UNPARSABLE = _Unparsable()
+
+
+def _tolerant(deserializer):
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception:
+            return _UNPARSABLE
+    return deserialize
+
+
+def _reject_unparsable(context: grpc.ServicerContext, method: str) -> None:
+    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request to {method} is not a valid protobuf message")
+
+
+class RpcInterceptor(grpc.ServerInterceptor):
+    """Counts, times and logs every RPC; answers unparsable requests with INVALID_ARGUMENT."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED itself
+            return None
+        method = handler_call_details.method.lstrip("/")
+        deser, ser = _tolerant(handler.request_deserializer), handler.response_serializer
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(self._unary(method, handler.unary_unary), deser, ser)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(self._unary_stream(method, handler.unary_stream), deser, ser)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(self._stream_unary(method, handler.stream_unary), deser, ser)
+        return grpc.stream_stream_rpc_method_handler(self._stream_stream(method, handler.stream_stream), deser, ser)
+
+    # ---- bookkeeping ------------------------------------------------------
+
+    def _finish(self, method: str, context: grpc.ServicerContext, started: float, failed: BaseException | None) -> str:
+        code = context.code()
+        if code is None:
+            if isinstance(failed, GeneratorExit):
+                code = grpc.StatusCode.CANCELLED
+            elif failed is not None:
+                code = grpc.StatusCode.UNKNOWN
+            else:
+                code = grpc.StatusCode.OK
+        seconds = time.perf_counter() - started
+        self.m.in_flight.dec()
+        self.m.requests.labels(method, code.name).inc()
+        self.m.latency.labels(method).observe(seconds)
+        if code is grpc.StatusCode.UNAUTHENTICATED:
+            self.m.auth_rejects.inc()
+        if access_log.isEnabledFor(logging.DEBUG):
+            access_log.debug("%s %s %.2f ms from %s", method, code.name, 1000 * seconds, context.peer(),
+                             extra={"rpc_method": method, "code": code.name, "ms": round(1000 * seconds, 3),
+                                    "peer": context.peer()})
+        return code.name
+
+    def _unary(self, method, behavior):
+        def handle(request, context):
+            started, failed = time.perf_counter(), None
+            self.m.in_flight.inc()
+            try:
+                if request is _UNPARSABLE:
+                    _reject_unparsable(context, method)
+                return behavior(request, context)
+            except BaseException as e:
+                failed = e
+                raise
+            finally:
+                self._finish(method, context, started, failed)
+        return handle
+
+    def _unary_stream(self, method, behavior):
+        def handle(request, context):
+            started, failed = time.perf_counter(), None
+            self.m.in_flight.inc()
+            rows = nbytes = 0
+            counted = False
+            try:
+                if request is _UNPARSABLE:
+                    _reject_unparsable(context, method)
+                for response in behavior(request, context):
+                    got = getattr(response, "rows", None)
+                    if got is not None:
+                        counted = True
+                        rows += len(got)
+                        nbytes += sum(len(r.data) for r in got)
+                    elif isinstance(response, (bytes, bytearray, memoryview)):  # pre-serialised responses
+                        nbytes += len(response)
+                    yield response
+            except BaseException as e:
+                failed = e
+                raise
+            finally:
+                code = self._finish(method, context, started, failed)
+                table = getattr(request, "table", None)
+                if table and code == "OK" and (rows or nbytes):
+                    if not counted:  # pre-serialised: every distinct id was answered once
+                        rows = len(set(request.token_ids))
+                    self.m.rows.labels(table).inc(rows)
+                    self.m.bytes.labels(table).inc(nbytes)
+        return handle
+
+    def _checked(self, requests: Iterator, context, method):
+        for request in requests:
+            if request is _UNPARSABLE:
+                _reject_unparsable(context, method)
+            yield request
+
+    def _stream_unary(self, method, behavior):
+        def handle(requests, context):
+            started, failed = time.perf_counter(), None
+            self.m.in_flight.inc()
+            try:
+                return behavior(self._checked(requests, context, method), context)
+            except BaseException as e:
+                failed = e
+                raise
+            finally:
+                self._finish(method, context, started, failed)
+        return handle
+
+    def _stream_stream(self, method, behavior):
+        def handle(requests, context):
+            started, failed = time.perf_counter(), None
+            self.m.in_flight.inc()
+            try:
+                yield from behavior(self._checked(requests, context, method), context)
+            except BaseException as e:
+                failed = e
+                raise
+            finally:
+                self._finish(method, context, started, failed)
+        return handle

@@ -6,6 +6,7 @@ network, `--tls-cert/--tls-key` encrypt and `--auth-token(-file)` authenticate.
 
 from __future__ import annotations
 
+import collections
 import hmac
 import logging
 from pathlib import Path
@@ -61,6 +62,36 @@ def channel_credentials(tls_ca: Path | None) -> grpc.ChannelCredentials | None:
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     """Call metadata carrying the bearer token (works with and without TLS)."""
     return ((AUTH_HEADER, f"Bearer {token}"),) if token else ()
+
+
+class _CallDetails(collections.namedtuple("_CallDetails", "method timeout metadata credentials wait_for_ready compression"),
+                   grpc.ClientCallDetails):
+    pass
+
+
+class TokenClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                             grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call of a channel (plaintext or TLS alike;
+    gRPC's own call credentials refuse plaintext channels)."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = auth_metadata(token)
+
+    def _details(self, d: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _CallDetails(d.method, d.timeout, tuple(d.metadata or ()) + self._metadata, d.credentials,
+                            d.wait_for_ready, getattr(d, "compression", None))
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
