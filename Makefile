@@ -37,5 +37,10 @@ test: $(STAMP) node-deps
 demo: $(STAMP)
 	$(PY) demo/run_demo.py $(DEMO_FLAGS)
 
+# Benchmarks (quick variants; `$(PY) -m benchmarks.run_all --full` for full sizes):
+# results, plots and summary.md land in benchmarks/results/.
+bench: $(STAMP)
+	$(PY) -m benchmarks.run_all
+
 clean:
 	rm -rf $(VENV) build *.egg-info
