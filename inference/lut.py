@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lutstore.codec import Encoding, RowFormat, decode_payload, payload_of
+from lutstore.codec import Encoding, RowFormat, payload_of
 
 log = logging.getLogger(__name__)
 
@@ -106,22 +106,76 @@ class InProcessTable(LutSource):
 
 
 def _storage(fmt: RowFormat) -> tuple[np.dtype, torch.dtype]:
-    """How decoded rows are kept: the stored precision where torch has it (no
-    inflation of fp16/bf16 rows), float32 for int8 (dequantised once, on fetch)."""
+    """How rows are kept in the cache: the stored precision where torch has it (no
+    inflation of fp16/bf16 rows); int8 rows stay int8 (+ one fp32 scale per vector)
+    and are dequantised on the device, only for the rows a step gathers."""
     if fmt.encoding is Encoding.FP16:
         return np.dtype("<f2"), torch.float16
     if fmt.encoding is Encoding.BF16:
         return np.dtype("<u2"), torch.bfloat16     # bit patterns; viewed as bfloat16 in torch
+    if fmt.encoding is Encoding.INT8:
+        return np.dtype(np.int8), torch.int8
     return np.dtype("<f4"), torch.float32
 
 
-class _Fetched:
-    """Rows of one background fetch: ids -> index into a CPU tensor [n, L, N, D]."""
+class _RowParts:
+    """Rows as the cache keeps them: `values` [n, L, N, D] in the storage dtype, and for int8
+    `scales` [n, L, N] float32. All methods work on both parts at once."""
 
-    def __init__(self, ids: list[int], rows: Tensor, nbytes: int) -> None:
+    def __init__(self, values: Tensor, scales: Tensor | None) -> None:
+        self.values, self.scales = values, scales
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @property
+    def nbytes(self) -> int:
+        n = self.values.numel() * self.values.element_size()
+        return n + (0 if self.scales is None else self.scales.numel() * 4)
+
+    def index(self, i: Tensor | int | slice) -> _RowParts:
+        return _RowParts(self.values[i], None if self.scales is None else self.scales[i])
+
+    def assign(self, i: Tensor | slice, src: _RowParts) -> None:
+        self.values[i] = src.values
+        if self.scales is not None:
+            self.scales[i] = src.scales
+
+    def to(self, device: torch.device) -> _RowParts:
+        nb = device.type == "cuda"
+        return _RowParts(self.values.to(device, non_blocking=nb),
+                         None if self.scales is None else self.scales.to(device, non_blocking=nb))
+
+    def pin(self) -> _RowParts:
+        return _RowParts(self.values.pin_memory(), None if self.scales is None else self.scales.pin_memory())
+
+    def dense(self) -> Tensor:
+        """The rows as the model mixes them: int8 dequantised (q * scale, in fp32, as codec does)."""
+        if self.scales is None:
+            return self.values
+        return self.values.float() * self.scales.unsqueeze(-1)
+
+    @staticmethod
+    def empty(n: int, fmt: RowFormat, dtype: torch.dtype, device: torch.device) -> _RowParts:
+        scales = torch.empty((n, fmt.num_layers, fmt.num_experts), dtype=torch.float32, device=device) \
+            if fmt.encoding is Encoding.INT8 else None
+        return _RowParts(torch.empty((n, *fmt.shape), dtype=dtype, device=device), scales)
+
+    @staticmethod
+    def cat(parts: list[_RowParts]) -> _RowParts:
+        if len(parts) == 1:
+            return parts[0]
+        scales = None if parts[0].scales is None else torch.cat([p.scales for p in parts])
+        return _RowParts(torch.cat([p.values for p in parts]), scales)
+
+
+class _Fetched:
+    """Rows of one fetch: ids -> index into CPU row parts."""
+
+    def __init__(self, ids: list[int], rows: _RowParts) -> None:
+        self.ids = ids
         self.index = {t: i for i, t in enumerate(ids)}
         self.rows = rows
-        self.nbytes = nbytes
 
 
 class RemoteTable(LutSource):
@@ -132,6 +186,12 @@ class RemoteTable(LutSource):
     rows arrive; a dict maps token id -> slot in LRU order. A batch is one
     gather from the slab. A batch with more distinct ids than the slab holds
     is served from a temporary tensor and leaves the cache as it was.
+
+    Rows are kept in their stored precision: fp16/bf16 as is, int8 as int8
+    plus per-vector scales (a quarter of float32's bytes), dequantised on the
+    device for the rows a step uses. Announced ids (request) are fetched on a
+    background thread; a fetch that has not started when its rows are needed
+    is run in the calling thread instead (no thread hop on the critical path).
     """
 
     def __init__(self, client, table: str, version: int = 0, device: str | torch.device = "cpu",
@@ -146,13 +206,16 @@ class RemoteTable(LutSource):
         self.device = torch.device(device)
         self.verify = verify
         self._np_dtype, self.dtype = _storage(self.fmt)
-        self.row_device_bytes = self.fmt.values * torch.tensor([], dtype=self.dtype).element_size()
+        self._int8 = self.fmt.encoding is Encoding.INT8
+        self.row_device_bytes = (self.fmt.values * torch.tensor([], dtype=self.dtype).element_size()
+                                 + (4 * self.fmt.vectors if self._int8 else 0))
         self.capacity = min(self.vocab_size, max(0, int(cache_bytes)) // self.row_device_bytes)
         self._budget = int(cache_bytes)
-        self._slab = torch.empty((0, *self.fmt.shape), dtype=self.dtype, device=self.device)
+        self._slab = _RowParts.empty(0, self.fmt, self.dtype, self.device)
         self._slots: OrderedDict[int, int] = OrderedDict()   # token id -> slab slot, least recent first
         self._free: list[int] = []
         self._pending: dict[int, Future[_Fetched]] = {}       # token id -> fetch that brings it
+        self._chunks: dict[Future, list[int]] = {}            # fetch -> its ids (to run it here if not started)
         self._announced: set[int] = set()                     # requested since their last gather
         self._lock = threading.Lock()                         # counters are updated from fetch threads
         self._stats = LutStats(cache_budget=self._budget)
@@ -161,7 +224,27 @@ class RemoteTable(LutSource):
 
     # -- the interface ---------------------------------------------------------------------
     def request(self, ids: Tensor | np.ndarray | Iterable[int]) -> None:
-        wanted = _as_id_list(ids)
+        for chunk in self._announce(_as_id_list(ids)):
+            future = self._pool.submit(self._fetch, chunk)
+            self._chunks[future] = chunk
+            self._pending.update(dict.fromkeys(chunk, future))
+
+    def rows(self, idx: Tensor) -> _DeferredRows:
+        self.request(idx)   # ids nobody announced start now, overlapping layer 0; announced ones are not asked twice
+        return _DeferredRows(self, idx)
+
+    def stats(self) -> LutStats:
+        with self._lock:
+            s = LutStats(**vars(self._stats))
+        s.cache_bytes = self._slab.nbytes
+        return s
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- fetching ---------------------------------------------------------------------------
+    def _announce(self, wanted: list[int]) -> list[list[int]]:
+        """Count hits for ids in the cache; return the others not yet in flight, in batches."""
         self._check_ids(wanted)
         missing = []
         for t in wanted:
@@ -173,61 +256,66 @@ class RemoteTable(LutSource):
                 self._slots.move_to_end(t)
             elif t not in self._pending:
                 missing.append(t)
-        for start in range(0, len(missing), self.max_batch_rows):
-            chunk = missing[start:start + self.max_batch_rows]
-            future = self._pool.submit(self._fetch, chunk)
-            self._pending.update(dict.fromkeys(chunk, future))
+        return [missing[s:s + self.max_batch_rows] for s in range(0, len(missing), self.max_batch_rows)]
 
-    def rows(self, idx: Tensor) -> _DeferredRows:
-        self.request(idx)   # ids nobody announced are fetched now; announced ones are not asked twice
-        return _DeferredRows(self, idx)
-
-    def stats(self) -> LutStats:
-        with self._lock:
-            s = LutStats(**vars(self._stats))
-        s.cache_bytes = self._slab.numel() * self._slab.element_size()
-        return s
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    # -- fetching (background threads) ------------------------------------------------------
     def _check_ids(self, ids: list[int]) -> None:
         if ids and (ids[0] < 0 or ids[-1] >= self.vocab_size):
             raise ValueError(f"token id {ids[0] if ids[0] < 0 else ids[-1]} outside the table's vocabulary 0..{self.vocab_size - 1}")
 
     def _fetch(self, ids: list[int]) -> _Fetched:
+        """One BatchGet; each stored value is checked and copied once into the row parts (no decode)."""
         raw = self.client.get_raw(self.name, ids, self.version)
-        out = np.empty((len(ids), self.fmt.values), dtype=self._np_dtype)
+        n, fmt = len(ids), self.fmt
+        values = np.empty((n, fmt.values), dtype=self._np_dtype)
+        scales = np.empty((n, fmt.vectors), dtype="<f4") if self._int8 else None
         nbytes = 0
         for i, t in enumerate(ids):
             value = raw[t]
             nbytes += len(value)
-            payload = payload_of(self.fmt, value, self.verify)
-            if self.fmt.encoding is Encoding.INT8:
-                decode_payload(self.fmt, payload, out=out[i].reshape(self.fmt.shape))
+            payload = payload_of(fmt, value, self.verify)
+            if scales is not None:
+                scales[i] = np.frombuffer(payload, dtype="<f4", count=fmt.vectors)
+                values[i] = np.frombuffer(payload, dtype=np.int8, offset=4 * fmt.vectors)
             else:
-                out[i] = np.frombuffer(payload, dtype=self._np_dtype)
-        rows = torch.from_numpy(out)
+                values[i] = np.frombuffer(payload, dtype=self._np_dtype)
+        rows_v = torch.from_numpy(values)
         if self.dtype is torch.bfloat16:
-            rows = rows.view(torch.int16).view(torch.bfloat16)
-        rows = rows.view(len(ids), *self.fmt.shape)
+            rows_v = rows_v.view(torch.int16).view(torch.bfloat16)
+        rows = _RowParts(rows_v.view(n, *fmt.shape),
+                         None if scales is None else torch.from_numpy(scales).view(n, fmt.num_layers, fmt.num_experts))
         if self._pin:
-            rows = rows.pin_memory()
+            rows = rows.pin()
         with self._lock:
-            self._stats.misses += len(ids)
+            self._stats.misses += n
             self._stats.bytes_fetched += nbytes
-        return _Fetched(ids, rows, nbytes)
+        return _Fetched(ids, rows)
 
-    def _collect(self, ids: list[int]) -> dict[int, Tensor]:
-        """CPU rows of ids that are not on the device, waiting for their fetches."""
-        found: dict[int, Tensor] = {}
+    def _collect(self, ids: list[int]) -> dict[int, _RowParts]:
+        """CPU rows of ids that are not on the device: from fetches in flight, or fetched here
+        when their fetch has not started yet (or never was: evicted since announced)."""
+        found: dict[int, _RowParts] = {}
+        orphans = []
         for t in ids:
+            if t in found:
+                continue
             future = self._pending.pop(t, None)
-            if future is None:  # evicted between request() and use: fetch again
-                future = self._pool.submit(self._fetch, [t])
-            fetched = future.result()
-            found[t] = fetched.rows[fetched.index[t]]
+            if future is None:
+                orphans.append(t)
+                continue
+            chunk = self._chunks.pop(future, None)
+            if chunk is not None and future.cancel():      # still queued: run it on this thread now
+                fetched = self._fetch(chunk)
+                for u in chunk:
+                    self._pending.pop(u, None)
+            else:
+                fetched = future.result()
+            for u in fetched.ids:
+                if u not in found:
+                    found[u] = fetched.rows.index(fetched.index[u])
+        for start in range(0, len(orphans), self.max_batch_rows):
+            fetched = self._fetch(orphans[start:start + self.max_batch_rows])
+            for u in fetched.ids:
+                found[u] = fetched.rows.index(fetched.index[u])
         return found
 
     # -- the device cache (main thread only) ------------------------------------------------
@@ -244,24 +332,28 @@ class RemoteTable(LutSource):
 
     def _grow(self) -> None:
         new_cap = min(self.capacity, max(16, 2 * len(self._slab)))
-        slab = torch.empty((new_cap, *self.fmt.shape), dtype=self.dtype, device=self.device)
-        slab[: len(self._slab)] = self._slab
+        slab = _RowParts.empty(new_cap, self.fmt, self.dtype, self.device)
+        slab.assign(slice(0, len(self._slab)), self._slab)
         self._free.extend(range(new_cap - 1, len(self._slab) - 1, -1))
         self._slab = slab
 
     def gather(self, idx: Tensor) -> Tensor:
-        """Rows [B, T, L, N, D] for idx, on the device (blocks on fetches still running)."""
+        """Rows [B, T, L, N, D] for idx, on the device (blocks on fetches still running);
+        int8 tables give float32 rows, other encodings their stored dtype. The result may be a
+        view of the cache: use it before the next gather."""
         flat = idx.reshape(-1).to("cpu", torch.int64)
         distinct, inverse = torch.unique(flat, return_inverse=True)
         ids = distinct.tolist()
         self._announced.difference_update(ids)
         absent = [t for t in ids if t not in self._slots]
         new_rows = self._collect(absent)
+        shape = (*idx.shape, *self.fmt.shape)
         if len(ids) > self.capacity:       # more than the cache holds: serve from a temporary tensor
-            batch = torch.empty((len(ids), *self.fmt.shape), dtype=self.dtype, device=self.device)
+            batch = _RowParts.empty(len(ids), self.fmt, self.dtype, self.device)
             for i, t in enumerate(ids):
-                batch[i] = self._slab[self._slots[t]] if t in self._slots else new_rows[t].to(self.device, non_blocking=True)
-            return batch[inverse.to(self.device)].view(*idx.shape, *self.fmt.shape)
+                src = self._slab.index(self._slots[t]) if t in self._slots else new_rows[t].to(self.device)
+                batch.assign(i, src)
+            return batch.index(inverse.to(self.device)).dense().view(shape)
         keep = set(ids)
         for t in ids:
             if t in self._slots:
@@ -272,10 +364,13 @@ class RemoteTable(LutSource):
                 slot = self._slot_for_new_row(keep)
                 self._slots[t] = slot
                 slots.append(slot)
-            stacked = torch.stack([new_rows[t] for t in absent]).to(self.device, non_blocking=True)
-            self._slab[torch.tensor(slots, device=self.device)] = stacked
+            stacked = _RowParts.cat([new_rows[t].index(None) for t in absent])
+            self._slab.assign(torch.tensor(slots, device=self.device), stacked.to(self.device))
+        if len(ids) == 1:                  # batch 1 decode: a view, no index tensor
+            slot = self._slots[ids[0]]
+            return self._slab.index(slice(slot, slot + 1)).dense().expand(len(flat), *self.fmt.shape).reshape(shape)
         slot_of = torch.tensor([self._slots[t] for t in ids], device=self.device)
-        return self._slab[slot_of[inverse.to(self.device)]].view(*idx.shape, *self.fmt.shape)
+        return self._slab.index(slot_of[inverse.to(self.device)]).dense().view(shape)
 
 
 class _DeferredRows:
