@@ -208,12 +208,13 @@ class RemoteModel:
 
 def open_remote(address: str, table: str | None = None, version: int = 0, device: str = "cpu",
                 dtype: torch.dtype = torch.float32, cache_mb: float = 256, backbone_dir: Path | None = None,
-                retry_seconds: float = 10.0, timeout: float = 30.0) -> RemoteModel:
+                retry_seconds: float = 10.0, timeout: float = 30.0, tls_ca: Path | None = None,
+                auth_token: str | None = None) -> RemoteModel:
     """Connect, resolve the table, get and verify its backbone, load the model."""
     from inference.lut import MiB, RemoteTable
     from lutstore.client import LutClient
 
-    client = LutClient(address, timeout=timeout, retry_seconds=retry_seconds)
+    client = LutClient(address, timeout=timeout, retry_seconds=retry_seconds, tls_ca=tls_ca, auth_token=auth_token)
     try:
         info = pick_table(client, table, version)
         if backbone_dir is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference.generate import add_remote_args
+from inference.generate import add_remote_args, client_options
 from inference.lut import InProcessTable, LutSource
 from inference.model import Transformer
 from lutstore.errors import UserError
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> dict:
         source = None if table is None else InProcessTable(table, device)
     else:
         remote = open_remote(args.lut_addr, args.table, args.version, device, dtype, args.lut_cache_mb,
-                             args.backbone, args.retry_seconds)
+                             args.backbone, args.retry_seconds, **client_options(args))
         backbone, source = remote.backbone, remote.source
     try:
         if args.text_file:

@@ -162,6 +162,16 @@ def add_remote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-seconds", type=float, default=10.0, help="how long to retry an unreachable daemon (default 10)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default float32, as the official loader)")
+    p.add_argument("--tls-ca", type=Path, help="PEM CA certificate: connect with TLS, trusting this CA (default plaintext)")
+    p.add_argument("--auth-token", help="bearer token the daemon asks for (visible in `ps`: prefer --auth-token-file)")
+    p.add_argument("--auth-token-file", type=Path, help="read the bearer token from this file")
+
+
+def client_options(args: argparse.Namespace) -> dict:
+    """TLS and token keyword arguments of open_remote from the flags of add_remote_args."""
+    from lutstore.security import read_token
+
+    return {"tls_ca": args.tls_ca, "auth_token": read_token(args.auth_token, args.auth_token_file)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
     device = check_device(args.device)
 
     remote = open_remote(args.lut_addr, args.table, args.version, device, resolve_dtype(args.dtype, device),
-                         args.lut_cache_mb, args.backbone, args.retry_seconds)
+                         args.lut_cache_mb, args.backbone, args.retry_seconds, **client_options(args))
     try:
         bb = remote.backbone
         if bb.tokenizer is None:

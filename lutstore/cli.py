@@ -57,6 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent-streams", type=int, default=64, help="most RPCs in flight per connection")
     p.add_argument("--workers", type=int, default=16, help="server threads")
     p.add_argument("--refresh-seconds", type=float, default=1.0, help="how often to look for newly ingested tables")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=256,
+                   help="most RPCs in flight over all connections; more are answered RESOURCE_EXHAUSTED (default 256)")
+    sec = p.add_argument_group("security (defaults: loopback only, plaintext, no token)")
+    sec.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS (needs --tls-key)")
+    sec.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    sec.add_argument("--auth-token", help="require 'authorization: Bearer TOKEN' on every RPC but health checks "
+                                          "(visible in `ps`: prefer --auth-token-file)")
+    sec.add_argument("--auth-token-file", type=Path, help="read the bearer token from this file")
+    ops = p.add_argument_group("operations")
+    ops.add_argument("--metrics-port", type=int, default=None,
+                     help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (0: a free port, printed; "
+                          "default: off)")
+    ops.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint (default: loopback)")
+    ops.add_argument("--log-format", choices=["text", "json"], default="text",
+                     help="text, or one JSON object per line for log shippers (default text)")
 
     p = sub.add_parser("info", help="list tables: shapes, sizes, encodings, versions")
     _add_db(p)

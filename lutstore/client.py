@@ -25,7 +25,8 @@ from typing import Callable, Iterable, TypeVar
 import grpc
 import numpy as np
 
-from lutstore import codec
+from lutstore import codec, security
+from lutstore import wire
 from lutstore.errors import UserError
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
@@ -69,9 +70,12 @@ def channel_target(address: str) -> tuple[str, bool]:
 
 class LutClient:
     def __init__(self, address: str, timeout: float = 30.0, retries: int = 5, retry_seconds: float = 10.0,
-                 verify: bool = True, prefetch_workers: int = 2):
+                 verify: bool = True, prefetch_workers: int = 2, tls_ca: str | Path | None = None,
+                 auth_token: str | None = None):
         """timeout: deadline of each call (s); retries / retry_seconds: how many times and for how long an
-        UNAVAILABLE call is retried; verify: check each row's CRC-32 on arrival."""
+        UNAVAILABLE call is retried; verify: check each row's CRC-32 on arrival; tls_ca: PEM file of the CA
+        that signed the server's certificate (TLS; None: plaintext); auth_token: sent as
+        `authorization: Bearer <token>` with every call."""
         self.address = address
         self.timeout = timeout
         self.retries = retries
@@ -90,8 +94,18 @@ class LutClient:
         ]
         if config:
             options.append(("grpc.service_config", json.dumps(config)))
-        self._channel = grpc.insecure_channel(target, options=options)
-        self._stub = pb_grpc.LutStoreStub(self._channel)
+        credentials = security.channel_credentials(Path(tls_ca) if tls_ca else None)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            if replicated:  # an ipv4: list has no host name to check the certificate against: use the first one's
+                options.append(("grpc.ssl_target_name_override", address.split(",")[0].strip().rpartition(":")[0]))
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        # Make every call on self._calls (it adds the token); self._channel is only for close().
+        self._calls: grpc.Channel = self._channel
+        if auth_token:
+            self._calls = grpc.intercept_channel(self._channel, security.TokenClientInterceptor(auth_token))
+        self._stub = pb_grpc.LutStoreStub(self._calls)
         self._infos: dict[tuple[str, int], pb.TableInfo] = {}  # pinned versions are immutable
         self._prefetch_workers = prefetch_workers
         self._pool: futures.ThreadPoolExecutor | None = None

@@ -21,9 +21,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lutstore import codec
+from lutstore import codec, wire
+from lutstore import logs, security
 from lutstore.cache import ByteLRU
 from lutstore.errors import UserError
+from lutstore.metrics import Metrics
 from lutstore.store import Store, StoreError, TableMeta, TableNotFound, VersionGone
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
@@ -246,25 +248,59 @@ def _validate(args: argparse.Namespace) -> None:
         raise UserError(f"--refresh-seconds must be > 0, got {args.refresh_seconds}")
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
+    if args.metrics_port is not None and not 0 <= args.metrics_port < 65536:
+        raise UserError(f"--metrics-port must be in 0..65535, got {args.metrics_port}")
+    if args.max_concurrent_rpcs < 1:
+        raise UserError(f"--max-concurrent-rpcs must be >= 1, got {args.max_concurrent_rpcs}")
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _warn_if_exposed(args: argparse.Namespace, tls: bool, token: str | None) -> None:
+    """Off loopback, say plainly what is unprotected (the flags stay the user's choice)."""
+    if args.host in LOOPBACK_HOSTS:
+        return
+    if not tls:
+        log.warning("serving on %s without TLS: rows%s travel in plaintext (use --tls-cert/--tls-key)",
+                    args.host, " and the bearer token" if token else "")
+    if not token:
+        log.warning("serving on %s without --auth-token: anyone who can reach the port can read every table",
+                    args.host)
 
 
 def main(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT, then stop gracefully and return 0."""
     _validate(args)
+    logs.use_format(args.log_format)
+    # Read credentials before opening anything, so a bad path is a one-line error.
+    credentials = security.server_credentials(args.tls_cert, args.tls_key)
+    token = security.read_token(args.auth_token, args.auth_token_file)
     store = Store.open(args.db, "secondary")
     try:
-        return _serve(args, store)
+        return _serve(args, store, credentials, token)
     finally:
         store.close()
 
 
-def _serve(args: argparse.Namespace, store: Store) -> int:
+def _serve(args: argparse.Namespace, store: Store, credentials: grpc.ServerCredentials | None,
+           token: str | None) -> int:
     max_message = int(args.max_message_mb * (1 << 20))
     cache = ByteLRU(int(args.cache_mb * (1 << 20)))
     catalog = Catalog(store, cache)
     servicer = LutStoreServicer(catalog, RowSource(store, cache), args.max_batch_rows, max_message)
+    metrics = Metrics()
+    metrics.track_cache(cache.stats)
+    # Interceptors cover every handler however it is registered; metrics is outermost so that
+    # rejected calls are counted too.
+    interceptors: list[grpc.ServerInterceptor] = [metrics.interceptor()]
+    if token:
+        interceptors.append(security.BearerTokenInterceptor(token))
+    _warn_if_exposed(args, credentials is not None, token)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="lutstore-rpc"),
+        interceptors=interceptors,
+        maximum_concurrent_rpcs=args.max_concurrent_rpcs,  # beyond it: RESOURCE_EXHAUSTED, not an unbounded queue
         options=[
             ("grpc.max_send_message_length", max_message),
             ("grpc.max_receive_message_length", max_message),
@@ -280,7 +316,7 @@ def _serve(args: argparse.Namespace, store: Store) -> int:
 
     address = f"{args.host}:{args.port}"
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:
         raise UserError(f"cannot listen on {address} (port in use, or not an address of this host)") from None
     if port == 0:
@@ -295,6 +331,14 @@ def _serve(args: argparse.Namespace, store: Store) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    metrics_http = None
+    if args.metrics_port is not None:
+        try:
+            metrics_http = metrics.serve_http(args.metrics_host, args.metrics_port)
+        except OSError as e:
+            raise UserError(f"cannot serve metrics on {args.metrics_host}:{args.metrics_port}: {e.strerror}") from None
+        print(f"lutstore: metrics on http://{args.metrics_host}:{metrics_http.server_address[1]}/metrics", flush=True)
+
     refresher = Refresher(catalog, args.refresh_seconds)
     server.start()
     for service in ("", SERVICE_NAME):
@@ -302,14 +346,20 @@ def _serve(args: argparse.Namespace, store: Store) -> int:
     refresher.start()
     tables = store.tables()
     log.info("%d table versions: %s", len(tables), ", ".join(f"{m.name} v{m.version}" for m in tables) or "none")
+    log.info("listening on %s:%d (tls=%s, auth=%s, metrics=%s)", args.host, port, credentials is not None,
+             token is not None, metrics_http.server_address[1] if metrics_http else "off",
+             extra={"event": "serving", "port": port})
     print(f"lutstore: serving {args.db} on {args.host}:{port}", flush=True)
 
     while not stop.wait(0.5):
         pass
     health_servicer.enter_graceful_shutdown()  # NOT_SERVING, so balancers move away first
+    # New RPCs are refused from here on; in-flight ones (streams included) get the grace period.
     server.stop(SHUTDOWN_GRACE_SECONDS).wait()
     refresher.stopped.set()
     refresher.join()
+    if metrics_http is not None:
+        metrics_http.shutdown()
     s = cache.stats()
     log.info("stopped; cache %d hits, %d misses, %d entries, %d bytes", s.hits, s.misses, s.entries, s.bytes)
     return 0
