@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 SERVICE_NAME = "lutstore.v1.LutStore"
+BATCH_GET_METHOD = f"/{SERVICE_NAME}/BatchGet"
 ENCODINGS = {
     pb.ENCODING_FP32: codec.Encoding.FP32,
     pb.ENCODING_FP16: codec.Encoding.FP16,
@@ -158,26 +159,84 @@ class LutClient:
 
     # ---- rows --------------------------------------------------------------
 
+    def _batch_get(self) -> grpc.UnaryStreamMultiCallable:
+        """BatchGet returning each response as the received bytes (parsed by lutstore.wire without
+        copies) instead of a protobuf message (which would copy every row once more)."""
+        call = self.__dict__.get("_raw_batch_get")
+        if call is None:
+            channel = getattr(self, "_calls", self._channel)  # the channel that adds credentials, if any
+            call = channel.unary_stream(BATCH_GET_METHOD, request_serializer=pb.BatchGetRequest.SerializeToString,
+                                        response_deserializer=None, _registered_method=True)
+            self._raw_batch_get = call
+        return call
+
     def _fetch(self, name: str, ids: list[int], version: int,
-               on_row: Callable[[pb.TableInfo, int, bytes], None]) -> pb.TableInfo:
+               on_row: Callable[[pb.TableInfo, int, memoryview], None]) -> pb.TableInfo:
         """BatchGet distinct ascending ids in batches of the server's max_batch_rows, calling
-        on_row(info, id, data). Version 0 is resolved first (one small call; pin a version to
-        skip it), so every row comes from the one version `info` describes."""
+        on_row(info, id, data) once per id as messages arrive (our work on one message overlaps the
+        transfer of the next); data is a memoryview into the received message. Version 0 is
+        resolved first (one small call; pin a version to skip it), so every row comes from the one
+        version `info` describes. A retried batch skips the rows already delivered."""
         info = self.info(name, version)
         limit = max(1, info.max_batch_rows)
+        batch_get = self._batch_get()
+        delivered: set[int] = set()
+
+        def attempt(req: pb.BatchGetRequest) -> None:
+            for message in batch_get(req, timeout=self.timeout):
+                try:
+                    got_version, rows = wire.decode_response(message)
+                except wire.WireError as e:
+                    raise LutError(grpc.StatusCode.INTERNAL,
+                                   f"malformed BatchGet response from {self.address}: {e}") from None
+                if got_version != info.version:
+                    raise LutError(grpc.StatusCode.INTERNAL,
+                                   f"asked {name!r} v{info.version}, got rows of v{got_version}")
+                for token, data in rows:
+                    if token not in delivered:
+                        delivered.add(token)
+                        on_row(info, token, data)
+
         for start in range(0, len(ids), limit):
             req = pb.BatchGetRequest(table=name, version=info.version, token_ids=ids[start : start + limit])
-            responses = self._with_retries(lambda: list(self._stub.BatchGet(req, timeout=self.timeout)))
-            for resp in responses:
-                for row in resp.rows:
-                    on_row(info, row.token_id, row.data)
+            self._with_retries(lambda: attempt(req))
         return info
 
-    def get_raw(self, name: str, ids: Iterable[int], version: int = 0) -> dict[int, bytes]:
-        """Distinct ids -> stored value (body || crc32), as the server sent it."""
-        out: dict[int, bytes] = {}
+    def get_raw(self, name: str, ids: Iterable[int], version: int = 0) -> dict[int, memoryview]:
+        """Distinct ids -> stored value (body || crc32) as the server sent it: a read-only bytes-like
+        memoryview into the received message (no copy; it compares equal to the bytes; bytes(v) copies)."""
+        out: dict[int, memoryview] = {}
         self._fetch(name, _distinct(ids), version, lambda _info, t, data: out.__setitem__(t, data))
         return out
+
+    def get_payloads(self, name: str, ids: Iterable[int], version: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(distinct ascending ids, int64 [n]; their payloads, uint8 [n, row_bytes]): rows in their
+        stored encoding, checked (when verify) and decompressed, copied once from the received bytes.
+        For a model that decodes on its own device: an fp16/bf16 payload is the row tensor's bytes."""
+        ids = _distinct(ids)
+        info = self.info(name, version)
+        fmt = self.row_format(info)
+        index = {t: i for i, t in enumerate(ids)}
+        out = np.empty((len(ids), fmt.payload_bytes), dtype=np.uint8)
+        received = 0
+
+        def on_row(_info: pb.TableInfo, token: int, data: memoryview) -> None:
+            nonlocal received
+            received += 1
+            out[index[token]] = np.frombuffer(self._payload(fmt, name, token, data), dtype=np.uint8)
+
+        if ids:
+            self._fetch(name, ids, info.version, on_row)
+        if received != len(ids):
+            raise LutError(grpc.StatusCode.INTERNAL, f"asked {name!r} for {len(ids)} rows, got {received}")
+        return np.array(ids, dtype=np.int64), out
+
+    def _payload(self, fmt: codec.RowFormat, name: str, token: int, data: memoryview) -> memoryview:
+        """The row's payload (a view when uncompressed), its CRC checked when self.verify."""
+        try:
+            return codec.payload_of(fmt, data, verify=self.verify)
+        except codec.ChecksumError as e:
+            raise LutError(grpc.StatusCode.DATA_LOSS, f"row {token} of {name!r} arrived corrupt: {e}") from None
 
     def get_rows(self, name: str, ids: Iterable[int], version: int = 0) -> np.ndarray:
         """float32 [len(ids), L, N, D], row i for ids[i] (duplicates allowed)."""
@@ -190,15 +249,12 @@ class LutClient:
         out = np.empty((len(ids), *fmt.shape), dtype=np.float32)
         received = 0
 
-        def on_row(_info: pb.TableInfo, token: int, data: bytes) -> None:
+        def on_row(_info: pb.TableInfo, token: int, data: memoryview) -> None:
             nonlocal received
             received += 1
-            try:
-                payload = codec.payload_of(fmt, data, verify=self.verify)
-            except codec.ChecksumError as e:
-                raise LutError(grpc.StatusCode.DATA_LOSS, f"row {token} of {name!r} arrived corrupt: {e}") from None
             first, *rest = positions[token]
-            codec.decode_payload(fmt, payload, out=out[first])  # np.frombuffer on the received bytes
+            # np.frombuffer on the received message: the decode is the only pass over the row
+            codec.decode_payload(fmt, self._payload(fmt, name, token, data), out=out[first])
             for j in rest:
                 out[j] = out[first]
 

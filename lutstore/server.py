@@ -164,7 +164,8 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
     def GetTableInfo(self, request: pb.GetTableInfoRequest, context: grpc.ServicerContext) -> pb.TableInfo:
         return self.table_info(self._resolve(request.table, request.version, context))
 
-    def BatchGet(self, request: pb.BatchGetRequest, context: grpc.ServicerContext) -> Iterator[pb.BatchGetResponse]:
+    def BatchGet(self, request: pb.BatchGetRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Yields serialised BatchGetResponse messages (see add_servicer: no protobuf objects for rows)."""
         started = time.perf_counter()
         meta = self._resolve(request.table, request.version, context)
         n = len(request.token_ids)
@@ -192,8 +193,8 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
             except CorruptRow as e:
                 log.error("%s", e)
                 context.abort(grpc.StatusCode.DATA_LOSS, str(e))
-            yield pb.BatchGetResponse(rows=[pb.Row(token_id=t, data=v) for t, v in zip(group, values)],
-                                      version=meta.version)
+            # One copy of the rows into the message; protobuf objects would cost three (see wire.py).
+            yield wire.encode_response(group, values, meta.version)
         log.debug("BatchGet %s v%d: %d ids (%d distinct) in %.2f ms", meta.name, meta.version, n, len(ids),
                   1000 * (time.perf_counter() - started))
 
@@ -216,6 +217,27 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
                     offset += len(data)
         except StoreError as e:
             context.abort(grpc.StatusCode.DATA_LOSS, str(e))
+
+
+def add_servicer(servicer: LutStoreServicer, server: grpc.Server) -> None:
+    """Register the LutStore service like the generated add_LutStoreServicer_to_server, except that
+    BatchGet's responses are already serialised bytes (response_serializer=None); the wire format is
+    unchanged, so generated stubs in any language parse them as BatchGetResponse."""
+    handlers = {
+        "ListTables": grpc.unary_unary_rpc_method_handler(
+            servicer.ListTables, request_deserializer=pb.ListTablesRequest.FromString,
+            response_serializer=pb.ListTablesResponse.SerializeToString),
+        "GetTableInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetTableInfo, request_deserializer=pb.GetTableInfoRequest.FromString,
+            response_serializer=pb.TableInfo.SerializeToString),
+        "BatchGet": grpc.unary_stream_rpc_method_handler(
+            servicer.BatchGet, request_deserializer=pb.BatchGetRequest.FromString, response_serializer=None),
+        "GetArtifact": grpc.unary_stream_rpc_method_handler(
+            servicer.GetArtifact, request_deserializer=pb.GetArtifactRequest.FromString,
+            response_serializer=pb.ArtifactChunk.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 class Refresher(threading.Thread):
@@ -308,7 +330,7 @@ def _serve(args: argparse.Namespace, store: Store, credentials: grpc.ServerCrede
             ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
         ],
     )
-    pb_grpc.add_LutStoreServicer_to_server(servicer, server)
+    add_servicer(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
