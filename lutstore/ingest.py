@@ -35,7 +35,7 @@ import zstandard
 from lutstore.checkpoint import EMBED, TABLE, Checkpoint
 from lutstore.codec import CRC_BYTES, Encoding, RowFormat, encode_rows
 from lutstore.errors import UserError
-from lutstore.store import Store, TableMeta
+from lutstore.store import Store, TableMeta, TableWriter
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def ingest_checkpoint(ckpt_dir: str | Path, db_path: str | Path, name: str | Non
     return meta
 
 
-def _write_rows(writer, compute, fmt: RowFormat, vocab: int, chunk: int, progress: bool) -> None:
+def _write_rows(writer: TableWriter, compute: "_TrainRows | _RepRows", fmt: RowFormat, vocab: int, chunk: int, progress: bool) -> None:
     from tqdm import tqdm
 
     compressor = zstandard.ZstdCompressor(level=3) if fmt.zstd else None
@@ -251,7 +251,7 @@ def _write_rows(writer, compute, fmt: RowFormat, vocab: int, chunk: int, progres
             bar.set_postfix_str(f"{_mb(written / max(time.monotonic() - t0, 1e-9))} MB/s", refresh=False)
 
 
-def _add_artifacts(writer, ckpt: Checkpoint, backbone: list[str], db_path: Path) -> None:
+def _add_artifacts(writer: TableWriter, ckpt: Checkpoint, backbone: list[str], db_path: Path) -> None:
     writer.add_artifact("config.json", (ckpt.path / "config.json").read_bytes())
     # The temporary backbone file lives in the store's staging folder (same disk; a stale
     # one left by a killed ingest is removed by the next ingest). The pid prefix marks it ours.
