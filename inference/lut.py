@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lutstore.codec import Encoding, RowFormat, payload_of
+from lutstore.codec import CRC_BYTES, Encoding, RowFormat
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ MiB = 1 << 20
 class LutStats:
     hits: int = 0            # rows a forward pass needed that were already on the device when requested
     misses: int = 0          # rows fetched from the daemon (each distinct id of a pass counts once)
-    bytes_fetched: int = 0   # stored row bytes received (payload + checksum)
+    bytes_fetched: int = 0   # row bytes received (payload + checksum; uncompressed size for zstd tables)
     cache_bytes: int = 0     # device bytes held by the row cache now
     cache_budget: int = 0
 
@@ -204,7 +204,7 @@ class RemoteTable(LutSource):
         self.num_layers, self.num_experts, self.hidden_size = self.fmt.shape
         self.max_batch_rows = int(self.info.max_batch_rows) or 4096
         self.device = torch.device(device)
-        self.verify = verify
+        self.verify = verify        # kept for callers; CRCs are checked by the client (LutClient(verify=...))
         self._np_dtype, self.dtype = _storage(self.fmt)
         self._int8 = self.fmt.encoding is Encoding.INT8
         self.row_device_bytes = (self.fmt.values * torch.tensor([], dtype=self.dtype).element_size()
@@ -263,32 +263,25 @@ class RemoteTable(LutSource):
             raise ValueError(f"token id {ids[0] if ids[0] < 0 else ids[-1]} outside the table's vocabulary 0..{self.vocab_size - 1}")
 
     def _fetch(self, ids: list[int]) -> _Fetched:
-        """One BatchGet; each stored value is checked and copied once into the row parts (no decode)."""
-        raw = self.client.get_raw(self.name, ids, self.version)
-        n, fmt = len(ids), self.fmt
-        values = np.empty((n, fmt.values), dtype=self._np_dtype)
-        scales = np.empty((n, fmt.vectors), dtype="<f4") if self._int8 else None
-        nbytes = 0
-        for i, t in enumerate(ids):
-            value = raw[t]
-            nbytes += len(value)
-            payload = payload_of(fmt, value, self.verify)
-            if scales is not None:
-                scales[i] = np.frombuffer(payload, dtype="<f4", count=fmt.vectors)
-                values[i] = np.frombuffer(payload, dtype=np.int8, offset=4 * fmt.vectors)
-            else:
-                values[i] = np.frombuffer(payload, dtype=self._np_dtype)
-        rows_v = torch.from_numpy(values)
-        if self.dtype is torch.bfloat16:
-            rows_v = rows_v.view(torch.int16).view(torch.bfloat16)
-        rows = _RowParts(rows_v.view(n, *fmt.shape),
-                         None if scales is None else torch.from_numpy(scales).view(n, fmt.num_layers, fmt.num_experts))
+        """One BatchGet through LutClient.get_payloads: each row checked and copied once from the
+        received message into one array; no decode here (int8 stays int8, fp16 stays fp16)."""
+        got_ids, payloads = self.client.get_payloads(self.name, ids, self.version)
+        n, fmt = len(got_ids), self.fmt
+        if self._int8:
+            scales = torch.from_numpy(np.ascontiguousarray(payloads[:, : 4 * fmt.vectors]).view("<f4"))
+            values = torch.from_numpy(payloads[:, 4 * fmt.vectors:].view(np.int8))   # strided view, no copy
+            rows = _RowParts(values.view(n, *fmt.shape), scales.view(n, fmt.num_layers, fmt.num_experts))
+        else:
+            values = torch.from_numpy(payloads.view(self._np_dtype))
+            if self.dtype is torch.bfloat16:
+                values = values.view(torch.int16).view(torch.bfloat16)
+            rows = _RowParts(values.view(n, *fmt.shape), None)
         if self._pin:
             rows = rows.pin()
         with self._lock:
             self._stats.misses += n
-            self._stats.bytes_fetched += nbytes
-        return _Fetched(ids, rows)
+            self._stats.bytes_fetched += n * (fmt.payload_bytes + CRC_BYTES)
+        return _Fetched(got_ids.tolist(), rows)
 
     def _collect(self, ids: list[int]) -> dict[int, _RowParts]:
         """CPU rows of ids that are not on the device: from fetches in flight, or fetched here

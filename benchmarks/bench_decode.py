@@ -1,0 +1,531 @@
+"""Decode benchmark: TTFT and decode tok/s of a MoLE model whose LUT rows come from
+
+  (a) in-process   the whole table as one tensor: the ceiling
+  (b) lutstore     a real `lutstore serve` on loopback through inference.lut.RemoteTable,
+                   with a cold (empty) and a warm client row cache
+  (c) offload      the train form, its expert weights kept in a host buffer and copied to
+                   the device every step (the MoE-with-offloading baseline). On a CPU-only
+                   machine "the device" is the model's own parameters, so this measures one
+                   host-to-host copy of every expert weight (fp16 -> fp32) per step plus
+                   computing the experts of the step's tokens
+  (d) backbone     no experts at all (rows of zeros): the dense floor
+
+at batch 1, 8 and 32, in two modes:
+
+  real        the backbone really computes on this CPU
+  fixed-step  the backbone's compute is replaced by a fixed time per step (default 2 ms at
+              batch 1, 4 ms at batch 32, linear between; a prompt's prefill takes
+              --fixed-prefill-ms per 2048 tokens): the GPU regime, where the fetch is
+              everything. Rows are still really fetched, cached, gathered and mixed.
+
+Tokens are teacher-forced from Zipf-distributed streams (benchmarks.bigtables.zipf_tokens):
+each step's token becomes known when the previous step ends, exactly when a sampled token
+would, so nothing is fetched ahead of time. "Warm" means the client cache was filled by a
+different Zipf stream of the same law before the measured one.
+
+Models: `demo` (the trained demo checkpoint in ./demo-data, served from its DB; run
+`make demo` first) and `160m` (the paper's 160M-16E shape: 12 layers, hidden 768, 16
+experts; random weights, a random fp16 table built into --work-dir; --vocab shrinks it
+on machines short of RAM or disk: 50,304 rows are 15 GB).
+
+    python -m benchmarks.bench_decode --quick                    # demo + small 160m, fixed-step only
+    python -m benchmarks.bench_decode --model 160m --vocab 16384  # the full run
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from benchmarks import common
+from benchmarks.bigtables import write_table, zipf_tokens
+from inference.lut import MiB, InProcessTable, LutSource, RemoteTable
+from inference.model import ModelArgs, Transformer, init_weights
+from lutstore.client import LutClient
+from lutstore.codec import Encoding, RowFormat
+from lutstore.errors import UserError
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_DIR = REPO / "demo-data"
+PAPER_VOCAB = 50304
+CASES = ("inprocess", "remote_cold", "remote_warm", "offload", "backbone")
+
+
+# ---- what runs a step ----------------------------------------------------------------
+
+class ZeroRows:
+    """LayerRows of zeros: the model without experts (the dense floor)."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        self.n, self.d = args.num_experts, args.hidden_size
+        self._zeros: dict[tuple[int, int], torch.Tensor] = {}
+
+    def __call__(self, idx: torch.Tensor) -> ZeroRows:
+        self._shape = (idx.shape[0], idx.shape[1])
+        return self
+
+    def layer(self, l: int) -> torch.Tensor:
+        if self._shape not in self._zeros:
+            self._zeros[self._shape] = torch.zeros(*self._shape, self.n, self.d)
+        return self._zeros[self._shape]
+
+
+class FixedStepModel:
+    """Stands in for the backbone: each forward takes a fixed time, spent in per-layer slices
+    (sleeping, so the GIL is free as while a GPU computes). Layer l's rows are asked for at
+    the end of its slice (after its attention/MLP/router), mixed with random gates, and a
+    fetch that blocks delays every later layer: the GPU would wait for it too."""
+
+    def __init__(self, num_layers: int, num_experts: int, step_ms: Callable[[int, int], float]) -> None:
+        self.num_layers, self.num_experts, self.step_ms = num_layers, num_experts, step_ms
+
+    def __call__(self, idx: torch.Tensor, lut_rows) -> None:
+        b, t = idx.shape
+        slice_s = self.step_ms(b, t) / 1000 / self.num_layers
+        gates = torch.full((b, t, 1, self.num_experts), 1.0 / self.num_experts)
+        deadline = time.perf_counter()
+        for l in range(self.num_layers):
+            deadline += slice_s
+            wait = deadline - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            if lut_rows is not None:
+                rows = lut_rows[:, :, l] if isinstance(lut_rows, torch.Tensor) else lut_rows.layer(l)
+                torch.matmul(gates, rows.float())
+                deadline = max(deadline, time.perf_counter())   # a blocked fetch stalls the rest
+
+
+def step_time_fn(ms_b1: float, ms_b32: float, prefill_ms_2048: float) -> Callable[[int, int], float]:
+    """Per-forward time: decode steps linear in batch between the two given points; a prefill of
+    T tokens takes prefill_ms_2048 * B*T/2048, never less than one step."""
+    def step_ms(b: int, t: int) -> float:
+        decode = ms_b1 + (ms_b32 - ms_b1) * (b - 1) / 31
+        return decode if t == 1 else max(decode, prefill_ms_2048 * b * t / 2048)
+    return step_ms
+
+
+@dataclass
+class Setup:
+    """One model and its table: everything each case needs."""
+
+    name: str
+    args: ModelArgs
+    lut_model: Transformer          # lut form, the backbone's real weights
+    server: common.ServerProcess
+    table: str
+    inprocess: InProcessTable
+    vocab: int
+    make_train_model: Callable[[], Transformer]   # (c): built on demand (big)
+    row_bytes: int
+
+
+class OffloadedExperts:
+    """(c): expert weights live in host buffers (fp16) and are copied into the model's
+    expert parameters before every step."""
+
+    def __init__(self, model: Transformer) -> None:
+        self.pairs = []
+        for layer in model.model.layers:
+            for p in list(layer.experts.parameters()) + list(layer.expert_layernorm.parameters()):
+                host = p.detach().to(torch.float16).clone()
+                if torch.cuda.is_available() and p.device.type == "cuda":
+                    host = host.pin_memory()
+                self.pairs.append((p, host))
+        self.bytes_per_step = sum(h.numel() * h.element_size() for _, h in self.pairs)
+
+    def load(self) -> None:
+        with torch.no_grad():
+            for p, host in self.pairs:
+                p.copy_(host, non_blocking=True)
+
+
+# ---- measuring one case ----------------------------------------------------------------
+
+@dataclass
+class Run:
+    ttft_ms: float
+    tok_s: float
+    hit_rate: float | None = None
+    misses: int | None = None
+
+
+def decode_run(forward: Callable[[torch.Tensor, int], None], source: LutSource | None, prompt: np.ndarray,
+               stream: np.ndarray, before_step: Callable[[], None] | None = None) -> Run:
+    """Prefill prompt [B, P], then decode stream [B, S] one column at a time. Each column's ids
+    are announced (source.request) right when the previous step ends, as sampled tokens are."""
+    b, p = prompt.shape
+    started = time.perf_counter()
+    if source is not None:
+        source.request(prompt)
+    if before_step:
+        before_step()
+    forward(torch.from_numpy(prompt), 0)
+    first = time.perf_counter()
+    before = source.stats() if source is not None else None
+    for s in range(stream.shape[1]):
+        col = stream[:, s:s + 1]
+        if source is not None:
+            source.request(col)
+        if before_step:
+            before_step()
+        forward(torch.from_numpy(col), p + s)
+    done = time.perf_counter()
+    run = Run(1000 * (first - started), b * stream.shape[1] / (done - first))
+    if source is not None:
+        after = source.stats()
+        hits, misses = after.hits - before.hits, after.misses - before.misses
+        run.hit_rate, run.misses = hits / max(1, hits + misses), misses
+    return run
+
+
+def real_forward(model: Transformer, rows: Callable[[torch.Tensor], object] | None, max_seq: int):
+    """forward(idx, start) on the real backbone with the KV cache; the next token is picked
+    (argmax) so the step's compute is complete when it returns."""
+    def forward(idx: torch.Tensor, start: int) -> None:
+        b, t = idx.shape
+        model.setup_caches(max(model.max_batch, b), max_seq)
+        pos = torch.arange(start, start + t)
+        with torch.no_grad():
+            logits = model(idx, pos, lut_rows=None if rows is None else rows(idx))
+            logits[:, -1].argmax(-1).tolist()
+    return forward
+
+
+def fixed_forward(fixed: FixedStepModel, rows: Callable[[torch.Tensor], object] | None):
+    def forward(idx: torch.Tensor, start: int) -> None:
+        fixed(idx, None if rows is None else rows(idx))
+    return forward
+
+
+def warm_up(source: RemoteTable, tokens: np.ndarray, batch: int) -> None:
+    """Fill the client cache with the rows of a Zipf stream, a step's worth of ids at a time."""
+    for s in range(0, len(tokens), batch):
+        ids = torch.from_numpy(tokens[s:s + batch])[None]
+        source.request(ids)
+        source.gather(ids)
+
+
+# ---- the setups ------------------------------------------------------------------------------
+
+def demo_setup(args: argparse.Namespace, work: Path) -> Setup:
+    from inference.backbone import load_checkpoint
+    from lutstore.checkpoint import Checkpoint
+
+    model_dir, db = DEMO_DIR / "model", DEMO_DIR / "db"
+    stamp = DEMO_DIR / "ingested.json"
+    if not (model_dir / "config.json").is_file() or not stamp.is_file():
+        raise UserError(f"no demo model in {DEMO_DIR}; run `make demo` first (or use --model 160m)")
+    table = json.loads(stamp.read_text())["tables"]["int8" if args.encoding == "int8" else "fp16"]
+    backbone, _ = load_checkpoint(model_dir)
+    lut_model = Transformer(backbone.args, "lut").eval()
+    with Checkpoint.open(model_dir) as ckpt:
+        lut_model.load_official_state_dict({n: ckpt.tensor(n).float() for n in ckpt.names()})
+    server = common.ServerProcess(db, "--cache-mb", str(args.server_cache_mb))
+    with LutClient(server.address) as client:
+        inproc = InProcessTable.from_client(client, table, dtype=torch.float16 if args.encoding == "fp16" else torch.float32)
+        info = client.info(table)
+        row_bytes = info.row_bytes
+
+    def train_model() -> Transformer:
+        return load_checkpoint(model_dir)[0].model
+
+    return Setup("demo", backbone.args, lut_model, server, table, inproc, backbone.args.vocab_size, train_model, row_bytes)
+
+
+def paper_args(vocab: int) -> ModelArgs:
+    return ModelArgs(vocab_size=vocab, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                     num_attention_heads=12, num_experts=16, max_position_embeddings=2048 + 256,
+                     rms_norm_eps=1e-5)
+
+
+def paper_setup(args: argparse.Namespace, work: Path) -> Setup:
+    vocab = args.vocab
+    margs = paper_args(vocab)
+    enc = Encoding.INT8 if args.encoding == "int8" else Encoding.FP16
+    fmt = RowFormat(12, 16, 768, enc)
+    need = vocab * fmt.stored_bytes
+    free = common.disk_free_bytes(work)
+    if free < 1.3 * need:
+        raise UserError(f"the 160m table needs {need / 1e9:.1f} GB on disk, {work} has {free / 1e9:.1f} GB free; "
+                        f"pass a smaller --vocab")
+    db = work / f"db-160m-{vocab}-{args.encoding}"
+    if not db.is_dir():
+        write_table(db, "mole-160m", fmt, vocab)
+    lut_model = Transformer(margs, "lut").eval()
+    init_weights(lut_model, seed=0)
+    server = common.ServerProcess(db, "--cache-mb", str(args.server_cache_mb))
+    with LutClient(server.address) as client:
+        print(f"downloading the {vocab}-row table for the in-process ceiling", flush=True)
+        inproc = InProcessTable.from_client(client, "mole-160m", dtype=torch.float16)
+        row_bytes = client.info("mole-160m").row_bytes
+
+    def train_model() -> Transformer:
+        m = Transformer(margs, "train").eval()
+        init_weights(m, seed=0)
+        return m
+
+    return Setup("160m", margs, lut_model, server, "mole-160m", inproc, vocab, train_model, row_bytes)
+
+
+# ---- one model, every case ---------------------------------------------------------------
+
+def measure(setup: Setup, args: argparse.Namespace, mode: str, rng_seed: int = 0) -> dict:
+    margs = setup.args
+    context = margs.max_position_embeddings
+    prompt_len = min(args.prompt_len, context - args.steps - 1)
+    ttft_len = min(args.ttft_prompt, context - 2)
+    perm = np.random.default_rng(1234).permutation(setup.vocab)   # one Zipf law (hot ids) for all streams
+    fixed = FixedStepModel(margs.num_hidden_layers, margs.num_experts,
+                           step_time_fn(args.fixed_step_ms[0], args.fixed_step_ms[1], args.fixed_prefill_ms))
+    max_seq = max(prompt_len + args.steps + 1, ttft_len + 2)
+    setup.lut_model.setup_caches(max(args.batches), max_seq)
+    zero = ZeroRows(margs)
+    out: dict = {"mode": mode, "prompt_len": prompt_len, "steps": args.steps, "batches": {}}
+    train_model = offload = None
+
+    def forward_for(rows, model=None):
+        if mode == "fixed":
+            return fixed_forward(fixed, rows)
+        return real_forward(model or setup.lut_model, rows, max_seq)
+
+    def remote() -> RemoteTable:
+        client = LutClient(setup.server.address)
+        src = RemoteTable(client, setup.table, device="cpu", cache_bytes=int(args.cache_mb * MiB))
+        src._owned_client = client
+        return src
+
+    def close(src: RemoteTable) -> None:
+        src.close()
+        src._owned_client.close()
+
+    for b in args.batches:
+        rng = np.random.default_rng(rng_seed + b)
+        prompt = zipf_tokens(setup.vocab, b * prompt_len, rng, permutation=perm).reshape(b, prompt_len)
+        stream = zipf_tokens(setup.vocab, b * args.steps, rng, permutation=perm).reshape(b, args.steps)
+        warm_stream = zipf_tokens(setup.vocab, args.warm_tokens, rng, permutation=perm)
+        runs: dict[str, list[Run]] = {}
+        decode_run(forward_for(setup.inprocess.rows), None, prompt[:, :4], stream[:, :2])   # untimed: first-call costs
+        # Cases interleaved, repeated; the best run of each counts (the machine is shared: the
+        # best is the least disturbed), the median is kept too.
+        bar = tqdm(total=args.repeats * len(CASES), desc=f"{setup.name} {mode} batch {b}", leave=False, dynamic_ncols=True)
+        for _ in range(args.repeats):
+            for case in CASES:
+                bar.set_postfix_str(case)
+                bar.update()
+                if case == "inprocess":
+                    run = decode_run(forward_for(setup.inprocess.rows), None, prompt, stream)
+                elif case == "remote_cold":
+                    src = remote()
+                    run = decode_run(forward_for(src.rows), src, prompt, stream)
+                    close(src)
+                elif case == "remote_warm":
+                    src = remote()
+                    warm_up(src, warm_stream, max(b, 32))
+                    run = decode_run(forward_for(src.rows), src, prompt, stream)
+                    close(src)
+                elif case == "backbone":
+                    run = decode_run(forward_for(zero), None, prompt, stream)
+                else:   # offload: fewer steps, it is slow by design
+                    if args.skip_offload or (mode == "real" and args.quick):
+                        continue
+                    if train_model is None:
+                        train_model = setup.make_train_model()
+                        offload = OffloadedExperts(train_model)
+                        if mode == "real":
+                            train_model.setup_caches(max(args.batches), max_seq)
+                    steps = min(args.steps, args.offload_steps)
+                    # fixed-step: the experts' compute is inside the fixed step (as on a GPU); the
+                    # per-step weight copy is what remains on top of it
+                    fwd = fixed_forward(fixed, zero) if mode == "fixed" else real_forward(train_model, None, max_seq)
+                    run = decode_run(fwd, None, prompt, stream[:, :steps], before_step=offload.load)
+                runs.setdefault(case, []).append(run)
+        bar.close()
+        res: dict = {}
+        for case, rs in runs.items():
+            best = max(rs, key=lambda r: r.tok_s)
+            res[case] = {**vars(best), "median_tok_s": float(np.median([r.tok_s for r in rs])),
+                         "all_tok_s": [r.tok_s for r in rs]}
+        base = res["inprocess"]["tok_s"]
+        for case in res:
+            res[case]["vs_inprocess"] = res[case]["tok_s"] / base
+        out["batches"][b] = res
+        print(f"  {setup.name} {mode} batch {b:>2}: " + " | ".join(
+            f"{c} {r['tok_s']:.1f} tok/s ({r['vs_inprocess']:.2f}x"
+            + (f", hit {100 * r['hit_rate']:.0f}%" if r.get("hit_rate") is not None else "") + ")"
+            for c, r in res.items()), flush=True)
+    if offload is not None:
+        out["offload_bytes_per_step"] = offload.bytes_per_step
+
+    # TTFT of a long prompt at batch 1: in-process vs remote cold / warm.
+    rng = np.random.default_rng(rng_seed + 999)
+    prompt = zipf_tokens(setup.vocab, ttft_len, rng, permutation=perm)[None]
+    one = prompt[:, -1:]
+    ttft: dict = {"prompt_tokens": ttft_len, "inprocess_ms": [], "remote_cold_ms": [], "remote_warm_ms": []}
+    warm_tokens = zipf_tokens(setup.vocab, args.warm_tokens, rng, permutation=perm)
+    for _ in range(args.repeats):     # interleaved; the fastest of each counts
+        ttft["inprocess_ms"].append(decode_run(forward_for(setup.inprocess.rows), None, prompt, one).ttft_ms)
+        src = remote()
+        ttft["remote_cold_ms"].append(decode_run(forward_for(src.rows), src, prompt, one).ttft_ms)
+        close(src)
+        src = remote()
+        warm_up(src, warm_tokens, 32)
+        ttft["remote_warm_ms"].append(decode_run(forward_for(src.rows), src, prompt, one).ttft_ms)
+        close(src)
+    for k in ("inprocess_ms", "remote_cold_ms", "remote_warm_ms"):
+        ttft["all_" + k], ttft[k] = ttft[k], min(ttft[k])
+    out["ttft"] = ttft
+    print(f"  {setup.name} {mode} TTFT ({ttft_len} tokens): in-process {ttft['inprocess_ms']:.1f} ms | "
+          f"remote cold {ttft['remote_cold_ms']:.1f} ms ({ttft['remote_cold_ms'] / ttft['inprocess_ms']:.2f}x) | "
+          f"remote warm {ttft['remote_warm_ms']:.1f} ms ({ttft['remote_warm_ms'] / ttft['inprocess_ms']:.2f}x)", flush=True)
+    del train_model, offload
+    gc.collect()
+    return out
+
+
+# ---- targets, plot, CLI --------------------------------------------------------------------
+
+def report_targets(name: str, result: dict) -> list[dict]:
+    targets = []
+    for b, res in result["batches"].items():
+        tag = f"{name} {result['mode']} b{b}"
+        targets.append(common.target(f"{tag} warm tok/s vs in-process", res["remote_warm"]["vs_inprocess"], 0.95))
+        targets.append(common.target(f"{tag} cold tok/s vs in-process", res["remote_cold"]["vs_inprocess"], 0.8))
+        if name == "160m" and "offload" in res:
+            targets.append(common.target(f"{tag} warm tok/s vs offload", res["remote_warm"]["tok_s"] / res["offload"]["tok_s"], 10))
+    t = result["ttft"]
+    targets.append(common.target(f"{name} {result['mode']} TTFT {t['prompt_tokens']} tokens (cold) vs in-process",
+                                 t["remote_cold_ms"] / t["inprocess_ms"], 1.2, higher_is_better=False))
+    targets.append(common.target(f"{name} {result['mode']} TTFT {t['prompt_tokens']} tokens (warm) vs in-process",
+                                 t["remote_warm_ms"] / t["inprocess_ms"], 1.2, higher_is_better=False))
+    return targets
+
+
+def plot(results: dict, label: str) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(m, mode, r) for m, modes in results.items() for mode, r in modes.items()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (m, mode, r) in zip(axes[0], panels):
+        batches = list(r["batches"])
+        width = 0.16
+        for i, case in enumerate(CASES):
+            ys = [r["batches"][b].get(case, {}).get("tok_s", 0) for b in batches]
+            ax.bar(np.arange(len(batches)) + (i - 2) * width, ys, width, label=case)
+        ax.set_xticks(np.arange(len(batches)), [f"batch {b}" for b in batches])
+        ax.set_yscale("log")
+        ax.set_ylabel("decode tok/s")
+        ax.set_title(f"{m}, {mode}")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"MoLE decode tok/s — {label}", fontsize=9)
+    fig.tight_layout()
+    out = common.plot_path("decode")
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def two_floats(text: str) -> tuple[float, float]:
+    parts = [float(x) for x in text.split(",")]
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise argparse.ArgumentTypeError("give MS or MS_B1,MS_B32 (positive)")
+    return parts[0], parts[1]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_decode", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=("demo", "160m", "both"), default="both", help="which model(s) (default both)")
+    p.add_argument("--mode", choices=("real", "fixed", "both"), default="both", help="backbone compute: real CPU, fixed time, or both")
+    p.add_argument("--vocab", type=int, default=PAPER_VOCAB,
+                   help=f"vocabulary of the 160m table (default {PAPER_VOCAB}: 15 GB fp16; smaller on machines short of RAM/disk)")
+    p.add_argument("--encoding", choices=("fp16", "int8"), default="fp16", help="table encoding (default fp16)")
+    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32], help="batch sizes (default 1,8,32)")
+    p.add_argument("--steps", type=int, default=64, help="decode steps measured per case (default 64)")
+    p.add_argument("--offload-steps", type=int, default=4, help="decode steps of the (slow) offload baseline (default 4)")
+    p.add_argument("--skip-offload", action="store_true", help="leave out the offload baseline")
+    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens before the measured decode (default 16)")
+    p.add_argument("--ttft-prompt", type=int, default=2048, help="prompt tokens of the TTFT case (default 2048; cut to the context)")
+    p.add_argument("--warm-tokens", type=int, default=8192, help="Zipf tokens that warm the client cache (default 8192)")
+    p.add_argument("--cache-mb", type=float, default=4096, help="client row cache budget, MiB (default 4096)")
+    p.add_argument("--server-cache-mb", type=float, default=1024, help="server row LRU budget, MiB (default 1024)")
+    p.add_argument("--fixed-step-ms", type=two_floats, default=(2.0, 4.0),
+                   help="fixed-step mode: ms per decode step at batch 1 and batch 32, 'MS1,MS32' (default 2,4)")
+    p.add_argument("--fixed-prefill-ms", type=float, default=25.0,
+                   help="fixed-step mode: ms to prefill 2048 tokens at batch 1, scaled by tokens (default 25)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each case, interleaved; the best counts (default 3)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--work-dir", type=Path, default=None, help="where the 160m table is built (default: a temp dir, removed)")
+    p.add_argument("--quick", action="store_true", help="vocab 2048 for 160m, 16 steps, batches 1,8, no offload in real mode")
+    p.add_argument("--name", default="decode", help="results file name (default decode)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.quick:
+        args.vocab = min(args.vocab, 2048)
+        args.steps = min(args.steps, 16)
+        args.warm_tokens = min(args.warm_tokens, 2048)
+        args.ttft_prompt = min(args.ttft_prompt, 512)
+        args.offload_steps = min(args.offload_steps, 2)
+        args.repeats = min(args.repeats, 2)
+        if args.batches == [1, 8, 32]:
+            args.batches = [1, 8]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    label = common.machine_label()
+    print(f"decode benchmark on {label}", flush=True)
+    models = ["demo", "160m"] if args.model == "both" else [args.model]
+    modes = ["real", "fixed"] if args.mode == "both" else [args.mode]
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-decode-"))
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    targets: list[dict] = []
+    try:
+        for m in models:
+            setup = demo_setup(args, work) if m == "demo" else paper_setup(args, work)
+            try:
+                print(f"{m}: vocab {setup.vocab}, row {setup.row_bytes / 1e3:.0f} KB ({args.encoding}), "
+                      f"{setup.args.num_hidden_layers} layers", flush=True)
+                results[m] = {}
+                for mode in modes:
+                    results[m][mode] = measure(setup, args, mode)
+                    targets += report_targets(m, results[m][mode])
+            finally:
+                setup.server.stop()
+                del setup
+                gc.collect()
+    except UserError as e:
+        print(f"bench_decode: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    path = common.write_results(args.name, {"config": config, "git": common.git_revision(), "results": results,
+                                            "targets": targets})
+    print(f"results: {path}\nplot: {plot(results, label)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
