@@ -157,14 +157,16 @@ class _TrainRows:
 
 
 class _RepRows:
-    """Slices of the reparameterised table, upcast to fp32."""
+    """Slices of the reparameterised table; fp16 stays fp16 (the codec takes it as is)."""
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
 
     def __call__(self, start: int, stop: int) -> np.ndarray:
         c = self.ckpt.config
-        rows = self.ckpt.rows(TABLE, start, stop).to(torch.float32)
+        rows = self.ckpt.rows(TABLE, start, stop)
+        if rows.dtype not in (torch.float16, torch.float32):
+            rows = rows.to(torch.float32)  # bf16 and others: numpy has no bf16
         return rows.reshape(stop - start, c.num_layers, c.num_experts, c.hidden_size).numpy()
 
 
