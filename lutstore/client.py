@@ -26,7 +26,7 @@ import grpc
 import numpy as np
 
 from lutstore import codec, security
-from lutstore import wire
+from lutstore import alloc, wire
 from lutstore.errors import UserError
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
@@ -164,6 +164,7 @@ class LutClient:
         copies) instead of a protobuf message (which would copy every row once more)."""
         call = self.__dict__.get("_raw_batch_get")
         if call is None:
+            alloc.keep_freed_memory()  # else every received message faults its pages in afresh (see alloc.py)
             channel = getattr(self, "_calls", self._channel)  # the channel that adds credentials, if any
             call = channel.unary_stream(BATCH_GET_METHOD, request_serializer=pb.BatchGetRequest.SerializeToString,
                                         response_deserializer=None, _registered_method=True)

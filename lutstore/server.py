@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lutstore import codec, wire
+from lutstore import alloc, codec, wire
 from lutstore import logs, security
 from lutstore.cache import ByteLRU
 from lutstore.errors import UserError
@@ -223,6 +223,7 @@ def add_servicer(servicer: LutStoreServicer, server: grpc.Server) -> None:
     """Register the LutStore service like the generated add_LutStoreServicer_to_server, except that
     BatchGet's responses are already serialised bytes (response_serializer=None); the wire format is
     unchanged, so generated stubs in any language parse them as BatchGetResponse."""
+    alloc.keep_freed_memory()  # reuse the memory of sent messages instead of faulting it in again (alloc.py)
     handlers = {
         "ListTables": grpc.unary_unary_rpc_method_handler(
             servicer.ListTables, request_deserializer=pb.ListTablesRequest.FromString,
