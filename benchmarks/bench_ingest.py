@@ -43,20 +43,23 @@ def need_bytes(shape: ModelShape, fmt: RowFormat) -> int:
 
 
 class RssWatcher(threading.Thread):
-    """Polls a process's VmHWM (peak RSS) until it exits."""
+    """Polls a process's memory until it exits: peak RSS (VmHWM) and, separately, the peaks of its
+    anonymous memory (heap, arrays) and of its mapped file pages (the mmap'd checkpoint: page cache)."""
 
-    def __init__(self, pid: int, interval: float = 0.2):
+    def __init__(self, pid: int, interval: float = 0.1):
         super().__init__(daemon=True)
         self.pid, self.interval = pid, interval
-        self.peak = 0
+        self.peak = self.peak_anon = self.peak_file = 0
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.is_set():
-            rss = common.peak_rss_bytes(self.pid)
-            if rss is None:
+            mem = common.memory_status(self.pid)
+            if not mem:
                 return
-            self.peak = max(self.peak, rss)
+            self.peak = max(self.peak, mem.get("VmHWM", 0))
+            self.peak_anon = max(self.peak_anon, mem.get("RssAnon", 0))
+            self.peak_file = max(self.peak_file, mem.get("RssFile", 0))
             self.done.wait(self.interval)
 
 
@@ -78,6 +81,7 @@ def run_ingest(ckpt: Path, db: Path, encoding: str, progress: bool) -> dict:
         raise RuntimeError(f"lutstore ingest failed ({proc.returncode}): {out.strip()}")
     return {"seconds": seconds, "peak_rss_bytes": max(watcher.peak, usage.ru_maxrss * 1024),
             "peak_rss_polled_bytes": watcher.peak, "ru_maxrss_bytes": usage.ru_maxrss * 1024,
+            "peak_rss_anon_bytes": watcher.peak_anon, "peak_rss_file_bytes": watcher.peak_file,
             "output": out.strip().splitlines()[-1] if out.strip() else ""}
 
 
@@ -114,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         t0 = time.perf_counter()
         ckpt = write_rep_checkpoint(work / "mole-160m-16e-rep", shape, progress=not args.no_progress)
+        os.sync()  # the checkpoint's writeback must not run during (and be billed to) the ingest
         write_s = time.perf_counter() - t0
         ckpt_bytes = (ckpt / "model.safetensors").stat().st_size
         print(f"checkpoint written: {ckpt_bytes / 1e9:.2f} GB in {write_s:.1f}s ({ckpt_bytes / 1e6 / write_s:.0f} MB/s)",
@@ -133,7 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
     mbps = meta.stored_bytes / 1e6 / run["seconds"]
     rss_gb = run["peak_rss_bytes"] / 1e9
     print(f"ingest: {meta.stored_bytes / 1e9:.2f} GB of rows in {run['seconds']:.1f}s = {mbps:.0f} MB/s "
-          f"({mbps / (ckpt_bytes / 1e6 / write_s):.2f}x the checkpoint's own write rate); peak RSS {rss_gb:.2f} GB; "
+          f"({mbps / (ckpt_bytes / 1e6 / write_s):.2f}x the checkpoint's own write rate); peak RSS {rss_gb:.2f} GB "
+          f"(peaks: anonymous {run['peak_rss_anon_bytes'] / 1e9:.2f} GB, mapped file pages "
+          f"{run['peak_rss_file_bytes'] / 1e9:.2f} GB); "
           f"DB {db_bytes / 1e9:.2f} GB", flush=True)
     print(f"  lutstore said: {run['output']}", flush=True)
     suffix = "" if vocab == 50304 else f" (vocab {vocab})"
@@ -145,7 +152,10 @@ def main(argv: list[str] | None = None) -> dict:
                "checkpoint_bytes": ckpt_bytes, "checkpoint_write_seconds": write_s, "stored_bytes": meta.stored_bytes,
                "db_bytes": db_bytes, "ingest_seconds": run["seconds"], "ingest_mb_per_s": mbps,
                "peak_rss_bytes": run["peak_rss_bytes"], "peak_rss_polled_bytes": run["peak_rss_polled_bytes"],
-               "ru_maxrss_bytes": run["ru_maxrss_bytes"], "lutstore_output": run["output"], "targets": targets}
+               "ru_maxrss_bytes": run["ru_maxrss_bytes"], "peak_rss_anon_bytes": run["peak_rss_anon_bytes"],
+               "peak_rss_file_bytes": run["peak_rss_file_bytes"], "lutstore_output": run["output"], "targets": targets,
+               "figures": [{"name": f"ingest peak anonymous RSS (excludes mmap'd checkpoint pages){suffix}",
+                            "value": run["peak_rss_anon_bytes"] / 1e9, "unit": " GB"}]}
     out = common.write_results("ingest", results)
     print(f"results: {out}", flush=True)
     return results

@@ -159,6 +159,22 @@ def peak_rss_bytes(pid: int) -> int | None:
     return None
 
 
+def memory_status(pid: int) -> dict[str, int] | None:
+    """VmHWM (peak RSS), VmRSS, RssAnon and RssFile of a live process in bytes, from /proc; None when gone.
+    RssFile counts mmap'd file pages (e.g. a safetensors checkpoint being read): page cache, reclaimable."""
+    keys = ("VmHWM", "VmRSS", "RssAnon", "RssFile")
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return None
+    out = {}
+    for line in lines:
+        key = line.split(":", 1)[0]
+        if key in keys:
+            out[key] = int(line.split()[1]) * 1024
+    return out
+
+
 def plot_path(name: str) -> Path:
     """benchmarks/results/NAME.png (the folder created)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
