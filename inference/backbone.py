@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import logging
 import os
 import shutil
@@ -214,7 +215,9 @@ def open_remote(address: str, table: str | None = None, version: int = 0, device
     from inference.lut import MiB, RemoteTable
     from lutstore.client import LutClient
 
-    client = LutClient(address, timeout=timeout, retry_seconds=retry_seconds, tls_ca=tls_ca, auth_token=auth_token)
+    # Enough retries (backoff <= 1 s each) to last the whole retry_seconds budget.
+    client = LutClient(address, timeout=timeout, retries=5 + math.ceil(retry_seconds), retry_seconds=retry_seconds,
+                       tls_ca=tls_ca, auth_token=auth_token)
     try:
         info = pick_table(client, table, version)
         if backbone_dir is not None:
