@@ -8,6 +8,8 @@ and p50/p99 latency of
   * multi-get   in-process RocksDB multi-get of the same rows (rocksdict, same DB): ceiling 1
   * socket      a raw loopback TCP socket moving the same number of bytes per request: ceiling 2
 Requests are sequential (one in flight), so GB/s = bytes moved / time spent.
+The four methods take turns in short rounds at each point, so that load
+from other processes on a shared machine falls on all of them alike.
 
     python -m benchmarks.bench_store            # vocab 4096, ~2 s per point
     python -m benchmarks.bench_store --quick    # vocab 1024, ~0.5 s per point
@@ -40,6 +42,7 @@ SHAPE = (12, 16, 768)  # the paper's 160M-16E model: L, N, D
 ENCODINGS = ("fp16", "int8")
 BATCHES = (1, 4, 16, 64, 256)
 METHODS = ("grpc_cold", "grpc_hot", "multiget", "socket")
+ROUNDS = 4  # turns per method and point
 _LEN = struct.Struct("<Q")
 
 
@@ -182,10 +185,17 @@ def run(db: Path, vocab: int, batches: tuple[int, ...], seconds: float, min_requ
                         "multiget": (lambda ids: store.get_values(meta, ids), cold_batches),
                         "socket": (lambda ids: socket_ceiling.request(nbytes), cold_batches),
                     }
-                    row: dict[str, dict] = {}
-                    for method, (call, id_batches) in calls.items():
+                    # Methods take turns in short rounds, so a load swing on a shared machine hits all of them.
+                    samples: dict[str, list[float]] = {m: [] for m in calls}
+                    for call, id_batches in calls.values():
                         call(id_batches[0])  # one untimed call: first-touch effects
-                        row[method] = summarise(time_requests(call, id_batches, seconds, min_requests), nbytes)
+                    for _ in range(ROUNDS):
+                        for method, (call, id_batches) in calls.items():
+                            samples[method] += time_requests(call, id_batches, seconds / ROUNDS,
+                                                             -(-min_requests // ROUNDS))
+                    row: dict[str, dict] = {}
+                    for method in calls:
+                        row[method] = summarise(samples[method], nbytes)
                         points.append({"encoding": enc, "batch": b, "method": method, "bytes_per_request": nbytes,
                                        **row[method]})
                     g = {m: row[m]["gbps"] for m in METHODS}
