@@ -92,6 +92,9 @@ class LutClient:
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 2000),
+            # Drive streaming calls in the calling thread: no helper thread per BatchGet (halves a one-row
+            # call's client CPU, ~0.5 -> ~0.25 ms; see benchmarks/PERFORMANCE.md).
+            ("SingleThreadedUnaryStream", 1),  # grpc.experimental.ChannelOptions.SingleThreadedUnaryStream
         ]
         if config:
             options.append(("grpc.service_config", json.dumps(config)))
