@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import grpc
 import numpy as np
 import pytest
 
-from lutstore import wire
+from lutstore import codec, wire
+from lutstore.client import LutClient
+from lutstore.codec import Encoding, RowFormat
 from lutstore.v1 import lutstore_pb2 as pb
+from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
+
+from conftest import write_table
 
 CASES = [
     # (token ids, data lengths, version): zeros (left out by proto3), multi-byte varints, big rows
@@ -74,3 +82,48 @@ def test_decoder_accepts_any_valid_encoding() -> None:
 def test_decoder_rejects_truncated_or_malformed_bytes(bad: bytes) -> None:
     with pytest.raises(wire.WireError):
         wire.decode_response(bad)
+
+
+# ---- against a real daemon: the pre-serialised BatchGet path end to end ----------------------
+
+@pytest.mark.parametrize("encoding", [Encoding.FP16, Encoding.INT8])
+def test_served_bytes_parse_the_same_with_protobuf_and_with_wire(db_path: Path, serve, encoding: Encoding) -> None:
+    fmt = RowFormat(2, 3, 64, encoding)
+    meta, _, values = write_table(db_path, "w", fmt, vocab_size=80, seed=3)
+    server = serve(db_path, "--max-message-mb", "0.002")  # ~1 KiB per message: rows spread over several
+    ids = [79, 0, 5, 5, 64, 1, 33]
+    request = pb.BatchGetRequest(table="w", token_ids=ids)
+    with grpc.insecure_channel(server.address) as channel:
+        stock = pb_grpc.LutStoreStub(channel)  # generated code, protobuf parsing: what other languages do
+        by_protobuf = [(r.token_id, r.data, m.version) for m in stock.BatchGet(request) for r in m.rows]
+        raw_call = channel.unary_stream("/lutstore.v1.LutStore/BatchGet",
+                                        request_serializer=pb.BatchGetRequest.SerializeToString,
+                                        response_deserializer=None)
+        messages = list(raw_call(request))
+    assert len(messages) > 1
+    by_wire = [(t, bytes(d), v) for m in messages for v, rows in [wire.decode_response(m)] for t, d in rows]
+    expected = [(t, values[t], meta.version) for t in sorted(set(ids))]
+    assert by_protobuf == by_wire == expected
+
+    with LutClient(server.address) as client:
+        raw = client.get_raw("w", ids)
+        assert raw == {t: values[t] for t in ids}  # memoryviews compare equal to the stored bytes
+        got_ids, payloads = client.get_payloads("w", ids)
+        assert got_ids.tolist() == sorted(set(ids)) and payloads.dtype == np.uint8
+        assert payloads.shape == (len(got_ids), fmt.payload_bytes)
+        for t, payload in zip(got_ids.tolist(), payloads):
+            assert payload.tobytes() == values[t][: -codec.CRC_BYTES]
+            np.testing.assert_array_equal(codec.decode_payload(fmt, payload), codec.decode_row(fmt, values[t]))
+        empty_ids, empty = client.get_payloads("w", [])
+        assert empty_ids.shape == (0,) and empty.shape == (0, fmt.payload_bytes)
+
+
+def test_get_payloads_decompresses_zstd_rows(db_path: Path, serve) -> None:
+    fmt = RowFormat(2, 2, 16, Encoding.BF16, zstd=True)
+    _, _, values = write_table(db_path, "z", fmt, vocab_size=20, seed=4)
+    server = serve(db_path)
+    with LutClient(server.address) as client:
+        ids, payloads = client.get_payloads("z", [7, 2])
+        assert ids.tolist() == [2, 7]
+        for t, payload in zip(ids.tolist(), payloads):
+            assert payload.tobytes() == bytes(codec.payload_of(fmt, values[t]))
