@@ -207,6 +207,10 @@ def real_forward(model: Transformer, rows: Callable[[torch.Tensor], object] | No
 
 
 def fixed_forward(fixed: FixedStepModel, rows: Callable[[torch.Tensor], object] | None):
+    # One torch thread: on a GPU the host does no math, and on a shared 2-core machine an
+    # intra-op pool waking up around each sleep added 3-5 ms per step to every case.
+    torch.set_num_threads(1)
+
     def forward(idx: torch.Tensor, start: int) -> None:
         fixed(idx, None if rows is None else rows(idx))
     return forward
@@ -301,6 +305,7 @@ def measure(setup: Setup, args: argparse.Namespace, mode: str, rng_seed: int = 0
     def forward_for(rows, model=None):
         if mode == "fixed":
             return fixed_forward(fixed, rows)
+        torch.set_num_threads(args.threads)
         return real_forward(model or setup.lut_model, rows, max_seq)
 
     def remote() -> RemoteTable:
@@ -490,8 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats = min(args.repeats, 2)
         if args.batches == [1, 8, 32]:
             args.batches = [1, 8]
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.threads = args.threads or torch.get_num_threads()
     label = common.machine_label()
     print(f"decode benchmark on {label}", flush=True)
     models = ["demo", "160m"] if args.model == "both" else [args.model]

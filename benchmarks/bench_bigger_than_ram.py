@@ -1,0 +1,209 @@
+"""Bigger than RAM: a table of the paper's 410M-16E shape served from disk.
+
+The MoLE paper's promise is a RAM+disk hybrid: the table lives on disk, hot rows
+in RAM. This builds a random table of the 410M-16E shape (24 layers, hidden
+1024, 16 experts, vocab 50,304: ~40 GB fp16, ~20 GB int8) with
+benchmarks.bigtables.write_table, serves it with `lutstore serve` (a RAM row LRU
+over RocksDB on disk; the OS page cache below it), and measures decode tok/s of
+
+  inprocess   the same step with rows gathered from a small in-process table of
+              the same row size (--inprocess-rows rows, generated directly)
+  remote      rows from the daemon, the client row cache cold; the daemon's LRU and
+              the OS page cache warmed by a Zipf stream first (hot tokens in RAM)
+  remote+     the same with the client cache warm too
+
+in the fixed-step mode of bench_decode (the backbone's compute replaced by a fixed
+time per step: the GPU regime) and, with --mode both, with a real 410M backbone on
+this CPU. Tokens are Zipf-distributed over the whole vocabulary.
+
+Disk is checked right before building (free space must exceed the table plus
+--margin-gb); fp16 is used when it fits, else int8 (half the bytes; the report
+says so), else the benchmark is skipped with a message. The table is deleted
+afterwards unless --keep.
+
+    python -m benchmarks.bench_bigger_than_ram --quick   # vocab 4096 (not bigger than RAM: a dry run)
+    python -m benchmarks.bench_bigger_than_ram           # the real thing (tens of minutes to build)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from benchmarks import common
+from benchmarks.bench_decode import (FixedStepModel, Run, decode_run, fixed_forward, real_forward, step_time_fn,
+                                     warm_up)
+from benchmarks.bigtables import write_table, zipf_tokens
+from inference.lut import MiB, InProcessTable, RemoteTable
+from inference.model import ModelArgs, Transformer, init_weights
+from lutstore.client import LutClient
+from lutstore.codec import Encoding, RowFormat
+
+log = logging.getLogger(__name__)
+
+SHAPE = (24, 16, 1024)
+PAPER_VOCAB = 50304
+GB = 1e9
+
+
+def model_args(vocab: int) -> ModelArgs:
+    return ModelArgs(vocab_size=vocab, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                     num_attention_heads=16, num_experts=16, max_position_embeddings=1024, rms_norm_eps=1e-5)
+
+
+def choose_encoding(work: Path, vocab: int, wanted: str, margin: float) -> tuple[str | None, str]:
+    """(encoding, why): fp16 when the disk has room, else int8, else None (skip)."""
+    free = common.disk_free_bytes(work)
+    need = {enc: vocab * RowFormat(*SHAPE, Encoding(enc)).stored_bytes for enc in ("fp16", "int8")}
+    order = ["fp16", "int8"] if wanted == "auto" else [wanted]
+    for enc in order:
+        if free >= need[enc] + margin:
+            why = f"{enc}: {need[enc] / GB:.1f} GB table, {free / GB:.1f} GB free"
+            if enc == "int8" and wanted == "auto":
+                why += f" (fp16 would need {need['fp16'] / GB:.1f} GB + {margin / GB:.0f} GB margin: written as int8 instead)"
+            return enc, why
+    return None, (f"skipped: {work} has {free / GB:.1f} GB free; the table needs "
+                  + " or ".join(f"{need[e] / GB:.1f} GB ({e})" for e in order) + f" + {margin / GB:.0f} GB margin")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_bigger_than_ram", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work-dir", type=Path, default=Path("/tmp/lutstore-bigger-than-ram"),
+                   help="where the table is built (default /tmp/lutstore-bigger-than-ram)")
+    p.add_argument("--vocab", type=int, default=PAPER_VOCAB, help=f"rows of the table (default {PAPER_VOCAB})")
+    p.add_argument("--encoding", choices=("auto", "fp16", "int8"), default="auto",
+                   help="auto: fp16 when the disk has room, else int8 (default auto)")
+    p.add_argument("--margin-gb", type=float, default=8.0, help="disk space to leave free beyond the table (default 8)")
+    p.add_argument("--mode", choices=("fixed", "real", "both"), default="fixed",
+                   help="fixed-step backbone (default), the real 410M backbone on this CPU, or both")
+    p.add_argument("--fixed-step-ms", type=float, default=2.0, help="fixed-step mode: ms per decode step (default 2)")
+    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8], help="default 1,8")
+    p.add_argument("--steps", type=int, default=64, help="decode steps measured (default 64)")
+    p.add_argument("--warm-tokens", type=int, default=8192, help="Zipf tokens that warm the caches (default 8192)")
+    p.add_argument("--server-cache-mb", type=float, default=4096, help="daemon RAM LRU (MiB, default 4096)")
+    p.add_argument("--cache-mb", type=float, default=2048, help="client row cache (MiB, default 2048)")
+    p.add_argument("--inprocess-rows", type=int, default=2048, help="rows of the in-process comparison table (default 2048)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each case, interleaved; the best counts (default 3)")
+    p.add_argument("--keep", action="store_true", help="keep the built table (reused by the next run)")
+    p.add_argument("--quick", action="store_true", help="vocab 4096, 16 steps, batch 1 (a dry run: fits in RAM)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.quick:
+        args.vocab, args.steps, args.batches = min(args.vocab, 4096), min(args.steps, 16), [1]
+        args.warm_tokens, args.repeats, args.inprocess_rows = min(args.warm_tokens, 2048), 2, min(args.inprocess_rows, 512)
+    label = common.machine_label()
+    print(f"bigger-than-RAM benchmark on {label}", flush=True)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    built_here = False
+    existing = sorted(args.work_dir.glob(f"db-{args.vocab}-*"))
+    if existing:
+        db, enc = existing[0], existing[0].name.rsplit("-", 1)[1]
+        why = f"{enc}: reusing {db}"
+    else:
+        enc, why = choose_encoding(args.work_dir, args.vocab, args.encoding, args.margin_gb * GB)
+        print(why, flush=True)
+        if enc is None:
+            common.write_results("bigger_than_ram", {"skipped": why})
+            return 0
+        db = args.work_dir / f"db-{args.vocab}-{enc}"
+        started = time.perf_counter()
+        try:
+            write_table(db, "mole-410m", RowFormat(*SHAPE, Encoding(enc)), args.vocab)
+        except BaseException:
+            shutil.rmtree(db, ignore_errors=True)
+            raise
+        built_here = True
+        print(f"built in {time.perf_counter() - started:.0f} s", flush=True)
+    fmt = RowFormat(*SHAPE, Encoding(enc))
+    table_bytes = args.vocab * fmt.stored_bytes
+    print(f"table: {table_bytes / GB:.1f} GB ({enc}) on disk; RAM {ram / GB:.1f} GB -> "
+          f"{'bigger' if table_bytes > ram else 'NOT bigger'} than RAM", flush=True)
+
+    results: dict = {"encoding": enc, "why": why, "vocab": args.vocab, "table_bytes": table_bytes, "ram_bytes": ram,
+                     "bigger_than_ram": table_bytes > ram, "row_bytes": fmt.stored_bytes, "modes": {}}
+    targets = []
+    try:
+        with common.ServerProcess(db, "--cache-mb", str(args.server_cache_mb), timeout=300) as server:
+            # the in-process comparison: rows of the same shape, fp16 (the paper's table precision)
+            gen = torch.Generator().manual_seed(0)
+            inproc = InProcessTable(torch.randn((args.inprocess_rows, *SHAPE), generator=gen).half())
+            perm = np.random.default_rng(1234).permutation(args.vocab)
+            rng = np.random.default_rng(0)
+            with LutClient(server.address) as client:    # warm the daemon's LRU and the page cache
+                warm = RemoteTable(client, "mole-410m", cache_bytes=0)
+                for s in tqdm(range(0, args.warm_tokens, 32), desc="warm daemon + page cache", dynamic_ncols=True):
+                    ids = torch.from_numpy(zipf_tokens(args.vocab, 32, rng, permutation=perm))[None]
+                    warm.request(ids)
+                    warm.gather(ids)
+                warm.close()
+            modes = ["fixed", "real"] if args.mode == "both" else [args.mode]
+            for mode in modes:
+                results["modes"][mode] = measure_mode(mode, args, server, inproc, perm, rng)
+                for b, r in results["modes"][mode].items():
+                    targets.append(common.target(f"410m {mode} b{b} from disk (daemon+OS warm, client cold) vs in-process",
+                                                 r["remote"]["tok_s"] / r["inprocess"]["tok_s"], 0.8))
+                    targets.append(common.target(f"410m {mode} b{b} from disk (client warm too) vs in-process",
+                                                 r["remote_client_warm"]["tok_s"] / r["inprocess"]["tok_s"], 0.8))
+            rss = common.peak_rss_bytes(server.pid)
+            results["server_peak_rss_bytes"] = rss
+    finally:
+        if built_here and not args.keep:
+            shutil.rmtree(db, ignore_errors=True)
+            print(f"removed {db} (pass --keep to keep it)", flush=True)
+    results["table_kept"] = args.keep or not built_here
+    path = common.write_results("bigger_than_ram", {"config": {k: str(v) for k, v in vars(args).items()},
+                                                    "git": common.git_revision(), **results, "targets": targets})
+    print(f"results: {path}")
+    return 0
+
+
+def measure_mode(mode: str, args, server, inproc: InProcessTable, perm: np.ndarray, rng) -> dict:
+    margs = model_args(args.vocab)
+    if mode == "fixed":
+        fixed = FixedStepModel(margs.num_hidden_layers, margs.num_experts,
+                               step_time_fn(args.fixed_step_ms, args.fixed_step_ms, 25.0))
+        fwd = lambda rows: fixed_forward(fixed, rows)   # noqa: E731
+    else:
+        model = Transformer(margs, "lut").eval()
+        init_weights(model)
+        model.setup_caches(max(args.batches), 16 + args.steps + 1)
+        fwd = lambda rows: real_forward(model, rows, 16 + args.steps + 1)   # noqa: E731
+    out: dict = {}
+    for b in args.batches:
+        prompt = zipf_tokens(args.vocab, b * 16, rng, permutation=perm).reshape(b, 16)
+        stream = zipf_tokens(args.vocab, b * args.steps, rng, permutation=perm).reshape(b, args.steps)
+        small_prompt, small_stream = prompt % len(inproc.table), stream % len(inproc.table)
+        runs: dict[str, list[Run]] = {"inprocess": [], "remote": [], "remote_client_warm": []}
+        decode_run(fwd(inproc.rows), None, small_prompt[:, :4], small_stream[:, :2])    # untimed first call
+        for _ in tqdm(range(args.repeats), desc=f"410m {mode} batch {b}", dynamic_ncols=True, leave=False):
+            runs["inprocess"].append(decode_run(fwd(inproc.rows), None, small_prompt, small_stream))
+            for case in ("remote", "remote_client_warm"):
+                with LutClient(server.address) as client:
+                    src = RemoteTable(client, "mole-410m", cache_bytes=int(args.cache_mb * MiB))
+                    if case == "remote_client_warm":
+                        warm_up(src, zipf_tokens(args.vocab, args.warm_tokens, rng, permutation=perm), 32)
+                    runs[case].append(decode_run(fwd(src.rows), src, prompt, stream))
+                    src.close()
+        res = {c: {**vars(max(rs, key=lambda r: r.tok_s)), "all_tok_s": [r.tok_s for r in rs]} for c, rs in runs.items()}
+        out[b] = res
+        base = res["inprocess"]["tok_s"]
+        print(f"  410m {mode} batch {b}: " + " | ".join(
+            f"{c} {r['tok_s']:.1f} tok/s ({r['tok_s'] / base:.2f}x"
+            + (f", client hit {100 * r['hit_rate']:.0f}%" if r.get("hit_rate") is not None else "") + ")"
+            for c, r in res.items()), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
