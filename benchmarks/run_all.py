@@ -10,6 +10,7 @@ A benchmark that fails is reported in the summary and the others still run.
     python -m benchmarks.run_all                    # quick variants (minutes)
     python -m benchmarks.run_all --full             # full sizes (the 15 GB ingest included)
     python -m benchmarks.run_all --only store concurrency
+    python -m benchmarks.run_all --summary-only     # re-summarise the result files already there
 """
 
 from __future__ import annotations
@@ -64,8 +65,17 @@ def collect(since: float) -> list[dict]:
     return docs
 
 
+def _records(items: object, keys: tuple[str, ...]) -> list[dict]:
+    """The well-formed entries of a result file's "targets"/"figures" list (others' files may differ)."""
+    if not isinstance(items, list):
+        return []
+    return [x for x in items if isinstance(x, dict) and all(k in x for k in keys)]
+
+
 def _fmt(value: float, unit: str) -> str:
-    if isinstance(value, float) and value != value:
+    if not isinstance(value, (int, float)):
+        return str(value)
+    if value != value:
         return "n/a"
     return f"{value:.3g}{unit}" if abs(value) < 1000 else f"{value:,.0f}{unit}"
 
@@ -76,10 +86,12 @@ def summarise(runs: list[dict], docs: list[dict], since: float) -> tuple[dict, s
         label = common.machine_label(doc["machine"]) if "machine" in doc else "unknown"
         host = doc.get("machine", {}).get("host_kind", "")
         where = f"{label} ({host})" if host else label
-        for t in doc.get("targets", []):
-            rows.append({**t, "benchmark": doc.get("benchmark", doc["_file"]), "machine": where, "file": doc["_file"]})
-        for f in doc.get("figures", []):
-            figures.append({**f, "benchmark": doc.get("benchmark", doc["_file"]), "machine": where})
+        bench = doc.get("benchmark", doc["_file"])
+        for t in _records(doc.get("targets"), ("name", "value", "goal", "met")):
+            rows.append({"unit": "", "higher_is_better": True, **t, "benchmark": bench, "machine": where,
+                         "file": doc["_file"]})
+        for f in _records(doc.get("figures"), ("name", "value")):
+            figures.append({"unit": "", **f, "benchmark": bench, "machine": where})
         if doc.get("skipped"):
             rows.append({"name": f"{doc.get('benchmark')}: skipped", "value": float("nan"), "goal": float("nan"),
                          "unit": "", "met": None, "higher_is_better": True, "benchmark": doc.get("benchmark"),
@@ -112,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="full sizes instead of --quick (long; the ingest needs ~35 GB)")
     p.add_argument("--only", nargs="+", metavar="NAME", help=f"run only these (of: {', '.join(discover())})")
     p.add_argument("--skip", nargs="+", metavar="NAME", default=[], help="run all but these")
+    p.add_argument("--summary-only", action="store_true",
+                   help="run nothing: rebuild summary.json/.md from the result files already in benchmarks/results")
     return p
 
 
@@ -123,9 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run_all: no benchmark named {', '.join(unknown)} (have: {', '.join(names)})", file=sys.stderr)
         return 2
     chosen = [n for n in (args.only or names) if n not in args.skip]
-    since = time.time() - 1
-    print(f"benchmarks on {common.machine_label()}: {', '.join(chosen)}", flush=True)
-    runs = [run_one(n, args.full, []) for n in chosen]
+    if args.summary_only:
+        since, runs = 0.0, []
+    else:
+        since = time.time() - 1
+        print(f"benchmarks on {common.machine_label()}: {', '.join(chosen)}", flush=True)
+        runs = [run_one(n, args.full, []) for n in chosen]
     summary, md = summarise(runs, collect(since), since)
     common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (common.RESULTS_DIR / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
