@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import shutil
 import tempfile
 import threading
@@ -33,6 +34,8 @@ from benchmarks.bigtables import write_table, zipf_tokens
 from lutstore.codec import Encoding, RowFormat
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
+
+INGEST_NICE = 10
 
 
 @dataclass
@@ -134,9 +137,14 @@ class RssSampler(threading.Thread):
         return self.peak
 
 
+def _niced_write_table(*args, **kwargs) -> None:
+    os.nice(INGEST_NICE)  # as `lutstore ingest` does by default (--nice 10)
+    write_table(*args, **kwargs)
+
+
 def ingest_in_background(db: Path, name: str, fmt: RowFormat, vocab: int, seed: int) -> mp.Process:
     """A new version of `name`, written by another process (the atomic SST ingest of `lutstore ingest`)."""
-    proc = mp.get_context("spawn").Process(target=write_table, args=(db, name, fmt, vocab, seed),
+    proc = mp.get_context("spawn").Process(target=_niced_write_table, args=(db, name, fmt, vocab, seed),
                                            kwargs={"progress": False}, daemon=True)
     proc.start()
     return proc

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-versions", type=int, default=0,
                    help="after ingest, drop all but the newest K versions of this table (0: keep all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--nice", type=int, default=10,
+                   help="lower this process's CPU priority by N so a daemon on the same host keeps its "
+                        "latency (default: 10; 0 to keep it)")
 
     p = sub.add_parser("serve", help="serve the tables of a database over gRPC")
     _add_db(p)

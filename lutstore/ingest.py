@@ -280,6 +280,9 @@ def _keep_newest(store: Store, name: str, keep: int) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of `lutstore ingest` (flags parsed in lutstore.cli)."""
+    if args.nice:
+        # Ingest is a batch job; a daemon serving on the same host keeps its latency.
+        os.nice(args.nice)
     started = time.monotonic()
     meta = ingest_checkpoint(args.checkpoint, args.db, name=args.name, encoding=args.encoding, zstd=args.zstd,
                              device=args.device, chunk_tokens=args.chunk_tokens, progress=not args.no_progress,
