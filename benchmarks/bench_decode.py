@@ -240,7 +240,7 @@ def demo_setup(args: argparse.Namespace, work: Path) -> Setup:
     with Checkpoint.open(model_dir) as ckpt:
         lut_model.load_official_state_dict({n: ckpt.tensor(n).float() for n in ckpt.names()})
     server = common.ServerProcess(db, "--cache-mb", str(args.server_cache_mb))
-    with LutClient(server.address) as client:
+    with LutClient(server.address, timeout=600) as client:
         inproc = InProcessTable.from_client(client, table, dtype=torch.float16 if args.encoding == "fp16" else torch.float32)
         info = client.info(table)
         row_bytes = info.row_bytes
@@ -273,7 +273,7 @@ def paper_setup(args: argparse.Namespace, work: Path) -> Setup:
     lut_model = Transformer(margs, "lut").eval()
     init_weights(lut_model, seed=0)
     server = common.ServerProcess(db, "--cache-mb", str(args.server_cache_mb))
-    with LutClient(server.address) as client:
+    with LutClient(server.address, timeout=600) as client:
         print(f"downloading the {vocab}-row table for the in-process ceiling", flush=True)
         inproc = InProcessTable.from_client(client, "mole-160m", dtype=torch.float16)
         row_bytes = client.info("mole-160m").row_bytes
