@@ -97,14 +97,20 @@ class InProcessTable(LutSource):
     @classmethod
     def from_client(cls, client, table: str, version: int = 0, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> InProcessTable:
-        """Download every row of a served table (for comparisons and benchmarks)."""
+        """Download every row of a served table (for comparisons and benchmarks), kept in dtype
+        (default float32)."""
+        table_name = table
         info = client.info(table, version)
         row_bytes = max(1, int(info.row_bytes))
         # calls of at most ~64 MiB, so each finishes well within the client's deadline
         step = max(1, min(int(info.max_batch_rows) or 1024, (64 << 20) // row_bytes))
-        parts = [client.get_rows(table, list(range(s, min(s + step, info.vocab_size))), info.version)
-                 for s in range(0, info.vocab_size, step)]
-        return cls(torch.from_numpy(np.concatenate(parts)), device, dtype)
+        # filled chunk by chunk in the target dtype: a float32 copy of a 15 GB fp16 table would not fit
+        shape = (int(info.vocab_size), int(info.num_layers), int(info.num_experts), int(info.hidden_size))
+        table = torch.empty(shape, dtype=dtype or torch.float32)
+        for s in range(0, info.vocab_size, step):
+            ids = list(range(s, min(s + step, info.vocab_size)))
+            table[s:s + len(ids)] = torch.from_numpy(client.get_rows(table_name, ids, info.version))
+        return cls(table, device)
 
 
 def _storage(fmt: RowFormat) -> tuple[np.dtype, torch.dtype]:
