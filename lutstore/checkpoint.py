@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,12 +83,16 @@ def _itemsize(dtype: str) -> int:
     return max(1, int(digits[-1]) // 8) if digits else 1
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
 class _WeightFile:
     """One weight file, opened lazily; maps tensor names to (shape, dtype) and loads them."""
 
     def __init__(self, path: Path):
         self.path = path
         self._handle = None  # safe_open handle or dict of mmap'd tensors
+        self._layout: tuple[int, dict] | None = None  # safetensors: (data start, header)
 
     def _open(self):
         if self._handle is not None:
@@ -128,7 +133,26 @@ class _WeightFile:
         h = self._open()
         if isinstance(h, dict):
             return h[name][start:stop]
-        return h.get_slice(name)[start:stop]
+        return self._pread_rows(name, start, stop)
+
+    def _pread_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        # Plain reads, not the memory map: mapped pages of a 15 GB table would
+        # count in our RSS as the ingest walks it; read buffers are freed per chunk.
+        if self._layout is None:
+            with open(self.path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                self._layout = (8 + header_len, json.loads(f.read(header_len)))
+        data_start, header = self._layout
+        entry = header[name]
+        shape, dtype = entry["shape"], _SAFETENSORS_DTYPES[entry["dtype"]]
+        row_bytes = math.prod(shape[1:]) * _itemsize(str(dtype).removeprefix("torch."))
+        offset = data_start + entry["data_offsets"][0] + start * row_bytes
+        buf = bytearray((stop - start) * row_bytes)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(offset)
+            if f.readinto(buf) != len(buf):
+                raise UserError(f"weight file {self.path} is truncated (tensor {name})")
+        return torch.frombuffer(buf, dtype=dtype).reshape(stop - start, *shape[1:])
 
     def close(self) -> None:
         self._handle = None
