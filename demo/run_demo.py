@@ -134,8 +134,9 @@ def generate(address: str, tokens: int) -> None:
     say("4. generating from the fp16 table (greedy would loop; sampling at temperature 0.8, top-k 40)")
     cmd = [sys.executable, "-m", "inference.generate", "--lut-addr", address, "--table", TABLES["fp16"],
            "--max-new-tokens", str(tokens), "--temperature", "0.8", "--top-k", "40", "--seed", "0"]
-    for prompt in PROMPTS:
+    for i, prompt in enumerate(PROMPTS):
         cmd += ["--prompt", prompt]
+        print(f"  prompt {i}: {prompt!r}")
     run(cmd)
 
 

@@ -142,6 +142,21 @@ def test_ingested_lut_served_reproduces_train_form(trained, tmp_path, capsys, mo
             assert got.shape == want.shape == (len(ids) - 1,)
             delta = float(np.abs(got - want).max())
             assert delta <= tol, f"{table}: max |delta log p| {delta:.3g} > {tol}"
+        # A text longer than the context, scored in windows (stride context-1): every
+        # token but the first is predicted once, each from within its own window.
+        ctx = config["max_position_embeddings"]
+        long_ids = np.asarray(tok.encode((out / "heldout.txt").read_text()[:5000]).ids[: 2 * ctx + 5])
+        np.save(tmp_path / "long.npy", long_ids)
+        want_long = np.concatenate([evaluate.token_logprobs(model, None, long_ids[s:s + ctx].tolist())
+                                    for s in (0, ctx - 1, 2 * ctx - 2)])
+        assert evaluate.main(["--lut-addr", server.address, "--table", "tiny32", "--token-ids",
+                              str(tmp_path / "long.npy"), "--windows", "--logprobs-out", str(tmp_path / "long-lp.npy")]) == 0
+        got_long = np.load(tmp_path / "long-lp.npy")
+        assert got_long.shape == want_long.shape == (len(long_ids) - 1,)
+        assert float(np.abs(got_long - want_long).max()) <= 1e-4
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert summary["tokens"] == len(long_ids)
+        assert summary["ppl"] == pytest.approx(math.exp(-got_long.astype(np.float64).mean()), rel=1e-6)
     finally:
         assert server.stop() == 0
 
