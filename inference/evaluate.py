@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--token-ids", type=Path, help=".npy 1-D integer array of token ids to score")
     p.add_argument("--bos", action="store_true", help="prepend the model's bos_token_id")
     p.add_argument("--truncate", action="store_true", help="score only the first context-length tokens of a longer text")
+    p.add_argument("--windows", action="store_true",
+                   help="score a longer text in consecutive context-length windows (stride context-1, so every "
+                        "token is predicted once, from at most a window of context)")
+    p.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (0: all)")
     p.add_argument("--logprobs-out", type=Path, help="write float32 [T-1] per-token log-probs here (.npy)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
     return p
@@ -120,12 +124,16 @@ def run(args: argparse.Namespace) -> dict:
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise UserError(f"token id {bad[0]} is outside the model's vocabulary 0..{vocab - 1}")
-        if len(ids) > context:
+        if args.max_tokens > 0:
+            ids = ids[: args.max_tokens]
+        if len(ids) > context and not args.windows:
             if not args.truncate:
                 raise UserError(f"{len(ids)} tokens exceed the model's context of {context}; pass --truncate "
-                                f"to score the first {context}")
+                                f"to score the first {context}, or --windows to score all of them")
             ids = ids[:context]
-        logprobs = token_logprobs(backbone.model, source, ids)
+        stride = context - 1   # a window's first token was the previous window's last prediction
+        logprobs = np.concatenate([token_logprobs(backbone.model, source, ids[s:s + context])
+                                   for s in range(0, len(ids) - 1, stride)])
     finally:
         if remote is not None:
             remote.close()
