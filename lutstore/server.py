@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import socket
+import sys
 import threading
 import time
 from concurrent import futures
-from typing import Iterator
+from pathlib import Path
+from typing import Callable, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LutStore"].full_name
 SHUTDOWN_GRACE_SECONDS = 10.0
 MESSAGE_TARGET_BYTES = 4 << 20  # rows per BatchGetResponse: a few MiB, well below the limit
+PREFETCH_THREADS = 8  # calls whose next message is read ahead at once; more wait their turn
 ZSTD_FRAME_SLACK = 64  # a zstd frame of incompressible data is at most a few bytes longer
 
 ENCODINGS = {
@@ -113,8 +118,11 @@ class Catalog:
 
 
 class LutStoreServicer(pb_grpc.LutStoreServicer):
-    def __init__(self, catalog: Catalog, rows: RowSource, max_batch_rows: int, max_message_bytes: int):
+    def __init__(self, catalog: Catalog, rows: RowSource, max_batch_rows: int, max_message_bytes: int,
+                 prefetch_threads: int = PREFETCH_THREADS):
         self.catalog = catalog
+        # Reads the next message of multi-message BatchGets ahead; one task in flight per such call.
+        self.prefetch = futures.ThreadPoolExecutor(max_workers=prefetch_threads, thread_name_prefix="lutstore-prefetch")
         self.rows = rows
         self.max_batch_rows = max_batch_rows
         self.max_message_bytes = max_message_bytes
@@ -153,6 +161,10 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
         fmt = meta.row_format()
         return fmt.stored_bytes or fmt.payload_bytes + ZSTD_FRAME_SLACK + codec.CRC_BYTES
 
+    def _message(self, meta: TableMeta, group: list[int]) -> bytes:
+        # One copy of the rows into the message; protobuf objects would cost three (see wire.py).
+        return wire.encode_response(group, self.rows.rows(meta, group), meta.version)
+
     # ---- RPCs ------------------------------------------------------------
 
     def ListTables(self, request: pb.ListTablesRequest, context: grpc.ServicerContext) -> pb.ListTablesResponse:
@@ -186,15 +198,18 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
                           f"one row of {meta.name!r} ({row_bound} bytes) does not fit this server's "
                           f"--max-message-mb ({self.max_message_bytes} bytes)")
         per_message = max(1, self.message_target // row_bound)
-        for start in range(0, len(ids), per_message):
-            group = ids[start : start + per_message]
-            try:
-                values = self.rows.rows(meta, group)
-            except CorruptRow as e:
-                log.error("%s", e)
-                context.abort(grpc.StatusCode.DATA_LOSS, str(e))
-            # One copy of the rows into the message; protobuf objects would cost three (see wire.py).
-            yield wire.encode_response(group, values, meta.version)
+        groups = [ids[start : start + per_message] for start in range(0, len(ids), per_message)]
+        pending: futures.Future[bytes] | None = None
+        try:
+            for k, group in enumerate(groups):
+                message = pending.result() if pending is not None else self._message(meta, group)
+                # Read and encode message k+1 while gRPC sends message k (the multi-get and the CRC
+                # checks release the GIL): the cold path's reads no longer wait for the send.
+                pending = self.prefetch.submit(self._message, meta, groups[k + 1]) if k + 1 < len(groups) else None
+                yield message
+        except CorruptRow as e:
+            log.error("%s", e)
+            context.abort(grpc.StatusCode.DATA_LOSS, str(e))
         log.debug("BatchGet %s v%d: %d ids (%d distinct) in %.2f ms", meta.name, meta.version, n, len(ids),
                   1000 * (time.perf_counter() - started))
 
@@ -275,6 +290,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise UserError(f"--metrics-port must be in 0..65535, got {args.metrics_port}")
     if args.max_concurrent_rpcs < 1:
         raise UserError(f"--max-concurrent-rpcs must be >= 1, got {args.max_concurrent_rpcs}")
+    if args.processes < 1:
+        raise UserError(f"--processes must be >= 1, got {args.processes}")
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -296,6 +313,8 @@ def main(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT, then stop gracefully and return 0."""
     _validate(args)
     logs.use_format(args.log_format)
+    if args.processes > 1:
+        return _serve_forked(args, security.read_token(args.auth_token, args.auth_token_file))
     # Read credentials before opening anything, so a bad path is a one-line error.
     credentials = security.server_credentials(args.tls_cert, args.tls_key)
     token = security.read_token(args.auth_token, args.auth_token_file)
@@ -306,10 +325,17 @@ def main(args: argparse.Namespace) -> int:
         store.close()
 
 
+def _announce(args: argparse.Namespace, port: int) -> None:
+    print(f"lutstore: serving {args.db} on {args.host}:{port}", flush=True)
+
+
 def _serve(args: argparse.Namespace, store: Store, credentials: grpc.ServerCredentials | None,
-           token: str | None) -> int:
+           token: str | None, reuse_port: bool = False, ready: Callable[[argparse.Namespace, int], None] = _announce,
+           cache_bytes: int | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; `ready(args, port)` runs once RPCs are accepted. reuse_port and
+    cache_bytes are for --processes workers (one port shared, the cache budget split)."""
     max_message = int(args.max_message_mb * (1 << 20))
-    cache = ByteLRU(int(args.cache_mb * (1 << 20)))
+    cache = ByteLRU(int(args.cache_mb * (1 << 20)) if cache_bytes is None else cache_bytes)
     catalog = Catalog(store, cache)
     servicer = LutStoreServicer(catalog, RowSource(store, cache), args.max_batch_rows, max_message)
     metrics = Metrics()
@@ -328,7 +354,8 @@ def _serve(args: argparse.Namespace, store: Store, credentials: grpc.ServerCrede
             ("grpc.max_send_message_length", max_message),
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_concurrent_streams", args.max_concurrent_streams),
-            ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+            # A second server on a busy port must fail, not share it; --processes workers share on purpose.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
     add_servicer(servicer, server)
@@ -372,13 +399,14 @@ def _serve(args: argparse.Namespace, store: Store, credentials: grpc.ServerCrede
     log.info("listening on %s:%d (tls=%s, auth=%s, metrics=%s)", args.host, port, credentials is not None,
              token is not None, metrics_http.server_address[1] if metrics_http else "off",
              extra={"event": "serving", "port": port})
-    print(f"lutstore: serving {args.db} on {args.host}:{port}", flush=True)
+    ready(args, port)
 
     while not stop.wait(0.5):
         pass
     health_servicer.enter_graceful_shutdown()  # NOT_SERVING, so balancers move away first
     # New RPCs are refused from here on; in-flight ones (streams included) get the grace period.
     server.stop(SHUTDOWN_GRACE_SECONDS).wait()
+    servicer.prefetch.shutdown(wait=True)
     refresher.stopped.set()
     refresher.join()
     if metrics_http is not None:
@@ -386,3 +414,126 @@ def _serve(args: argparse.Namespace, store: Store, credentials: grpc.ServerCrede
     s = cache.stats()
     log.info("stopped; cache %d hits, %d misses, %d entries, %d bytes", s.hits, s.misses, s.entries, s.bytes)
     return 0
+
+
+# ---- --processes N: forked servers sharing one port -----------------------------------
+
+def _reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
+    """Check that host:port is free (for port 0: pick one), then hold it with SO_REUSEPORT so that only
+    sockets that also ask for SO_REUSEPORT (our workers) can bind it until they all listen."""
+    bare = host.strip("[]")
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:  # no SO_REUSEPORT: fails on any holder
+            probe.bind((bare, port))
+            port = probe.getsockname()[1]
+        held = socket.socket(family, socket.SOCK_STREAM)
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        held.bind((bare, port))
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror})") from None
+    return held, port
+
+
+def _check_readable(paths: list[Path | None]) -> None:
+    for path in paths:
+        if path is not None:
+            try:
+                Path(path).read_bytes()
+            except OSError as e:
+                raise UserError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _worker(args: argparse.Namespace, token: str | None, index: int, ready_fd: int) -> int:
+    """One forked server process: its own RocksDB secondary, LRU and gRPC server on the shared port."""
+    def ready(_args: argparse.Namespace, _port: int) -> None:
+        os.write(ready_fd, b"ready\n")
+        os.close(ready_fd)
+
+    try:
+        credentials = security.server_credentials(args.tls_cert, args.tls_key)
+        store = Store.open(args.db, "secondary")
+        try:
+            return _serve(args, store, credentials, token, reuse_port=True, ready=ready,
+                          cache_bytes=int(args.cache_mb * (1 << 20)) // args.processes)
+        finally:
+            store.close()
+    except UserError as e:
+        print(f"lutstore serve: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except BaseException:
+        log.exception("worker %d failed", index)
+        return 1
+
+
+def _serve_forked(args: argparse.Namespace, token: str | None) -> int:
+    """Fork args.processes workers before any gRPC server exists (gRPC must not be forked once
+    running), each binding the same port with SO_REUSEPORT; the kernel spreads connections
+    among them. Stop all of them on SIGTERM/SIGINT; exit 0 when they all stopped cleanly."""
+    if args.metrics_port is not None:
+        raise UserError("--metrics-port serves one process's counters: use it with --processes 1")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UserError("TLS needs both --tls-cert and --tls-key")
+    _check_readable([args.tls_cert, args.tls_key])
+    if not (Path(args.db) / "CURRENT").exists():
+        raise UserError(f"no lutstore database at {args.db}; create one with `lutstore ingest`")
+    held, port = _reserve_port(args.host, args.port)
+    args = argparse.Namespace(**{**vars(args), "port": port})
+    workers: dict[int, int] = {}  # pid -> index
+    readiness: dict[int, int] = {}  # pid -> read end of its ready pipe
+    stop = threading.Event()  # set by a signal, also one that comes while workers start
+
+    def on_signal(signum: int, _frame) -> None:
+        log.info("received %s; stopping %d workers", signal.Signals(signum).name, len(workers))
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for index in range(args.processes):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            os.close(r)
+            held.close()
+            code = _worker(args, token, index, w)
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        os.close(w)
+        workers[pid] = index
+        readiness[pid] = r
+
+    failed = False
+    for pid, r in readiness.items():
+        with os.fdopen(r, "rb") as pipe:
+            if pipe.read() != b"ready\n":  # EOF without "ready": the worker exited
+                failed = True
+    held.close()  # every worker listens now (or failed): the reservation is no longer needed
+    if not failed:
+        print(f"lutstore: serving {args.db} on {args.host}:{port} ({args.processes} processes)", flush=True)
+        log.info("workers %s listening on %s:%d", sorted(workers), args.host, port)
+    codes: dict[int, int] = {}
+    while not failed and not stop.is_set():
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid:  # a worker exited on its own: stop the rest, so a supervisor sees the failure
+            codes[pid] = os.waitstatus_to_exitcode(status)
+            log.error("worker %d (pid %d) exited with %d; stopping", workers[pid], pid, codes[pid])
+            failed = True
+        else:
+            stop.wait(0.5)
+    for pid in workers:
+        if pid not in codes:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    for pid in workers:
+        if pid not in codes:
+            codes[pid] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if failed:
+        return max(1, *codes.values())
+    return 0 if all(code == 0 for code in codes.values()) else 1
