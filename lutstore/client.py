@@ -26,7 +26,7 @@ import grpc
 import numpy as np
 
 from lutstore import codec, security
-from lutstore import alloc, wire
+from lutstore import alloc, shm, wire
 from lutstore.errors import UserError
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 SERVICE_NAME = "lutstore.v1.LutStore"
 BATCH_GET_METHOD = f"/{SERVICE_NAME}/BatchGet"
+BATCH_GET_SHARED_METHOD = f"/{SERVICE_NAME}/BatchGetShared"
+SHARED_CALL_BYTES = 64 << 20  # rows per BatchGetShared call: bounds the segment (max_batch_rows rows can be 1 GB)
+LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
 ENCODINGS = {
     pb.ENCODING_FP32: codec.Encoding.FP32,
     pb.ENCODING_FP16: codec.Encoding.FP16,
@@ -72,11 +75,14 @@ def channel_target(address: str) -> tuple[str, bool]:
 class LutClient:
     def __init__(self, address: str, timeout: float = 30.0, retries: int = 5, retry_seconds: float = 10.0,
                  verify: bool = True, prefetch_workers: int = 2, tls_ca: str | Path | None = None,
-                 auth_token: str | None = None):
+                 auth_token: str | None = None, shared_memory: bool | str = False):
         """timeout: deadline of each call (s); retries / retry_seconds: how many times and for how long an
         UNAVAILABLE call is retried; verify: check each row's CRC-32 on arrival; tls_ca: PEM file of the CA
         that signed the server's certificate (TLS; None: plaintext); auth_token: sent as
-        `authorization: Bearer <token>` with every call."""
+        `authorization: Bearer <token>` with every call. shared_memory: fetch rows through the same-host
+        BatchGetShared RPC (a /dev/shm segment, no socket; the server needs --allow-shared-memory): True
+        always (errors are raised), "auto" only for a loopback address and silently back to BatchGet when
+        the server refuses, False never."""
         self.address = address
         self.timeout = timeout
         self.retries = retries
@@ -114,6 +120,11 @@ class LutClient:
         self._prefetch_workers = prefetch_workers
         self._pool: futures.ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        if shared_memory not in (True, False, "auto"):
+            raise ValueError(f"shared_memory must be True, False or 'auto', got {shared_memory!r}")
+        self._shared_memory: bool | str = shared_memory if shared_memory != "auto" or _is_loopback(address) else False
+        self._segments: list[shm.Segment] = []       # every segment this client created (unlinked at close)
+        self._free_segments: list[shm.Segment] = []  # one per concurrent call, reused
 
     # ---- plumbing ------------------------------------------------------
 
@@ -175,12 +186,17 @@ class LutClient:
         return call
 
     def _fetch(self, name: str, ids: list[int], version: int,
-               on_row: Callable[[pb.TableInfo, int, memoryview], None]) -> pb.TableInfo:
+               on_row: Callable[[pb.TableInfo, int, memoryview], None], stable: bool = False) -> pb.TableInfo:
         """BatchGet distinct ascending ids in batches of the server's max_batch_rows, calling
         on_row(info, id, data) once per id as messages arrive (our work on one message overlaps the
         transfer of the next); data is a memoryview into the received message. Version 0 is
         resolved first (one small call; pin a version to skip it), so every row comes from the one
-        version `info` describes. A retried batch skips the rows already delivered."""
+        version `info` describes. A retried batch skips the rows already delivered. stable: data
+        must stay valid after on_row returns (else it may be reused shared memory)."""
+        if self._shared_memory:
+            info = self._fetch_shared(name, ids, version, on_row, stable)
+            if info is not None:
+                return info
         info = self.info(name, version)
         limit = max(1, info.max_batch_rows)
         batch_get = self._batch_get()
@@ -210,8 +226,64 @@ class LutClient:
         """Distinct ids -> stored value (body || crc32) as the server sent it: a read-only bytes-like
         memoryview into the received message (no copy; it compares equal to the bytes; bytes(v) copies)."""
         out: dict[int, memoryview] = {}
-        self._fetch(name, _distinct(ids), version, lambda _info, t, data: out.__setitem__(t, data))
+        self._fetch(name, _distinct(ids), version, lambda _info, t, data: out.__setitem__(t, data), stable=True)
         return out
+
+    def _fetch_shared(self, name: str, ids: list[int], version: int,
+                      on_row: Callable[[pb.TableInfo, int, memoryview], None], stable: bool) -> pb.TableInfo | None:
+        """_fetch over BatchGetShared: the server writes the rows into our /dev/shm segment and we
+        read them there. None (nothing delivered) when "auto" and the server refuses shared memory."""
+        info = self.info(name, version)
+        fmt = self.row_format(info)
+        bound = fmt.stored_bytes or fmt.payload_bytes + fmt.payload_bytes // 128 + 1024  # zstd: a frame may grow
+        per_call = max(1, min(info.max_batch_rows or 1, SHARED_CALL_BYTES // bound))
+        call = self.__dict__.get("_batch_get_shared")
+        if call is None:
+            call = self._batch_get_shared = self._calls.unary_unary(
+                BATCH_GET_SHARED_METHOD, request_serializer=pb.BatchGetSharedRequest.SerializeToString,
+                response_deserializer=pb.BatchGetSharedResponse.FromString, _registered_method=True)
+        segment = self._take_segment(min(len(ids), per_call) * bound)
+        try:
+            for start in range(0, len(ids), per_call):
+                batch = ids[start : start + per_call]
+                segment.reserve(len(batch) * bound)
+                req = pb.BatchGetSharedRequest(table=name, version=info.version, token_ids=batch,
+                                               segment_name=segment.name, segment_bytes=segment.size)
+                try:
+                    resp = self._with_retries(lambda: call(req, timeout=self.timeout))
+                except LutError as e:
+                    refused = e.code == grpc.StatusCode.UNIMPLEMENTED or (
+                        e.code == grpc.StatusCode.FAILED_PRECONDITION and e.message.startswith("shared memory:"))
+                    if self._shared_memory == "auto" and refused and start == 0:
+                        log.info("lutstore at %s refused shared memory (%s); using BatchGet", self.address, e.message)
+                        self._shared_memory = False
+                        return None
+                    raise
+                if resp.version != info.version or list(resp.token_ids) != batch \
+                        or not len(resp.offsets) == len(resp.lengths) == len(batch):
+                    raise LutError(grpc.StatusCode.INTERNAL, f"malformed BatchGetShared response from {self.address}")
+                view = segment.view
+                for token, offset, length in zip(batch, resp.offsets, resp.lengths):
+                    if offset + length > segment.size:
+                        raise LutError(grpc.StatusCode.INTERNAL, f"BatchGetShared row {token} lies outside the segment")
+                    data = view[offset : offset + length]
+                    on_row(info, token, bytes(data) if stable else data)
+        finally:
+            with self._pool_lock:
+                self._free_segments.append(segment)
+        return info
+
+    def _take_segment(self, size: int) -> shm.Segment:
+        """A segment no other call is using (one per concurrent call), at least size bytes."""
+        with self._pool_lock:
+            if self._free_segments:
+                segment = self._free_segments.pop()
+                segment.reserve(size)
+                return segment
+        segment = shm.Segment(size)
+        with self._pool_lock:
+            self._segments.append(segment)
+        return segment
 
     def get_payloads(self, name: str, ids: Iterable[int], version: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(distinct ascending ids, int64 [n]; their payloads, uint8 [n, row_bytes]): rows in their
@@ -319,6 +391,10 @@ class LutClient:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        with self._pool_lock:
+            for segment in self._segments:
+                segment.close()
+            self._segments, self._free_segments = [], []
         self._channel.close()
 
     def __enter__(self) -> LutClient:
@@ -326,6 +402,14 @@ class LutClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _is_loopback(address: str) -> bool:
+    """True for one "host:port" whose host is a loopback address (shared memory "auto")."""
+    if "," in address:
+        return False
+    host = address.strip().rpartition(":")[0]
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
 
 
 def _as_ids(ids: Iterable[int]) -> Iterable[int]:

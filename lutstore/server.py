@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lutstore import alloc, codec, wire
-from lutstore import logs, security
+from lutstore import logs, security, shm
 from lutstore.cache import ByteLRU
 from lutstore.errors import UserError
 from lutstore.metrics import Metrics
@@ -251,6 +251,9 @@ def add_servicer(servicer: LutStoreServicer, server: grpc.Server) -> None:
         "GetArtifact": grpc.unary_stream_rpc_method_handler(
             servicer.GetArtifact, request_deserializer=pb.GetArtifactRequest.FromString,
             response_serializer=pb.ArtifactChunk.SerializeToString),
+        # Same-host fast path (lutstore/shm.py); refuses with FAILED_PRECONDITION unless --allow-shared-memory.
+        "BatchGetShared": shm.method_handler(
+            shm.SharedMemoryRows(servicer, getattr(servicer, "allow_shared_memory", False))),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
@@ -338,6 +341,7 @@ def _serve(args: argparse.Namespace, store: Store, credentials: grpc.ServerCrede
     cache = ByteLRU(int(args.cache_mb * (1 << 20)) if cache_bytes is None else cache_bytes)
     catalog = Catalog(store, cache)
     servicer = LutStoreServicer(catalog, RowSource(store, cache), args.max_batch_rows, max_message)
+    servicer.allow_shared_memory = getattr(args, "allow_shared_memory", False)
     metrics = Metrics()
     metrics.track_cache(cache.stats)
     # Interceptors cover every handler however it is registered; metrics is outermost so that

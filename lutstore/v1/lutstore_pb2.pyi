@@ -117,6 +117,34 @@ class BatchGetResponse(_message.Message):
     version: int
     def __init__(self, rows: _Optional[_Iterable[_Union[Row, _Mapping]]] = ..., version: _Optional[int] = ...) -> None: ...
 
+class BatchGetSharedRequest(_message.Message):
+    __slots__ = ("table", "version", "token_ids", "segment_name", "segment_bytes")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    version: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    segment_name: str
+    segment_bytes: int
+    def __init__(self, table: _Optional[str] = ..., version: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., segment_name: _Optional[str] = ..., segment_bytes: _Optional[int] = ...) -> None: ...
+
+class BatchGetSharedResponse(_message.Message):
+    __slots__ = ("version", "token_ids", "offsets", "lengths", "bytes_written")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    bytes_written: int
+    def __init__(self, version: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., offsets: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., bytes_written: _Optional[int] = ...) -> None: ...
+
 class GetArtifactRequest(_message.Message):
     __slots__ = ("table", "version", "name")
     TABLE_FIELD_NUMBER: _ClassVar[int]

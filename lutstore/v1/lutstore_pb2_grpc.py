@@ -49,6 +49,11 @@ class LutStoreStub:
                 request_serializer=lutstore_dot_v1_dot_lutstore__pb2.BatchGetRequest.SerializeToString,
                 response_deserializer=lutstore_dot_v1_dot_lutstore__pb2.BatchGetResponse.FromString,
                 _registered_method=True)
+        self.BatchGetShared = channel.unary_unary(
+                '/lutstore.v1.LutStore/BatchGetShared',
+                request_serializer=lutstore_dot_v1_dot_lutstore__pb2.BatchGetSharedRequest.SerializeToString,
+                response_deserializer=lutstore_dot_v1_dot_lutstore__pb2.BatchGetSharedResponse.FromString,
+                _registered_method=True)
         self.GetArtifact = channel.unary_stream(
                 '/lutstore.v1.LutStore/GetArtifact',
                 request_serializer=lutstore_dot_v1_dot_lutstore__pb2.GetArtifactRequest.SerializeToString,
@@ -88,6 +93,28 @@ class LutStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchGetShared(self, request, context):
+        """Optional same-host fast path of BatchGet (as Triton's system shared
+        memory): the client creates a POSIX shared-memory segment (/dev/shm/NAME,
+        owned by the server's uid) and names it; the server writes the stored
+        values (body || crc32, exactly BatchGet's Row.data bytes) of the distinct
+        requested ids into it back to back, in ascending token-id order, starting
+        at offset 0, and answers where each one is. It writes nothing outside
+        [0, segment_bytes) of that segment and nothing anywhere else: like every
+        RPC here it changes no stored data. Off unless the server runs with
+        `lutstore serve --allow-shared-memory`.
+        Errors: as BatchGet, plus FAILED_PRECONDITION (shared memory disabled on
+        this server; the segment does not exist, is not a regular file owned by
+        the server's uid, or cannot be opened: use BatchGet instead) and
+        INVALID_ARGUMENT (a segment name with a path separator or not a plain
+        file name; segment_bytes 0 or larger than the file; rows that do not fit
+        in segment_bytes: the message names the bytes needed). On DATA_LOSS the
+        segment's contents are undefined.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetArtifact(self, request, context):
         """The bytes of one artifact stored with the table (for example
         "config.json", "tokenizer.json", "backbone.safetensors"), streamed in
@@ -114,6 +141,11 @@ def add_LutStoreServicer_to_server(servicer, server):
                     servicer.BatchGet,
                     request_deserializer=lutstore_dot_v1_dot_lutstore__pb2.BatchGetRequest.FromString,
                     response_serializer=lutstore_dot_v1_dot_lutstore__pb2.BatchGetResponse.SerializeToString,
+            ),
+            'BatchGetShared': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchGetShared,
+                    request_deserializer=lutstore_dot_v1_dot_lutstore__pb2.BatchGetSharedRequest.FromString,
+                    response_serializer=lutstore_dot_v1_dot_lutstore__pb2.BatchGetSharedResponse.SerializeToString,
             ),
             'GetArtifact': grpc.unary_stream_rpc_method_handler(
                     servicer.GetArtifact,
@@ -202,6 +234,33 @@ class LutStore:
             '/lutstore.v1.LutStore/BatchGet',
             lutstore_dot_v1_dot_lutstore__pb2.BatchGetRequest.SerializeToString,
             lutstore_dot_v1_dot_lutstore__pb2.BatchGetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchGetShared(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lutstore.v1.LutStore/BatchGetShared',
+            lutstore_dot_v1_dot_lutstore__pb2.BatchGetSharedRequest.SerializeToString,
+            lutstore_dot_v1_dot_lutstore__pb2.BatchGetSharedResponse.FromString,
             options,
             channel_credentials,
             insecure,
