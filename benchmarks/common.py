@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lutstore.daemon import Daemon
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -90,62 +92,8 @@ def git_revision() -> str:
         return "unknown"
 
 
-class ServerProcess:
-    """A running `lutstore serve` subprocess on a free loopback port; a context manager that stops it."""
-
-    def __init__(self, db: Path, *flags: str, timeout: float = 60.0):
-        import re
-        import sys
-        import threading
-
-        cmd = [sys.executable, "-m", "lutstore.cli", "serve", "--db", str(db), "--host", "127.0.0.1", "--port", "0",
-               *flags]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.output: list[str] = []
-        ready = re.compile(r"lutstore: serving .+ on 127\.0\.0\.1:(\d+)")
-        deadline = time.monotonic() + timeout
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                self.proc.wait()
-                raise RuntimeError(f"lutstore serve exited ({self.proc.returncode}):\n{''.join(self.output)}")
-            self.output.append(line)
-            m = ready.search(line)
-            if m:
-                self.port = int(m.group(1))
-                break
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                raise RuntimeError(f"lutstore serve not ready after {timeout}s:\n{''.join(self.output)}")
-        # Keep draining so a chatty server never blocks on a full pipe.
-        threading.Thread(target=lambda: self.output.extend(self.proc.stdout), daemon=True).start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self, timeout: float = 15.0) -> None:
-        import signal
-
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def __enter__(self) -> "ServerProcess":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+class ServerProcess(Daemon):
+    """A running `lutstore serve` subprocess on a free loopback port (lutstore.daemon.Daemon)."""
 
 
 def peak_rss_bytes(pid: int) -> int | None:

@@ -18,18 +18,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import re
 import shlex
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-READY = re.compile(r"lutstore: serving .+ on 127\.0\.0\.1:(\d+)")
+
+from lutstore.daemon import Daemon, DaemonError  # noqa: E402  (after REPO: this file runs as a script)
 TABLES = {"fp16": "shakespeare", "int8": "shakespeare-int8"}   # encoding -> table name
 PROMPTS = ["ROMEO.\n", "To be, or not to be,", "KING.\nMy lord, the"]
 
@@ -91,43 +88,13 @@ def ensure_tables(model_dir: Path, db: Path) -> None:
     stamp.write_text(json.dumps(wanted, indent=2) + "\n")
 
 
-class Daemon:
+def start_daemon(db: Path) -> Daemon:
     """`lutstore serve --port 0` in the background; its port is read from its ready line."""
-
-    def __init__(self, db: Path, timeout: float = 60.0) -> None:
-        cmd = lutstore("serve", "--db", str(db), "--port", "0")
-        print("$ " + shlex.join(["python", *cmd[1:]]) + " &", flush=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.output: list[str] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                self.proc.wait()
-                raise DemoError(f"lutstore serve exited ({self.proc.returncode}) before serving:\n{''.join(self.output)}")
-            self.output.append(line)
-            match = READY.search(line)
-            if match:
-                print("  " + line.rstrip(), flush=True)
-                break
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                raise DemoError(f"lutstore serve did not get ready within {timeout:.0f}s")
-        self.address = f"127.0.0.1:{match.group(1)}"
-        # Keep draining its output so the daemon never blocks on a full pipe.
-        threading.Thread(target=lambda: self.output.extend(self.proc.stdout), daemon=True).start()
-
-    def stop(self, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise DemoError(f"lutstore serve did not stop within {timeout:.0f}s of SIGTERM; killed it")
-        return self.proc.returncode
+    print("$ " + shlex.join(["python", *lutstore("serve", "--db", str(db), "--port", "0")[1:]]) + " &", flush=True)
+    try:
+        return Daemon(db, on_ready_line=lambda line: print("  " + line, flush=True))
+    except DaemonError as e:
+        raise DemoError(str(e)) from None
 
 
 def generate(address: str, tokens: int) -> None:
@@ -195,13 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         training = ensure_model(model_dir, args.minutes, args.retrain)
         ensure_tables(model_dir, db)
         say("3. starting the daemon on loopback")
-        daemon = Daemon(db)
+        daemon = start_daemon(db)
         generate(daemon.address, args.new_tokens)
         scores = evaluate(daemon.address, model_dir / "heldout.txt", args.eval_tokens)
         unigram = unigram_perplexity(model_dir, model_dir / "heldout.txt", args.eval_tokens)
         report(training, scores, unigram)
         say("7. stopping the daemon (SIGTERM)")
-        code, daemon = daemon.stop(), None
+        code, daemon = daemon.stop(timeout=20.0), None
         if code != 0:
             raise DemoError(f"lutstore serve exited with {code} after SIGTERM, not 0")
         print("  lutstore serve exited cleanly (0)")
@@ -213,10 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if daemon is not None:
-            try:
-                daemon.stop()
-            except DemoError as e:
-                print(f"demo: {e}", file=sys.stderr)
+            daemon.stop()
     print(f"\ndemo finished in {time.monotonic() - started:.0f}s")
     return 0
 
