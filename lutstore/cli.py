@@ -58,10 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-rows", type=int, default=4096, help="most token ids in one BatchGet")
     p.add_argument("--max-message-mb", type=float, default=8, help="largest gRPC message sent or received (MiB)")
     p.add_argument("--max-concurrent-streams", type=int, default=64, help="most RPCs in flight per connection")
-    p.add_argument("--workers", type=int, default=16, help="server threads (per process)")
-    p.add_argument("--processes", type=int, default=1,
-                   help="server processes sharing the port (SO_REUSEPORT; each opens its own RocksDB reader and "
-                        "an LRU of cache-mb/N; not with --metrics-port). Default 1")
+    p.add_argument("--workers", type=int, default=16, help="server threads")
     p.add_argument("--refresh-seconds", type=float, default=1.0, help="how often to look for newly ingested tables")
     p.add_argument("--max-concurrent-rpcs", type=int, default=256,
                    help="most RPCs in flight over all connections; more are answered RESOURCE_EXHAUSTED (default 256)")

@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
-import socket
-import sys
 import threading
 import time
 from concurrent import futures
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -293,8 +289,6 @@ def _validate(args: argparse.Namespace) -> None:
         raise UserError(f"--metrics-port must be in 0..65535, got {args.metrics_port}")
     if args.max_concurrent_rpcs < 1:
         raise UserError(f"--max-concurrent-rpcs must be >= 1, got {args.max_concurrent_rpcs}")
-    if args.processes < 1:
-        raise UserError(f"--processes must be >= 1, got {args.processes}")
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -316,8 +310,6 @@ def main(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT, then stop gracefully and return 0."""
     _validate(args)
     logs.use_format(args.log_format)
-    if args.processes > 1:
-        return _serve_forked(args, security.read_token(args.auth_token, args.auth_token_file))
     # Read credentials before opening anything, so a bad path is a one-line error.
     credentials = security.server_credentials(args.tls_cert, args.tls_key)
     token = security.read_token(args.auth_token, args.auth_token_file)
@@ -328,17 +320,10 @@ def main(args: argparse.Namespace) -> int:
         store.close()
 
 
-def _announce(args: argparse.Namespace, port: int) -> None:
-    print(f"lutstore: serving {args.db} on {args.host}:{port}", flush=True)
-
-
 def _serve(args: argparse.Namespace, store: Store, credentials: grpc.ServerCredentials | None,
-           token: str | None, reuse_port: bool = False, ready: Callable[[argparse.Namespace, int], None] = _announce,
-           cache_bytes: int | None = None) -> int:
-    """Serve until SIGTERM/SIGINT; `ready(args, port)` runs once RPCs are accepted. reuse_port and
-    cache_bytes are for --processes workers (one port shared, the cache budget split)."""
+           token: str | None) -> int:
     max_message = int(args.max_message_mb * (1 << 20))
-    cache = ByteLRU(int(args.cache_mb * (1 << 20)) if cache_bytes is None else cache_bytes)
+    cache = ByteLRU(int(args.cache_mb * (1 << 20)))
     catalog = Catalog(store, cache)
     servicer = LutStoreServicer(catalog, RowSource(store, cache), args.max_batch_rows, max_message)
     servicer.allow_shared_memory = getattr(args, "allow_shared_memory", False)
@@ -358,8 +343,7 @@ def _serve(args: argparse.Namespace, store: Store, credentials: grpc.ServerCrede
             ("grpc.max_send_message_length", max_message),
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_concurrent_streams", args.max_concurrent_streams),
-            # A second server on a busy port must fail, not share it; --processes workers share on purpose.
-            ("grpc.so_reuseport", 1 if reuse_port else 0),
+            ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
         ],
     )
     add_servicer(servicer, server)
@@ -403,7 +387,7 @@ def _serve(args: argparse.Namespace, store: Store, credentials: grpc.ServerCrede
     log.info("listening on %s:%d (tls=%s, auth=%s, metrics=%s)", args.host, port, credentials is not None,
              token is not None, metrics_http.server_address[1] if metrics_http else "off",
              extra={"event": "serving", "port": port})
-    ready(args, port)
+    print(f"lutstore: serving {args.db} on {args.host}:{port}", flush=True)
 
     while not stop.wait(0.5):
         pass
@@ -419,125 +403,3 @@ def _serve(args: argparse.Namespace, store: Store, credentials: grpc.ServerCrede
     log.info("stopped; cache %d hits, %d misses, %d entries, %d bytes", s.hits, s.misses, s.entries, s.bytes)
     return 0
 
-
-# ---- --processes N: forked servers sharing one port -----------------------------------
-
-def _reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
-    """Check that host:port is free (for port 0: pick one), then hold it with SO_REUSEPORT so that only
-    sockets that also ask for SO_REUSEPORT (our workers) can bind it until they all listen."""
-    bare = host.strip("[]")
-    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:  # no SO_REUSEPORT: fails on any holder
-            probe.bind((bare, port))
-            port = probe.getsockname()[1]
-        held = socket.socket(family, socket.SOCK_STREAM)
-        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        held.bind((bare, port))
-    except OSError as e:
-        raise UserError(f"cannot listen on {host}:{port} ({e.strerror})") from None
-    return held, port
-
-
-def _check_readable(paths: list[Path | None]) -> None:
-    for path in paths:
-        if path is not None:
-            try:
-                Path(path).read_bytes()
-            except OSError as e:
-                raise UserError(f"cannot read {path}: {e.strerror}") from None
-
-
-def _worker(args: argparse.Namespace, token: str | None, index: int, ready_fd: int) -> int:
-    """One forked server process: its own RocksDB secondary, LRU and gRPC server on the shared port."""
-    def ready(_args: argparse.Namespace, _port: int) -> None:
-        os.write(ready_fd, b"ready\n")
-        os.close(ready_fd)
-
-    try:
-        credentials = security.server_credentials(args.tls_cert, args.tls_key)
-        store = Store.open(args.db, "secondary")
-        try:
-            return _serve(args, store, credentials, token, reuse_port=True, ready=ready,
-                          cache_bytes=int(args.cache_mb * (1 << 20)) // args.processes)
-        finally:
-            store.close()
-    except UserError as e:
-        print(f"lutstore serve: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except BaseException:
-        log.exception("worker %d failed", index)
-        return 1
-
-
-def _serve_forked(args: argparse.Namespace, token: str | None) -> int:
-    """Fork args.processes workers before any gRPC server exists (gRPC must not be forked once
-    running), each binding the same port with SO_REUSEPORT; the kernel spreads connections
-    among them. Stop all of them on SIGTERM/SIGINT; exit 0 when they all stopped cleanly."""
-    if args.metrics_port is not None:
-        raise UserError("--metrics-port serves one process's counters: use it with --processes 1")
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise UserError("TLS needs both --tls-cert and --tls-key")
-    _check_readable([args.tls_cert, args.tls_key])
-    if not (Path(args.db) / "CURRENT").exists():
-        raise UserError(f"no lutstore database at {args.db}; create one with `lutstore ingest`")
-    held, port = _reserve_port(args.host, args.port)
-    args = argparse.Namespace(**{**vars(args), "port": port})
-    workers: dict[int, int] = {}  # pid -> index
-    readiness: dict[int, int] = {}  # pid -> read end of its ready pipe
-    stop = threading.Event()  # set by a signal, also one that comes while workers start
-
-    def on_signal(signum: int, _frame) -> None:
-        log.info("received %s; stopping %d workers", signal.Signals(signum).name, len(workers))
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    for index in range(args.processes):
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the worker
-            os.close(r)
-            held.close()
-            code = _worker(args, token, index, w)
-            logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        os.close(w)
-        workers[pid] = index
-        readiness[pid] = r
-
-    failed = False
-    for pid, r in readiness.items():
-        with os.fdopen(r, "rb") as pipe:
-            if pipe.read() != b"ready\n":  # EOF without "ready": the worker exited
-                failed = True
-    held.close()  # every worker listens now (or failed): the reservation is no longer needed
-    if not failed:
-        print(f"lutstore: serving {args.db} on {args.host}:{port} ({args.processes} processes)", flush=True)
-        log.info("workers %s listening on %s:%d", sorted(workers), args.host, port)
-    codes: dict[int, int] = {}
-    while not failed and not stop.is_set():
-        pid, status = os.waitpid(-1, os.WNOHANG)
-        if pid:  # a worker exited on its own: stop the rest, so a supervisor sees the failure
-            codes[pid] = os.waitstatus_to_exitcode(status)
-            log.error("worker %d (pid %d) exited with %d; stopping", workers[pid], pid, codes[pid])
-            failed = True
-        else:
-            stop.wait(0.5)
-    for pid in workers:
-        if pid not in codes:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    for pid in workers:
-        if pid not in codes:
-            codes[pid] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    if failed:
-        return max(1, *codes.values())
-    return 0 if all(code == 0 for code in codes.values()) else 1
