@@ -101,10 +101,11 @@ def test_json_logs_one_object_per_line(db_path: Path, serve) -> None:
 def test_graceful_shutdown_finishes_an_in_flight_stream(db_path: Path, serve) -> None:
     """SIGTERM while a client is half-way through a large BatchGet stream: the stream still
     delivers every row with status OK, and the daemon exits 0 once it has."""
-    fmt = RowFormat(2, 4, 512, Encoding.FP32)  # 16 KiB rows; 2048 of them (32 MiB) outrun the transport buffers
-    _, _, values = write_table(db_path, "big", fmt, vocab_size=2048)
-    server = serve(db_path, "--cache-mb", "0")
-    ids = list(range(2048))
+    # 16 KiB rows; 4096 of them (64 MiB) outrun the transport's flow-control buffers (32 MiB once did not, under load)
+    fmt = RowFormat(2, 4, 512, Encoding.FP32)
+    _, _, values = write_table(db_path, "big", fmt, vocab_size=4096)
+    server = serve(db_path, "--cache-mb", "0", "--max-batch-rows", "4096")
+    ids = list(range(4096))
     with grpc.insecure_channel(server.address, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
         stub = pb_grpc.LutStoreStub(channel)
         stream = stub.BatchGet(pb.BatchGetRequest(table="big", token_ids=ids), timeout=60)
@@ -114,7 +115,7 @@ def test_graceful_shutdown_finishes_an_in_flight_stream(db_path: Path, serve) ->
         while not any("stopping" in line for line in server.output):
             assert time.monotonic() < deadline, "the daemon did not start stopping"
             time.sleep(0.02)
-        time.sleep(0.3)  # the server is now shutting down, with our stream still open
+        # The server is now shutting down, with our stream still open.
         assert server.proc.poll() is None, "the daemon exited before the in-flight stream was finished"
         received = [first] + list(stream)
         assert stream.code() == grpc.StatusCode.OK
