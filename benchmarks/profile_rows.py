@@ -10,6 +10,8 @@ measured for about `--seconds`:
   get_raw hot    the same against a server whose LRU holds every row
   get_payloads   hot server, rows as one uint8 [n, payload_bytes] array (what a model on a device wants)
   get_rows       hot server, decoded to float32 [n, L, N, D]
+  shm get_raw    hot server, through the same-host BatchGetShared path (/dev/shm, no socket)
+  shm payloads   hot server, get_payloads through BatchGetShared
   single row     one-row get_raw latency p50 / p99, hot server
 
     python -m benchmarks.profile_rows                 # fp16, batches of 64
@@ -179,8 +181,9 @@ def main() -> None:
                 meter.server_pid = server.pid
                 report("get_raw cold", timed(lambda ids: client.get_raw(name, ids, version), batches, args.seconds, meter),
                        call_bytes)
-        with common.ServerProcess(db, "--cache-mb", str(2 * args.vocab * row_bytes / 2**20 + 16), *flags) as server, \
-                LutClient(server.address) as client:
+        with common.ServerProcess(db, "--cache-mb", str(2 * args.vocab * row_bytes / 2**20 + 16),
+                                  "--allow-shared-memory", *flags) as server, \
+                LutClient(server.address) as client, LutClient(server.address, shared_memory=True) as shm_client:
             meter.server_pid = server.pid
             for start in range(0, args.vocab, args.batch):  # warm the server's LRU with every row
                 client.get_raw(name, range(start, min(args.vocab, start + args.batch)), version)
@@ -193,6 +196,13 @@ def main() -> None:
             if want("rows"):
                 report("get_rows", timed(lambda ids: client.get_rows(name, ids, version), batches, args.seconds, meter),
                        call_bytes)
+            if want("shm"):
+                report("shm get_raw", timed(lambda ids: shm_client.get_raw(name, ids, version), batches,
+                                            args.seconds, meter), call_bytes)
+                report("shm payloads", timed(lambda ids: shm_client.get_payloads(name, ids, version), batches,
+                                             args.seconds, meter), call_bytes)
+                report("shm single", timed(lambda ids: shm_client.get_raw(name, ids, version), singles,
+                                           args.seconds, meter), row_bytes)
             if want("single"):
                 report("single row", timed(lambda ids: client.get_raw(name, ids, version), singles, args.seconds, meter),
                        row_bytes)
