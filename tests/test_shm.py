@@ -214,3 +214,34 @@ def test_remote_table_runs_over_shared_memory(db_path: Path, serve) -> None:
             remote.request(idx)
             torch.testing.assert_close(remote.rows(idx).all().float(), table.rows(idx))
         assert client._shared_memory is True and client._segments
+
+
+def test_garbage_and_random_requests_are_refused_cleanly(db_path: Path, serve, shm_file) -> None:
+    """Unparsable bytes -> INVALID_ARGUMENT; random fields -> a contract status, never UNKNOWN/INTERNAL;
+    the daemon stays up and writes nothing into a segment it was not asked to."""
+    import random
+
+    write_table(db_path, "t", vocab_size=16)
+    server = serve(db_path, "--allow-shared-memory")
+    never = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED,
+             grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+    rng = random.Random(7)
+    bystander = shm_file(4096)
+    good = shm_file(1 << 16)
+    with grpc.insecure_channel(server.address) as channel:
+        raw = channel.unary_unary("/lutstore.v1.LutStore/BatchGetShared")
+        for blob in (b"\xff", b"\x0a\xff\xff\xff\xff\x0f", b"\x1a\x05\x01", bytes([0x0b]) * 9):
+            with pytest.raises(grpc.RpcError) as err:
+                raw(blob, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        for _ in range(60):
+            fields = dict(table=rng.choice(["t", "", "x"]), version=rng.choice([0, 1, 2, 2**32 - 1]),
+                          token_ids=[rng.choice([0, 5, 15, 16, 2**32 - 1]) for _ in range(rng.randint(0, 5))],
+                          segment_name=rng.choice([good, "", "..", "a/b", "nope", good + "x"]),
+                          segment_bytes=rng.choice([0, 1, 100, 1 << 16, (1 << 16) + 1, 2**64 - 1]))
+            try:
+                shared_call(server.address, pb.BatchGetSharedRequest(**fields))
+            except grpc.RpcError as e:
+                assert e.code() not in never, (fields, e.code(), e.details())
+    assert (shm.SHM_DIR / bystander).read_bytes() == bytes([SENTINEL]) * 4096
+    assert server.proc.poll() is None
