@@ -89,10 +89,12 @@ def ensure_tables(model_dir: Path, db: Path) -> None:
 
 
 def start_daemon(db: Path) -> Daemon:
-    """`lutstore serve --port 0` in the background; its port is read from its ready line."""
-    print("$ " + shlex.join(["python", *lutstore("serve", "--db", str(db), "--port", "0")[1:]]) + " &", flush=True)
+    """`lutstore serve --port 0` in the background; its port is read from its ready line.
+    Same host, so the shared-memory fast path is on (clients on loopback use it)."""
+    flags = ("--allow-shared-memory",)
+    print("$ " + shlex.join(["python", *lutstore("serve", "--db", str(db), "--port", "0", *flags)[1:]]) + " &", flush=True)
     try:
-        return Daemon(db, on_ready_line=lambda line: print("  " + line, flush=True))
+        return Daemon(db, *flags, on_ready_line=lambda line: print("  " + line, flush=True))
     except DaemonError as e:
         raise DemoError(str(e)) from None
 

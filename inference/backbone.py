@@ -210,14 +210,14 @@ class RemoteModel:
 def open_remote(address: str, table: str | None = None, version: int = 0, device: str = "cpu",
                 dtype: torch.dtype = torch.float32, cache_mb: float = 256, backbone_dir: Path | None = None,
                 retry_seconds: float = 10.0, timeout: float = 30.0, tls_ca: Path | None = None,
-                auth_token: str | None = None) -> RemoteModel:
+                auth_token: str | None = None, shared_memory: bool | str = "auto") -> RemoteModel:
     """Connect, resolve the table, get and verify its backbone, load the model."""
     from inference.lut import MiB, RemoteTable
     from lutstore.client import LutClient
 
     # Enough retries (backoff <= 1 s each) to last the whole retry_seconds budget.
     client = LutClient(address, timeout=timeout, retries=5 + math.ceil(retry_seconds), retry_seconds=retry_seconds,
-                       tls_ca=tls_ca, auth_token=auth_token)
+                       tls_ca=tls_ca, auth_token=auth_token, shared_memory=shared_memory)
     try:
         info = pick_table(client, table, version)
         if backbone_dir is not None:

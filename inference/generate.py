@@ -165,13 +165,18 @@ def add_remote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", type=Path, help="PEM CA certificate: connect with TLS, trusting this CA (default plaintext)")
     p.add_argument("--auth-token", help="bearer token the daemon asks for (visible in `ps`: prefer --auth-token-file)")
     p.add_argument("--auth-token-file", type=Path, help="read the bearer token from this file")
+    p.add_argument("--shared-memory", choices=["auto", "on", "off"], default="auto",
+                   help="same-host fast path (daemon started with --allow-shared-memory): auto uses it for loopback "
+                        "addresses when the daemon allows it, else plain BatchGet (default auto)")
 
 
 def client_options(args: argparse.Namespace) -> dict:
     """TLS and token keyword arguments of open_remote from the flags of add_remote_args."""
     from lutstore.security import read_token
 
-    return {"tls_ca": args.tls_ca, "auth_token": read_token(args.auth_token, args.auth_token_file)}
+    shared_memory = {"auto": "auto", "on": True, "off": False}[args.shared_memory]
+    return {"tls_ca": args.tls_ca, "auth_token": read_token(args.auth_token, args.auth_token_file),
+            "shared_memory": shared_memory}
 
 
 def build_parser() -> argparse.ArgumentParser:
