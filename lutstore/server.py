@@ -172,22 +172,28 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
     def GetTableInfo(self, request: pb.GetTableInfoRequest, context: grpc.ServicerContext) -> pb.TableInfo:
         return self.table_info(self._resolve(request.table, request.version, context))
 
-    def BatchGet(self, request: pb.BatchGetRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
-        """Yields serialised BatchGetResponse messages (see add_servicer: no protobuf objects for rows)."""
-        started = time.perf_counter()
-        meta = self._resolve(request.table, request.version, context)
-        n = len(request.token_ids)
+    def checked_ids(self, token_ids, meta: TableMeta, context: grpc.ServicerContext) -> list[int]:
+        """The distinct requested ids, ascending; INVALID_ARGUMENT naming the limit for an empty or
+        oversized batch or an id outside the vocabulary (BatchGet and BatchGetShared alike)."""
+        n = len(token_ids)
         if n == 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty batch: give at least one token id")
         if n > self.max_batch_rows:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"batch of {n} token ids exceeds max_batch_rows={self.max_batch_rows}; split it")
-        ids = sorted(set(request.token_ids))
+        ids = sorted(set(token_ids))
         if ids[-1] >= meta.vocab_size:
-            bad = next(t for t in request.token_ids if t >= meta.vocab_size)
+            bad = next(t for t in token_ids if t >= meta.vocab_size)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"token id {bad} out of range: table {meta.name!r} v{meta.version} has vocab_size "
                           f"{meta.vocab_size} (valid ids 0..{meta.vocab_size - 1})")
+        return ids
+
+    def BatchGet(self, request: pb.BatchGetRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Yields serialised BatchGetResponse messages (see add_servicer: no protobuf objects for rows)."""
+        started = time.perf_counter()
+        meta = self._resolve(request.table, request.version, context)
+        ids = self.checked_ids(request.token_ids, meta, context)
         row_bound = self._row_bound(meta)
         if row_bound + 1024 > self.max_message_bytes:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -206,7 +212,7 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
         except CorruptRow as e:
             log.error("%s", e)
             context.abort(grpc.StatusCode.DATA_LOSS, str(e))
-        log.debug("BatchGet %s v%d: %d ids (%d distinct) in %.2f ms", meta.name, meta.version, n, len(ids),
+        log.debug("BatchGet %s v%d: %d ids (%d distinct) in %.2f ms", meta.name, meta.version, len(request.token_ids), len(ids),
                   1000 * (time.perf_counter() - started))
 
     def GetArtifact(self, request: pb.GetArtifactRequest, context: grpc.ServicerContext) -> Iterator[pb.ArtifactChunk]:

@@ -56,7 +56,7 @@ class SharedMemoryRows:
 
         svc = self.servicer
         meta = svc._resolve(request.table, request.version, context)
-        ids = self._checked_ids(request, meta, context)
+        ids = self.servicer.checked_ids(request.token_ids, meta, context)
         fd = self._open_segment(request.segment_name, request.segment_bytes, context)
         try:
             return self._write_rows(meta, ids, fd, request.segment_bytes, context, CorruptRow)
@@ -64,23 +64,6 @@ class SharedMemoryRows:
             os.close(fd)
 
     # ---- validation -------------------------------------------------------
-
-    def _checked_ids(self, request: pb.BatchGetSharedRequest, meta, context: grpc.ServicerContext) -> list[int]:
-        """BatchGet's checks and messages: empty batch, max_batch_rows, ids within vocab_size."""
-        n = len(request.token_ids)
-        limit = self.servicer.max_batch_rows
-        if n == 0:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty batch: give at least one token id")
-        if n > limit:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"batch of {n} token ids exceeds max_batch_rows={limit}; split it")
-        ids = sorted(set(request.token_ids))
-        if ids[-1] >= meta.vocab_size:
-            bad = next(t for t in request.token_ids if t >= meta.vocab_size)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"token id {bad} out of range: table {meta.name!r} v{meta.version} has vocab_size "
-                          f"{meta.vocab_size} (valid ids 0..{meta.vocab_size - 1})")
-        return ids
 
     def _open_segment(self, name: str, size: int, context: grpc.ServicerContext) -> int:
         """An O_RDWR descriptor of /dev/shm/name after checking name, owner, type and size."""
