@@ -14,7 +14,12 @@ over RocksDB on disk; the OS page cache below it), and measures decode tok/s of
 
 in the fixed-step mode of bench_decode (the backbone's compute replaced by a fixed
 time per step: the GPU regime) and, with --mode both, with a real 410M backbone on
-this CPU. Tokens are Zipf-distributed over the whole vocabulary.
+this CPU. Tokens are Zipf-distributed over the whole vocabulary; every timed run
+decodes a fresh stream of the same law, so its tail tokens are rows no cache has
+seen and really come from disk. The daemon's disk reads during each timed run
+(/proc/PID/io read_bytes: page-cache hits excluded) are recorded next to tok/s.
+With --shared-memory on/both the remote cases also run over the same-host
+BatchGetShared path (cases *_shm).
 
 Disk is checked right before building (free space must exceed the table plus
 --margin-gb); fp16 is used when it fits, else int8 (half the bytes; the report
@@ -75,6 +80,37 @@ def choose_encoding(work: Path, vocab: int, wanted: str, margin: float) -> tuple
                   + " or ".join(f"{need[e] / GB:.1f} GB ({e})" for e in order) + f" + {margin / GB:.0f} GB margin")
 
 
+def disk_read_bytes(pid: int) -> int | None:
+    """Bytes a process has caused to be read from storage (/proc/PID/io read_bytes): page-cache
+    hits do not count, so this is what the daemon really read from disk."""
+    try:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def page_cache_bytes() -> int:
+    """The OS page cache ("Cached" in /proc/meminfo)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("Cached:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def random_fp16_table(rows: int, seed: int = 0, chunk: int = 64) -> torch.Tensor:
+    """[rows, *SHAPE] fp16 normals, filled chunk by chunk (a float32 temporary of the whole
+    table would be 2x its size again)."""
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.empty((rows, *SHAPE), dtype=torch.float16)
+    for s in range(0, rows, chunk):
+        n = min(chunk, rows - s)
+        table[s:s + n] = torch.randn((n, *SHAPE), generator=gen)
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_bigger_than_ram", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-mb", type=float, default=2048, help="client row cache (MiB, default 2048)")
     p.add_argument("--inprocess-rows", type=int, default=2048, help="rows of the in-process comparison table (default 2048)")
     p.add_argument("--repeats", type=int, default=3, help="runs of each case, interleaved; the best counts (default 3)")
+    p.add_argument("--shared-memory", choices=("off", "on", "both"), default="off",
+                   help="remote cases over the gRPC stream (off), the same-host shared-memory path (on), or both "
+                        "(cases *_shm added); the daemon gets --allow-shared-memory unless off (default off)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads in real mode (default 1: the machine is shared; fixed mode always uses 1)")
     p.add_argument("--keep", action="store_true", help="keep the built table (reused by the next run)")
     p.add_argument("--quick", action="store_true", help="vocab 4096, 16 steps, batch 1 (a dry run: fits in RAM)")
     args = p.parse_args(argv)
@@ -134,12 +175,14 @@ def main(argv: list[str] | None = None) -> int:
                      "bigger_than_ram": table_bytes > ram, "row_bytes": fmt.stored_bytes, "modes": {}}
     targets = []
     try:
-        with common.ServerProcess(db, "--cache-mb", str(args.server_cache_mb), timeout=300) as server:
+        results["client_memory_after_build"] = common.memory_status(os.getpid())
+        serve_flags = ["--allow-shared-memory"] if args.shared_memory != "off" else []
+        with common.ServerProcess(db, "--cache-mb", str(args.server_cache_mb), *serve_flags, timeout=300) as server:
             # the in-process comparison: rows of the same shape, fp16 (the paper's table precision)
-            gen = torch.Generator().manual_seed(0)
-            inproc = InProcessTable(torch.randn((args.inprocess_rows, *SHAPE), generator=gen).half())
+            inproc = InProcessTable(random_fp16_table(args.inprocess_rows))
             perm = np.random.default_rng(1234).permutation(args.vocab)
             rng = np.random.default_rng(0)
+            read_before = disk_read_bytes(server.pid)
             with LutClient(server.address) as client:    # warm the daemon's LRU and the page cache
                 warm = RemoteTable(client, "mole-410m", cache_bytes=0)
                 for s in tqdm(range(0, args.warm_tokens, 32), desc="warm daemon + page cache", dynamic_ncols=True):
@@ -147,25 +190,38 @@ def main(argv: list[str] | None = None) -> int:
                     warm.request(ids)
                     warm.gather(ids)
                 warm.close()
+            results["warm_disk_read_bytes"] = _delta(disk_read_bytes(server.pid), read_before)
+            results["page_cache_bytes_after_warm"] = page_cache_bytes()
             modes = ["fixed", "real"] if args.mode == "both" else [args.mode]
             for mode in modes:
                 results["modes"][mode] = measure_mode(mode, args, server, inproc, perm, rng)
                 for b, r in results["modes"][mode].items():
-                    targets.append(common.target(f"410m {mode} b{b} from disk (daemon+OS warm, client cold) vs in-process",
-                                                 r["remote"]["tok_s"] / r["inprocess"]["tok_s"], 0.8))
-                    targets.append(common.target(f"410m {mode} b{b} from disk (client warm too) vs in-process",
-                                                 r["remote_client_warm"]["tok_s"] / r["inprocess"]["tok_s"], 0.8))
+                    for case in cases_for(args.shared_memory):
+                        what = "client warm too" if case.startswith("remote_client_warm") else "daemon+OS warm, client cold"
+                        via = ", shared memory" if case.endswith("_shm") else ""
+                        targets.append(common.target(f"410m {mode} b{b} from disk ({what}{via}) vs in-process",
+                                                     r[case]["tok_s"] / r["inprocess"]["tok_s"], 0.8))
             rss = common.peak_rss_bytes(server.pid)
             results["server_peak_rss_bytes"] = rss
     finally:
         if built_here and not args.keep:
             shutil.rmtree(db, ignore_errors=True)
             print(f"removed {db} (pass --keep to keep it)", flush=True)
+    results["page_cache_bytes_at_end"] = page_cache_bytes()
+    results["client_memory_at_end"] = common.memory_status(os.getpid())
     results["table_kept"] = args.keep or not built_here
     path = common.write_results("bigger_than_ram", {"config": {k: str(v) for k, v in vars(args).items()},
                                                     "git": common.git_revision(), **results, "targets": targets})
     print(f"results: {path}")
     return 0
+
+
+def cases_for(shared_memory: str) -> tuple[str, ...]:
+    """The remote cases measured: over the gRPC stream, shared memory (BatchGetShared), or both."""
+    base = ("remote", "remote_client_warm")
+    if shared_memory == "on":
+        return tuple(c + "_shm" for c in base)
+    return base + (tuple(c + "_shm" for c in base) if shared_memory == "both" else ())
 
 
 def measure_mode(mode: str, args, server, inproc: InProcessTable, perm: np.ndarray, rng) -> dict:
@@ -175,34 +231,56 @@ def measure_mode(mode: str, args, server, inproc: InProcessTable, perm: np.ndarr
                                step_time_fn(args.fixed_step_ms, args.fixed_step_ms, 25.0))
         fwd = lambda rows: fixed_forward(fixed, rows)   # noqa: E731
     else:
+        torch.set_num_threads(args.threads)
         model = Transformer(margs, "lut").eval()
         init_weights(model)
         model.setup_caches(max(args.batches), 16 + args.steps + 1)
         fwd = lambda rows: real_forward(model, rows, 16 + args.steps + 1)   # noqa: E731
+    remote_cases = cases_for(args.shared_memory)
     out: dict = {}
     for b in args.batches:
-        prompt = zipf_tokens(args.vocab, b * 16, rng, permutation=perm).reshape(b, 16)
-        stream = zipf_tokens(args.vocab, b * args.steps, rng, permutation=perm).reshape(b, args.steps)
-        small_prompt, small_stream = prompt % len(inproc.table), stream % len(inproc.table)
-        runs: dict[str, list[Run]] = {"inprocess": [], "remote": [], "remote_client_warm": []}
-        decode_run(fwd(inproc.rows), None, small_prompt[:, :4], small_stream[:, :2])    # untimed first call
+        def workload() -> tuple[np.ndarray, np.ndarray]:
+            # A fresh prompt and stream (same Zipf law) for every run: a stream replayed by a later
+            # run would find its tail rows already in the daemon's LRU, and nothing would come from disk.
+            return (zipf_tokens(args.vocab, b * 16, rng, permutation=perm).reshape(b, 16),
+                    zipf_tokens(args.vocab, b * args.steps, rng, permutation=perm).reshape(b, args.steps))
+
+        runs: dict[str, list[Run]] = {c: [] for c in ("inprocess", *remote_cases)}
+        prompt, stream = workload()
+        decode_run(fwd(inproc.rows), None, prompt[:, :4] % len(inproc.table), stream[:, :2] % len(inproc.table))  # untimed first call
         for _ in tqdm(range(args.repeats), desc=f"410m {mode} batch {b}", dynamic_ncols=True, leave=False):
-            runs["inprocess"].append(decode_run(fwd(inproc.rows), None, small_prompt, small_stream))
-            for case in ("remote", "remote_client_warm"):
-                with LutClient(server.address) as client:
+            prompt, stream = workload()      # in-process: the same law folded onto its rows (a gather costs the same)
+            runs["inprocess"].append(decode_run(fwd(inproc.rows), None, prompt % len(inproc.table), stream % len(inproc.table)))
+            for case in remote_cases:
+                with LutClient(server.address, shared_memory=case.endswith("_shm")) as client:
                     src = RemoteTable(client, "mole-410m", cache_bytes=int(args.cache_mb * MiB))
-                    if case == "remote_client_warm":
+                    if case.startswith("remote_client_warm"):
                         warm_up(src, zipf_tokens(args.vocab, args.warm_tokens, rng, permutation=perm), 32)
-                    runs[case].append(decode_run(fwd(src.rows), src, prompt, stream))
+                    prompt, stream = workload()
+                    read_before = disk_read_bytes(server.pid)
+                    run = decode_run(fwd(src.rows), src, prompt, stream)
+                    run.disk_read_bytes = _delta(disk_read_bytes(server.pid), read_before)   # timed part only
+                    runs[case].append(run)
                     src.close()
-        res = {c: {**vars(max(rs, key=lambda r: r.tok_s)), "all_tok_s": [r.tok_s for r in rs]} for c, rs in runs.items()}
+        res = {}
+        for c, rs in runs.items():
+            res[c] = {**vars(max(rs, key=lambda r: r.tok_s)), "median_tok_s": float(np.median([r.tok_s for r in rs])),
+                      "all_tok_s": [r.tok_s for r in rs]}
+            if c != "inprocess":
+                res[c]["all_disk_read_bytes"] = [r.disk_read_bytes for r in rs]
         out[b] = res
-        base = res["inprocess"]["tok_s"]
-        print(f"  410m {mode} batch {b}: " + " | ".join(
-            f"{c} {r['tok_s']:.1f} tok/s ({r['tok_s'] / base:.2f}x"
-            + (f", client hit {100 * r['hit_rate']:.0f}%" if r.get("hit_rate") is not None else "") + ")"
+        base, base_median = res["inprocess"]["tok_s"], res["inprocess"]["median_tok_s"]
+        print(f"  410m {mode} batch {b} (best of {args.repeats}; median ratio in brackets): " + " | ".join(
+            f"{c} {r['tok_s']:.1f} tok/s ({r['tok_s'] / base:.2f}x [{r['median_tok_s'] / base_median:.2f}x]"
+            + (f", client hit {100 * r['hit_rate']:.0f}%" if r.get("hit_rate") is not None else "")
+            + (f", {np.median(r['all_disk_read_bytes']) / 1e6:.0f} MB from disk per run (median)"
+               if r.get("all_disk_read_bytes") and None not in r["all_disk_read_bytes"] else "") + ")"
             for c, r in res.items()), flush=True)
     return out
+
+
+def _delta(after: int | None, before: int | None) -> int | None:
+    return None if after is None or before is None else after - before
 
 
 if __name__ == "__main__":
