@@ -41,9 +41,22 @@ def write_table(db: Path, name: str, fmt: RowFormat | None = None, vocab_size: i
 Server = Daemon
 
 
+_STARTED: list[Daemon] = []
+
+
 def start_server(db: Path, *extra: str, verbose: int = 1, timeout: float = 30.0) -> Daemon:
     """Start `lutstore serve --db DB --port 0` (few workers, quick refresh) and wait until it is ready."""
-    return Daemon(db, "--workers", "4", "--refresh-seconds", "0.2", *extra, verbose=verbose, timeout=timeout)
+    server = Daemon(db, "--workers", "4", "--refresh-seconds", "0.2", *extra, verbose=verbose, timeout=timeout)
+    _STARTED.append(server)
+    return server
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_daemon_outlives_the_tests():
+    """A test that fails before stopping its daemon must not leave it running after pytest."""
+    yield
+    for server in _STARTED:
+        server.stop(timeout=5)
 
 
 @pytest.fixture
