@@ -135,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
                         "(cases *_shm added); the daemon gets --allow-shared-memory unless off (default off)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads in real mode (default 1: the machine is shared; fixed mode always uses 1)")
+    p.add_argument("--daemon-hot-control", action="store_true",
+                   help="add the case remote_daemon_hot: the run's own rows read once beforehand (client cache "
+                        "cold, every row in the daemon's LRU), i.e. the same remote path with no disk: the "
+                        "difference to `remote` is what being bigger than RAM costs")
+    p.add_argument("--name", default="bigger_than_ram", help="results file name (default bigger_than_ram)")
     p.add_argument("--keep", action="store_true", help="keep the built table (reused by the next run)")
     p.add_argument("--quick", action="store_true", help="vocab 4096, 16 steps, batch 1 (a dry run: fits in RAM)")
     args = p.parse_args(argv)
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         enc, why = choose_encoding(args.work_dir, args.vocab, args.encoding, args.margin_gb * GB)
         print(why, flush=True)
         if enc is None:
-            common.write_results("bigger_than_ram", {"skipped": why})
+            common.write_results(args.name, {"skipped": why})
             return 0
         db = args.work_dir / f"db-{args.vocab}-{enc}"
         started = time.perf_counter()
@@ -210,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     results["page_cache_bytes_at_end"] = page_cache_bytes()
     results["client_memory_at_end"] = common.memory_status(os.getpid())
     results["table_kept"] = args.keep or not built_here
-    path = common.write_results("bigger_than_ram", {"config": {k: str(v) for k, v in vars(args).items()},
+    path = common.write_results(args.name, {"config": {k: str(v) for k, v in vars(args).items()},
                                                     "git": common.git_revision(), **results, "targets": targets})
     print(f"results: {path}")
     return 0
@@ -236,7 +241,7 @@ def measure_mode(mode: str, args, server, inproc: InProcessTable, perm: np.ndarr
         init_weights(model)
         model.setup_caches(max(args.batches), 16 + args.steps + 1)
         fwd = lambda rows: real_forward(model, rows, 16 + args.steps + 1)   # noqa: E731
-    remote_cases = cases_for(args.shared_memory)
+    remote_cases = cases_for(args.shared_memory) + (("remote_daemon_hot",) if args.daemon_hot_control else ())
     out: dict = {}
     for b in args.batches:
         def workload() -> tuple[np.ndarray, np.ndarray]:
@@ -257,6 +262,10 @@ def measure_mode(mode: str, args, server, inproc: InProcessTable, perm: np.ndarr
                     if case.startswith("remote_client_warm"):
                         warm_up(src, zipf_tokens(args.vocab, args.warm_tokens, rng, permutation=perm), 32)
                     prompt, stream = workload()
+                    if case == "remote_daemon_hot":     # the control: this run's rows into the daemon's LRU first
+                        preload = RemoteTable(client, "mole-410m", cache_bytes=0)
+                        warm_up(preload, np.concatenate([prompt.ravel(), stream.ravel()]), 32)
+                        preload.close()
                     read_before = disk_read_bytes(server.pid)
                     run = decode_run(fwd(src.rows), src, prompt, stream)
                     run.disk_read_bytes = _delta(disk_read_bytes(server.pid), read_before)   # timed part only
