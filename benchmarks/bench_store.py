@@ -5,6 +5,8 @@ D=768: 295 KB fp16, 148 KB int8), in fp16 and int8, it measures payload GB/s
 and p50/p99 latency of
   * grpc cold   `LutClient.get_raw` against a server with --cache-mb 0 (every row read from RocksDB)
   * grpc hot    the same against a server whose row LRU already holds the ids
+  * shm cold/hot the same two servers through the same-host BatchGetShared path
+                (`--allow-shared-memory`, `LutClient(shared_memory=True).get_payloads`)
   * multi-get   in-process RocksDB multi-get of the same rows (rocksdict, same DB): ceiling 1
   * socket      a raw loopback TCP socket moving the same number of bytes per request: ceiling 2
 Requests are sequential (one in flight), so GB/s = bytes moved / time spent.
@@ -41,7 +43,8 @@ log = logging.getLogger(__name__)
 SHAPE = (12, 16, 768)  # the paper's 160M-16E model: L, N, D
 ENCODINGS = ("fp16", "int8")
 BATCHES = (1, 4, 16, 64, 256)
-METHODS = ("grpc_cold", "grpc_hot", "multiget", "socket")
+METHODS = ("grpc_cold", "grpc_hot", "shm_cold", "shm_hot", "multiget", "socket")
+# shm_*: the same-host BatchGetShared path (serve --allow-shared-memory, LutClient(shared_memory=True))
 ROUNDS = 4  # turns per method and point
 _LEN = struct.Struct("<Q")
 
@@ -160,17 +163,20 @@ def run(db: Path, vocab: int, batches: tuple[int, ...], seconds: float, min_requ
     points: list[dict] = []
     store = Store.open(db, "secondary")
     socket_ceiling = SocketCeiling(max_batch_bytes)
-    quiet = ("--refresh-seconds", "30")
+    quiet = ("--refresh-seconds", "30", "--allow-shared-memory")
     try:
         with common.ServerProcess(db, "--cache-mb", "0", *quiet) as cold_srv, \
                 common.ServerProcess(db, "--cache-mb", f"{hot_cache_mb:.0f}", *quiet) as hot_srv, \
-                LutClient(cold_srv.address) as cold, LutClient(hot_srv.address) as hot:
+                LutClient(cold_srv.address) as cold, LutClient(hot_srv.address) as hot, \
+                LutClient(cold_srv.address, shared_memory=True) as shm_cold, \
+                LutClient(hot_srv.address, shared_memory=True) as shm_hot:
             for enc, meta in metas.items():
                 name, version = meta.name, meta.version
                 row_bytes = meta.row_format().stored_bytes
                 for ids in np.array_split(hot_ids, max(1, -(-len(hot_ids) // 256))):  # warm the hot server's LRU
                     hot.get_raw(name, ids.tolist(), version)
-                cold.get_raw(name, [0], version)  # connect + cache TableInfo outside the timings
+                for client in (cold, shm_cold, shm_hot):  # connect + cache TableInfo outside the timings
+                    client.get_raw(name, [0], version)
                 print(f"\n{enc}: rows of {row_bytes / 1e3:.0f} KB, vocab {vocab}, hot set {len(hot_ids)} rows", flush=True)
                 print(f"{'batch':>5} | {'grpc cold':>9} {'grpc hot':>9} {'multi-get':>9} {'socket':>9} GB/s | "
                       f"{'cold/mget':>9} {'hot/mget':>9} {'cold/sock':>9} {'hot/sock':>9} | "
@@ -182,6 +188,8 @@ def run(db: Path, vocab: int, batches: tuple[int, ...], seconds: float, min_requ
                     calls = {
                         "grpc_cold": (lambda ids: cold.get_raw(name, ids, version), cold_batches),
                         "grpc_hot": (lambda ids: hot.get_raw(name, ids, version), hot_batches),
+                        "shm_cold": (lambda ids: shm_cold.get_payloads(name, ids, version), cold_batches),
+                        "shm_hot": (lambda ids: shm_hot.get_payloads(name, ids, version), hot_batches),
                         "multiget": (lambda ids: store.get_values(meta, ids), cold_batches),
                         "socket": (lambda ids: socket_ceiling.request(nbytes), cold_batches),
                     }
@@ -204,6 +212,9 @@ def run(db: Path, vocab: int, batches: tuple[int, ...], seconds: float, min_requ
                           f"{g['grpc_cold'] / g['socket']:9.2f} {g['grpc_hot'] / g['socket']:9.2f} | "
                           f"{row['grpc_cold']['p50_ms']:7.2f}/{row['grpc_cold']['p99_ms']:<7.2f} "
                           f"{row['grpc_hot']['p50_ms']:7.2f}/{row['grpc_hot']['p99_ms']:<7.2f}", flush=True)
+                    print(f"      | same-host BatchGetShared: cold {g['shm_cold']:.3f} GB/s ({g['shm_cold'] / g['multiget']:.2f}x "
+                          f"multi-get), hot {g['shm_hot']:.3f} GB/s ({g['shm_hot'] / g['multiget']:.2f}x multi-get); "
+                          f"p99 {row['shm_cold']['p99_ms']:.2f} / {row['shm_hot']['p99_ms']:.2f} ms", flush=True)
     finally:
         socket_ceiling.close()
         store.close()
@@ -226,10 +237,15 @@ def targets_of(points: list[dict], batches: tuple[int, ...]) -> list[dict]:
             g = point(points, enc, big, f"grpc_{kind}")["gbps"]
             out.append(common.target(f"store {enc} {kind} BatchGet/multi-get, {big} rows", g / mget, 0.6))
             out.append(common.target(f"store {enc} {kind} BatchGet/raw socket, {big} rows", g / sock, 0.3))
+            g = point(points, enc, big, f"shm_{kind}")["gbps"]
+            out.append(common.target(f"store {enc} {kind} same-host BatchGetShared/multi-get, {big} rows", g / mget, 0.6))
     if 1 in batches:
         for kind in ("cold", "hot"):
             p99 = point(points, "fp16", 1, f"grpc_{kind}")["p99_ms"]
             out.append(common.target(f"store fp16 {kind} p99 of one row", p99, 1.0, higher_is_better=False, unit=" ms"))
+            p99 = point(points, "fp16", 1, f"shm_{kind}")["p99_ms"]
+            out.append(common.target(f"store fp16 {kind} p99 of one row, same-host BatchGetShared", p99, 1.0,
+                                     higher_is_better=False, unit=" ms"))
     return out
 
 
@@ -239,7 +255,7 @@ def plot(points: list[dict], batches: tuple[int, ...], label: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"grpc_cold": "o-", "grpc_hot": "s-", "multiget": "^--", "socket": "v--"}
+    styles = {"grpc_cold": "o-", "grpc_hot": "s-", "shm_cold": "D-", "shm_hot": "P-", "multiget": "^--", "socket": "v--"}
     paths = []
     for what, ylabel, fname in (("gbps", "payload GB/s", "store_throughput"), ("p99_ms", "latency ms", "store_latency")):
         fig, axes = plt.subplots(1, len(ENCODINGS), figsize=(11, 4.2), sharey=True)

@@ -113,10 +113,17 @@ class SharedMemoryRows:
         lengths: list[int] = []
         per_read = max(1, ROWS_PER_READ_BYTES // svc._row_bound(meta))
         position = 0
+        starts = range(0, len(ids), per_read)
+        pending = None
         try:
-            for start in range(0, len(ids), per_read):
+            for k, start in enumerate(starts):
                 group = ids[start : start + per_read]
-                values = svc.rows.rows(meta, group)
+                values = pending.result() if pending is not None else svc.rows.rows(meta, group)
+                # Read the next group while this one is written (multi-get, CRC and pwritev release
+                # the GIL), as BatchGet reads message k+1 while gRPC sends message k.
+                nxt = start + per_read
+                pending = svc.prefetch.submit(svc.rows.rows, meta, ids[nxt : nxt + per_read]) \
+                    if k + 1 < len(starts) else None
                 group_bytes = sum(len(v) for v in values)
                 if position + group_bytes > size:  # zstd rows only: count what the whole batch needs, then refuse
                     need = position + group_bytes + sum(len(v) for s in range(start + per_read, len(ids), per_read)
