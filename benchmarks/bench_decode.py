@@ -451,7 +451,7 @@ def report_targets(name: str, result: dict) -> list[dict]:
     return targets
 
 
-def plot(results: dict, label: str) -> Path:
+def plot(results: dict, label: str, name: str = "decode") -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -472,7 +472,7 @@ def plot(results: dict, label: str) -> Path:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"MoLE decode tok/s — {label}", fontsize=9)
     fig.tight_layout()
-    out = common.plot_path("decode")
+    out = common.plot_path(name)  # one plot per results file (NAME.json -> NAME.png)
     fig.savefig(out, dpi=110)
     return out
 
@@ -564,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     path = common.write_results(args.name, {"config": config, "git": common.git_revision(), "results": results,
                                             "targets": targets})
-    print(f"results: {path}\nplot: {plot(results, label)}")
+    print(f"results: {path}\nplot: {plot(results, label, args.name)}")
     return 0
 
 
