@@ -457,7 +457,7 @@ def plot(results: dict, label: str, name: str = "decode") -> Path:
     import matplotlib.pyplot as plt
 
     panels = [(m, mode, r) for m, modes in results.items() for mode, r in modes.items()]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 2, 4), squeeze=False)
     for ax, (m, mode, r) in zip(axes[0], panels):
         batches = list(r["batches"])
         cases = [c for c in cases_for(r.get("shared_memory", "off"))]
@@ -469,7 +469,7 @@ def plot(results: dict, label: str, name: str = "decode") -> Path:
         ax.set_yscale("log")
         ax.set_ylabel("decode tok/s")
         ax.set_title(f"{m}, {mode}")
-    axes[0][0].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars stay visible
     fig.suptitle(f"MoLE decode tok/s — {label}", fontsize=9)
     fig.tight_layout()
     out = common.plot_path(name)  # one plot per results file (NAME.json -> NAME.png)
