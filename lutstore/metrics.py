@@ -196,28 +196,11 @@ class RpcInterceptor(grpc.ServerInterceptor):
                 _reject_unparsable(context, method)
             yield request
 
+    # Client-streaming RPCs (reflection's) get the same accounting: their request iterator is
+    # checked message by message, and the unary / server-streaming wrappers do the rest.
     def _stream_unary(self, method, behavior):
-        def handle(requests, context):
-            started, failed = time.perf_counter(), None
-            self.m.in_flight.inc()
-            try:
-                return behavior(self._checked(requests, context, method), context)
-            except BaseException as e:
-                failed = e
-                raise
-            finally:
-                self._finish(method, context, started, failed)
-        return handle
+        return self._unary(method, lambda requests, context: behavior(self._checked(requests, context, method), context))
 
     def _stream_stream(self, method, behavior):
-        def handle(requests, context):
-            started, failed = time.perf_counter(), None
-            self.m.in_flight.inc()
-            try:
-                yield from behavior(self._checked(requests, context, method), context)
-            except BaseException as e:
-                failed = e
-                raise
-            finally:
-                self._finish(method, context, started, failed)
-        return handle
+        return self._unary_stream(method,
+                                  lambda requests, context: behavior(self._checked(requests, context, method), context))
