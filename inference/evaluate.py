@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference.generate import add_remote_args, client_options
+from inference.generate import add_remote_args, cli_main, client_options
 from inference.lut import InProcessTable, LutSource
 from inference.model import Transformer
 from lutstore.errors import UserError
@@ -76,18 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    def score(args: argparse.Namespace) -> int:
         print(json.dumps(run(args)))
         return 0
-    except UserError as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("evaluate: interrupted", file=sys.stderr)
-        return 130
+
+    return cli_main("evaluate", build_parser(), score, argv)
 
 
 def run(args: argparse.Namespace) -> dict:

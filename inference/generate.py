@@ -199,18 +199,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def cli_main(prog: str, parser: argparse.ArgumentParser, body, argv: list[str] | None) -> int:
+    """Parse, set up logging (-v/-vv), run body(args); a UserError is one line on stderr and exit 2."""
+    args = parser.parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return run(args)
+        return body(args)
     except UserError as e:
-        print(f"generate: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("generate: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main("generate", build_parser(), run, argv)
 
 
 def run(args: argparse.Namespace) -> int:
