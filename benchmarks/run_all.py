@@ -7,7 +7,7 @@ run (benchmarks/results/*.json) into
   benchmarks/results/summary.md     the same as a markdown table, plus the plots
 A benchmark that fails is reported in the summary and the others still run.
 
-    python -m benchmarks.run_all                    # quick variants (minutes)
+    python -m benchmarks.run_all                    # quick variants (minutes), into benchmarks/results/quick/
     python -m benchmarks.run_all --full             # full sizes (the 15 GB ingest included)
     python -m benchmarks.run_all --only store concurrency
     python -m benchmarks.run_all --summary-only     # re-summarise the result files already there
@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run_all: no benchmark named {', '.join(unknown)} (have: {', '.join(names)})", file=sys.stderr)
         return 2
     chosen = [n for n in (args.only or names) if n not in args.skip]
+    if not args.full and not args.summary_only:
+        # Quick runs must not overwrite the full results the README shows.
+        common.RESULTS_DIR = common.RESULTS_DIR / "quick"
     if args.summary_only:
         since, runs = 0.0, []
     else:
