@@ -65,8 +65,10 @@ def run_load(address: str, table: str, vocab: int, clients: int, seconds: float,
     result = LoadResult()
     lock = threading.Lock()
     permutation = np.random.default_rng(1234).permutation(vocab)  # same hot ids for every client
-    start_line = threading.Barrier(clients + 1)
     stop_at = [0.0]
+    # The barrier's action sets the end time before any thread is released: a client that
+    # passed the barrier first used to read 0.0 and stop at once (a load of 0 requests).
+    start_line = threading.Barrier(clients + 1, action=lambda: stop_at.__setitem__(0, time.monotonic() + seconds))
 
     def client(i: int) -> None:
         rng = np.random.default_rng(seed + i)
@@ -102,8 +104,7 @@ def run_load(address: str, table: str, vocab: int, clients: int, seconds: float,
     for t in threads:
         t.start()
     start_line.wait()
-    began = time.monotonic()
-    stop_at[0] = began + seconds
+    began = stop_at[0] - seconds
     for t in threads:
         t.join()
     result.seconds = time.monotonic() - began
