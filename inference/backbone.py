@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from inference.model import ModelArgs, Transformer
+from lutstore.cli import default_cache_dir
 from lutstore.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -37,14 +38,6 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 
 class BackboneMismatch(UserError):
     """A backbone folder that does not belong to the table."""
-
-
-def cache_root() -> Path:
-    env = os.environ.get("LUTSTORE_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lutstore"
 
 
 def sha256_of(path: Path) -> str:
@@ -74,7 +67,7 @@ def verify_backbone(folder: Path, info) -> None:
 
 def ensure_backbone(client, info, cache_dir: Path | None = None) -> Path:
     """The verified local folder of the table's artifacts, fetching them if absent or damaged."""
-    root = Path(cache_dir) if cache_dir else cache_root()
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
     dest = root / info.fingerprint
     if dest.is_dir():
         try:

