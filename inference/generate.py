@@ -5,8 +5,10 @@
 The backbone (config, tokenizer, non-expert weights) comes from the daemon and
 is cached under its table's fingerprint; rows are fetched as soon as a token
 is known (the prompt at once, each sampled token right after sampling) and
-kept in a byte-budgeted device cache. Text streams to stdout; one line of
-statistics goes to stderr at the end.
+kept in a byte-budgeted device cache. A long prompt is prefilled in chunks
+(--prefill-chunk), every chunk's rows announced up front in chunk order, so
+chunk k computes while the rows of chunk k+1 are still arriving. Text streams
+to stdout; one line of statistics goes to stderr at the end.
 """
 
 from __future__ import annotations
@@ -76,14 +78,68 @@ def fit_context(prompt: list[int], max_new_tokens: int, context: int, truncate: 
     return prompt
 
 
+DEFAULT_PREFILL_CHUNK = 256
+
+
+def left_pad(prompts: list[list[int]], max_seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts as one left-padded batch idx [B, longest] and its key_mask [B, max_seq]
+    (False on padding: no query attends to it)."""
+    longest = max(len(p) for p in prompts)
+    pad = prompts[0][0]   # any valid id; padded positions are masked out of attention
+    idx = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], dtype=torch.long)
+    key_mask = torch.ones(len(prompts), max_seq, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        key_mask[i, : longest - len(p)] = False
+    return idx, key_mask
+
+
+def chunk_bounds(length: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, end) of each prefill chunk of a prompt of `length` tokens; chunk 0 (or >= length): one."""
+    if chunk < 0:
+        raise ValueError(f"prefill chunk must be >= 0, not {chunk}")
+    if chunk == 0 or chunk >= length:
+        return [(0, length)]
+    return [(s, min(s + chunk, length)) for s in range(0, length, chunk)]
+
+
+def announce_chunks(source: LutSource | None, idx: torch.Tensor, chunk: int) -> None:
+    """source.request each prefill chunk's ids, in chunk order (a FIFO fetcher brings chunk 0's first)."""
+    if source is not None:
+        for s, e in chunk_bounds(idx.shape[1], chunk):
+            source.request(idx[:, s:e])
+
+
+@torch.no_grad()
+def prefill(model: Transformer, source: LutSource | None, idx: torch.Tensor, key_mask: torch.Tensor | None,
+            chunk: int = DEFAULT_PREFILL_CHUNK, announce: bool = True) -> torch.Tensor:
+    """Run the prompt idx [B, T] (positions 0..T-1) into the model's KV cache (setup_caches first);
+    logits [B, V] of its last position.
+
+    Chunk by chunk: layer 0 of chunk k waits only for chunk k's rows, not the whole prompt's.
+    With announce, every chunk's ids go to source.request in chunk order before the first forward,
+    so a FIFO fetcher brings chunk 0's rows first (pass announce=False if the caller already did).
+    """
+    if announce:
+        announce_chunks(source, idx, chunk)
+    device = idx.device
+    logits = None
+    for s, e in chunk_bounds(idx.shape[1], chunk):
+        part = idx[:, s:e]
+        logits = model(part, torch.arange(s, e, device=device),
+                       lut_rows=None if source is None else source.rows(part), key_mask=key_mask)
+    return logits[:, -1]
+
+
 @torch.no_grad()
 def generate(model: Transformer, source: LutSource | None, prompts: list[list[int]], max_new_tokens: int,
              sampling: SamplingConfig = SamplingConfig(), seed: int | None = None, eos_id: int | None = None,
-             on_step: Callable[[list[list[int]]], None] | None = None) -> GenerationResult:
+             on_step: Callable[[list[list[int]]], None] | None = None,
+             prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> GenerationResult:
     """Decode a batch of prompts together (left-padded) with the static KV cache.
 
     source None: the model is in train form and computes its experts.
     on_step(tokens) is called after each sampled step with every sequence's tokens so far.
+    prefill_chunk: prompt tokens per prefill forward (0: the whole prompt in one).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token")
@@ -91,14 +147,9 @@ def generate(model: Transformer, source: LutSource | None, prompts: list[list[in
     batch, longest = len(prompts), max(len(p) for p in prompts)
     max_seq = longest + max_new_tokens
     started = time.perf_counter()
-    if source is not None:
-        source.request([t for p in prompts for t in p])          # every prompt row, before anything else
+    idx, key_mask = left_pad(prompts, max_seq)
+    announce_chunks(source, idx, prefill_chunk)          # every prompt row, before anything else
     model.setup_caches(batch, max_seq)
-    pad = prompts[0][0]   # any valid id; padded positions are masked out of attention
-    idx = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], dtype=torch.long)
-    key_mask = torch.ones(batch, max_seq, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        key_mask[i, : longest - len(p)] = False
     idx, key_mask = idx.to(device), key_mask.to(device)
     gen = None
     if seed is not None:
@@ -109,10 +160,10 @@ def generate(model: Transformer, source: LutSource | None, prompts: list[list[in
 
     tokens: list[list[int]] = [[] for _ in prompts]
     done = [False] * batch
-    logits = model(idx, torch.arange(longest, device=device), lut_rows=rows(idx), key_mask=key_mask)
+    next_logits = prefill(model, source, idx, key_mask, prefill_chunk, announce=False)   # [B, V]
     first_step_at = None
     for step in range(max_new_tokens):
-        nxt = sample(logits[:, -1], sampling, gen)
+        nxt = sample(next_logits, sampling, gen)
         nxt_list = nxt.tolist()
         if source is not None:
             source.request(nxt_list)       # the fetch runs while the next step's first attention computes
@@ -127,7 +178,8 @@ def generate(model: Transformer, source: LutSource | None, prompts: list[list[in
         if all(done) or step == max_new_tokens - 1:
             break
         cur = nxt[:, None]
-        logits = model(cur, torch.tensor([longest + step], device=device), lut_rows=rows(cur), key_mask=key_mask)
+        next_logits = model(cur, torch.tensor([longest + step], device=device), lut_rows=rows(cur),
+                            key_mask=key_mask)[:, -1]
     finished = time.perf_counter()
     result = GenerationResult(prompts, tokens, lut=source.stats() if source is not None else LutStats())
     if first_step_at is not None:
@@ -194,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=0,
                    help="sequences decoded together: the prompts repeated cyclically (default: one per prompt)")
     p.add_argument("--truncate", action="store_true", help="keep a too-long prompt's last tokens instead of failing")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help="prompt tokens per prefill forward, so a chunk computes while the next chunk's rows "
+                        f"arrive (0: the whole prompt in one forward; default {DEFAULT_PREFILL_CHUNK})")
     p.add_argument("--json", action="store_true", help="print one JSON object (ids, texts, stats) instead of streaming")
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
     return p
@@ -230,6 +285,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
+    if args.prefill_chunk < 0:
+        raise UserError("--prefill-chunk must be >= 0 (0: the whole prompt in one forward)")
     texts = list(args.prompt)
     for f in args.prompt_file:
         try:
@@ -260,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
         prompts = [prompts[i % len(prompts)] for i in range(batch_size)]
         stream = None if args.json else TextStream(bb.tokenizer)
         result = generate(bb.model, remote.source, prompts, args.max_new_tokens, sampling, args.seed,
-                          bb.args.eos_token_id, on_step=stream)
+                          bb.args.eos_token_id, on_step=stream, prefill_chunk=args.prefill_chunk)
     finally:
         remote.close()
     texts_out = [bb.tokenizer.decode(t) for t in result.tokens]

@@ -247,3 +247,90 @@ def _last_err(capsys, argv: list[str]) -> str:
 def test_open_remote_rejects_unknown_table(daemon) -> None:
     with pytest.raises(UserError, match="no table 'x'"):
         open_remote(daemon["addr"], "x")
+
+
+# ---- chunked prefill -------------------------------------------------------------------------
+
+class RecordingTable(InProcessTable):
+    """The in-process table, noting each request and each forward's rows call in order."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__(table)
+        self.events: list[tuple[str, list[int]]] = []
+
+    def request(self, ids) -> None:
+        self.events.append(("request", sorted(set(torch.as_tensor(ids).reshape(-1).tolist()))))
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        self.events.append(("rows", sorted(set(idx.reshape(-1).tolist()))))
+        return super().rows(idx)
+
+
+def _prefill_logits(model, source, prompts: list[list[int]], chunk: int) -> torch.Tensor:
+    idx, key_mask = generate.left_pad(prompts, max(len(p) for p in prompts) + 4)
+    model.setup_caches(len(prompts), key_mask.shape[1])
+    return generate.prefill(model, source, idx, key_mask, chunk)
+
+
+def test_chunk_bounds() -> None:
+    assert generate.chunk_bounds(10, 0) == [(0, 10)]
+    assert generate.chunk_bounds(10, 10) == generate.chunk_bounds(10, 64) == [(0, 10)]
+    assert generate.chunk_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert generate.chunk_bounds(8, 4) == [(0, 4), (4, 8)]
+    with pytest.raises(ValueError, match=">= 0"):
+        generate.chunk_bounds(10, -1)
+
+
+def test_chunked_prefill_matches_one_forward(daemon) -> None:
+    """Logits after a chunked prefill equal one forward's, for an in-process and a served table,
+    one prompt and a left-padded batch, chunks that do and do not divide the prompt; then the
+    greedy tokens of generate agree too (so the KV cache the chunks wrote is the same)."""
+    model, _ = load_checkpoint_lut(daemon["ckpt"])
+    table = InProcessTable(torch.from_numpy(reference_lut(daemon["ckpt"])).float())
+    single = [_ids(150, seed=11).tolist()]
+    padded = [_ids(150, seed=12).tolist(), _ids(61, seed=13).tolist(), [5]]
+    with LutClient(daemon["addr"]) as client:
+        remote = RemoteTable(client, "m32", cache_bytes=1 << 20)   # ~30 rows: chunks evict each other's
+        try:
+            for source in (table, remote):
+                for prompts in (single, padded):
+                    whole = _prefill_logits(model, source, prompts, 0)
+                    assert whole.shape == (len(prompts), 128)
+                    for chunk in (64, 50, 7, 150):
+                        got = _prefill_logits(model, source, prompts, chunk)
+                        delta = (got - whole).abs().max().item()
+                        assert delta < 1e-4, f"{type(source).__name__} chunk {chunk}: max |delta logit| {delta:.3g}"
+                    want = generate.generate(model, source, prompts, 6, prefill_chunk=0).tokens
+                    assert generate.generate(model, source, prompts, 6, prefill_chunk=32).tokens == want
+            # the served table and the in-process one give the same logits, chunked
+            delta = (_prefill_logits(model, remote, padded, 32) - _prefill_logits(model, table, padded, 0)).abs().max()
+            assert delta.item() < 1e-4
+        finally:
+            remote.close()
+
+
+def test_chunked_prefill_announces_every_chunk_first(daemon) -> None:
+    """Every chunk's ids are requested, in chunk order, before the first forward asks for rows;
+    then each forward asks for its own chunk's rows only."""
+    model, _ = load_checkpoint_lut(daemon["ckpt"])
+    source = RecordingTable(torch.from_numpy(reference_lut(daemon["ckpt"])).float())
+    prompts = [_ids(70, seed=21).tolist(), _ids(40, seed=22).tolist()]
+    idx, _ = generate.left_pad(prompts, 80)
+    result = generate.generate(model, source, prompts, 1, prefill_chunk=32)
+    assert len(result.tokens[0]) == 1
+    chunks = [sorted(set(idx[:, s:e].reshape(-1).tolist())) for s, e in ((0, 32), (32, 64), (64, 70))]
+    assert source.events[:3] == [("request", c) for c in chunks]
+    assert source.events[3:6] == [("rows", c) for c in chunks]
+
+
+def test_generate_cli_prefill_chunk(daemon, capsys) -> None:
+    base = ["--lut-addr", daemon["addr"], "--table", "m16", "--prompt", "the water of the day " * 8,
+            "--max-new-tokens", "5", "--json"]
+    outs = []
+    for chunk in ("0", "7"):
+        assert generate.main(base + ["--prefill-chunk", chunk]) == 0
+        outs.append(json.loads(capsys.readouterr().out)["sequences"][0])
+    assert outs[0]["ids"] == outs[1]["ids"] and len(outs[0]["prompt_ids"]) == 40
+    assert generate.main(base + ["--prefill-chunk", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--prefill-chunk must be >= 0" in err and len(err.splitlines()) == 1
