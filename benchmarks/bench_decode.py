@@ -59,6 +59,7 @@ from tqdm import tqdm
 
 from benchmarks import common
 from benchmarks.bigtables import write_table, zipf_tokens
+from inference.generate import DEFAULT_PREFILL_CHUNK, announce_chunks, chunk_bounds
 from inference.lut import MiB, InProcessTable, LutSource, RemoteTable
 from inference.model import ModelArgs, Transformer, init_weights
 from lutstore.client import LutClient
@@ -183,16 +184,22 @@ class Run:
 
 
 def decode_run(forward: Callable[[torch.Tensor, int], None], source: LutSource | None, prompt: np.ndarray,
-               stream: np.ndarray, before_step: Callable[[], None] | None = None) -> Run:
-    """Prefill prompt [B, P], then decode stream [B, S] one column at a time. Each column's ids
-    are announced (source.request) right when the previous step ends, as sampled tokens are."""
+               stream: np.ndarray, before_step: Callable[[], None] | None = None,
+               prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Run:
+    """Prefill prompt [B, P] in chunks of prefill_chunk tokens (0: one forward), as
+    inference.generate does: every chunk's ids announced in chunk order first, then one forward
+    per chunk. Then decode stream [B, S] one column at a time; each column's ids are announced
+    (source.request) right when the previous step ends, as sampled tokens are. before_step runs
+    once before the prefill (its chunks are one step of the offload baseline) and before each
+    decode step."""
     b, p = prompt.shape
+    prompt_t = torch.from_numpy(prompt)
     started = time.perf_counter()
-    if source is not None:
-        source.request(prompt)
+    announce_chunks(source, prompt_t, prefill_chunk)
     if before_step:
         before_step()
-    forward(torch.from_numpy(prompt), 0)
+    for s, e in chunk_bounds(p, prefill_chunk):
+        forward(prompt_t[:, s:e], s)
     first = time.perf_counter()
     before = source.stats() if source is not None else None
     for s in range(stream.shape[1]):
@@ -322,9 +329,10 @@ def measure(setup: Setup, args: argparse.Namespace, mode: str, rng_seed: int = 0
     max_seq = max(prompt_len + args.steps + 1, ttft_len + 2)
     setup.lut_model.setup_caches(max(args.batches), max_seq)
     zero = ZeroRows(margs)
-    out: dict = {"mode": mode, "prompt_len": prompt_len, "steps": args.steps, "warm_definition": WARM_DEFINITION,
-                 "shared_memory": args.shared_memory, "batches": {}}
+    out: dict = {"mode": mode, "prompt_len": prompt_len, "steps": args.steps, "prefill_chunk": args.prefill_chunk,
+                 "warm_definition": WARM_DEFINITION, "shared_memory": args.shared_memory, "batches": {}}
     cases = cases_for(args.shared_memory)
+    chunk = args.prefill_chunk      # every case prefills the same way, so they compare fairly
     train_model = offload = None
 
     def forward_for(rows, model=None):
@@ -349,7 +357,7 @@ def measure(setup: Setup, args: argparse.Namespace, mode: str, rng_seed: int = 0
         stream = zipf_tokens(setup.vocab, b * args.steps, rng, permutation=perm).reshape(b, args.steps)
         warm_stream = zipf_tokens(setup.vocab, args.warm_tokens, rng, permutation=perm)
         runs: dict[str, list[Run]] = {}
-        decode_run(forward_for(setup.inprocess.rows), None, prompt[:, :4], stream[:, :2])   # untimed: first-call costs
+        decode_run(forward_for(setup.inprocess.rows), None, prompt[:, :4], stream[:, :2], prefill_chunk=chunk)   # untimed: first-call costs
         # Cases interleaved, repeated; the best run of each counts (the machine is shared: the
         # best is the least disturbed), the median is kept too.
         bar = tqdm(total=args.repeats * len(cases), desc=f"{setup.name} {mode} batch {b}", leave=False, dynamic_ncols=True)
@@ -358,18 +366,18 @@ def measure(setup: Setup, args: argparse.Namespace, mode: str, rng_seed: int = 0
                 bar.set_postfix_str(case)
                 bar.update()
                 if case == "inprocess":
-                    run = decode_run(forward_for(setup.inprocess.rows), None, prompt, stream)
+                    run = decode_run(forward_for(setup.inprocess.rows), None, prompt, stream, prefill_chunk=chunk)
                 elif case.startswith("remote_"):
                     src = remote(shm=case.endswith("_shm"))
                     kind = case.removesuffix("_shm")
                     if kind == "remote_warm":        # the same workload once before, untimed
-                        decode_run(forward_for(src.rows), src, prompt, stream)
+                        decode_run(forward_for(src.rows), src, prompt, stream, prefill_chunk=chunk)
                     elif kind == "remote_warm_zipf":
                         warm_up(src, warm_stream, max(b, 32))
-                    run = decode_run(forward_for(src.rows), src, prompt, stream)
+                    run = decode_run(forward_for(src.rows), src, prompt, stream, prefill_chunk=chunk)
                     close(src)
                 elif case == "backbone":
-                    run = decode_run(forward_for(zero), None, prompt, stream)
+                    run = decode_run(forward_for(zero), None, prompt, stream, prefill_chunk=chunk)
                 else:   # offload: fewer steps, it is slow by design
                     if args.skip_offload or (mode == "real" and args.quick):
                         continue
@@ -382,7 +390,7 @@ def measure(setup: Setup, args: argparse.Namespace, mode: str, rng_seed: int = 0
                     # fixed-step: the experts' compute is inside the fixed step (as on a GPU); the
                     # per-step weight copy is what remains on top of it
                     fwd = fixed_forward(fixed, zero) if mode == "fixed" else real_forward(train_model, None, max_seq)
-                    run = decode_run(fwd, None, prompt, stream[:, :steps], before_step=offload.load)
+                    run = decode_run(fwd, None, prompt, stream[:, :steps], before_step=offload.load, prefill_chunk=chunk)
                 runs.setdefault(case, []).append(run)
         bar.close()
         res: dict = {}
@@ -409,15 +417,15 @@ def measure(setup: Setup, args: argparse.Namespace, mode: str, rng_seed: int = 0
     ttft: dict = {"prompt_tokens": ttft_len, "inprocess_ms": [], **{c + "_ms": [] for c in remote_cases}}
     warm_tokens = zipf_tokens(setup.vocab, args.warm_tokens, rng, permutation=perm)
     for _ in range(args.repeats):     # interleaved; the fastest of each counts
-        ttft["inprocess_ms"].append(decode_run(forward_for(setup.inprocess.rows), None, prompt, one).ttft_ms)
+        ttft["inprocess_ms"].append(decode_run(forward_for(setup.inprocess.rows), None, prompt, one, prefill_chunk=chunk).ttft_ms)
         for case in remote_cases:
             src = remote(shm=case.endswith("_shm"))
             kind = case.removesuffix("_shm")
             if kind == "remote_warm":
-                decode_run(forward_for(src.rows), src, prompt, one)
+                decode_run(forward_for(src.rows), src, prompt, one, prefill_chunk=chunk)
             elif kind == "remote_warm_zipf":
                 warm_up(src, warm_tokens, 32)
-            ttft[case + "_ms"].append(decode_run(forward_for(src.rows), src, prompt, one).ttft_ms)
+            ttft[case + "_ms"].append(decode_run(forward_for(src.rows), src, prompt, one, prefill_chunk=chunk).ttft_ms)
             close(src)
     for k in ("inprocess", *remote_cases):
         ttft["all_" + k + "_ms"], ttft[k + "_ms"] = ttft[k + "_ms"], min(ttft[k + "_ms"])
@@ -486,6 +494,13 @@ def two_floats(text: str) -> tuple[float, float]:
     return parts[0], parts[1]
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0 (0: the whole prompt in one forward)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_decode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -512,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed-step mode: ms per decode step at batch 1 and batch 32, 'MS1,MS32' (default 2,4)")
     p.add_argument("--fixed-prefill-ms", type=float, default=25.0,
                    help="fixed-step mode: ms to prefill 2048 tokens at batch 1, scaled by tokens (default 25)")
+    p.add_argument("--prefill-chunk", type=non_negative_int, default=DEFAULT_PREFILL_CHUNK,
+                   help="prompt tokens per prefill forward in every case; each chunk computes while the next "
+                        f"chunk's rows arrive (0: the whole prompt in one forward; default {DEFAULT_PREFILL_CHUNK})")
     p.add_argument("--repeats", type=int, default=3, help="runs of each case, interleaved; the best counts (default 3)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--work-dir", type=Path, default=None, help="where the 160m table is built (default: a temp dir, removed)")
