@@ -20,15 +20,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable
 
+import grpc
 import numpy as np
 import torch
 from torch import Tensor
 
-from lutstore.codec import CRC_BYTES, Encoding, RowFormat
+from lutstore.codec import CRC_BYTES, Encoding, RowFormat, check_layer_ends
 
 log = logging.getLogger(__name__)
 
@@ -177,23 +178,96 @@ class _RowParts:
         return _RowParts(torch.cat([p.values for p in parts]), scales)
 
 
-class _Fetched:
-    """Rows of one fetch: ids -> index into CPU row parts."""
+class _Fetch:
+    """One fetch of rows, arriving layer group by layer group: group g holds layers
+    groups[g] = [begin, end) of every row, as _RowParts [n, end - begin, N, D]; a fetch of
+    whole rows is one group [0, L). Filled by a fetch thread; waited on by the model."""
 
-    def __init__(self, ids: list[int], rows: _RowParts) -> None:
+    def __init__(self, ids: list[int], groups: list[tuple[int, int]]) -> None:
         self.ids = ids
         self.index = {t: i for i, t in enumerate(ids)}
-        self.rows = rows
+        self.groups = groups
+        self._group_of_layer = [g for g, (b, e) in enumerate(groups) for _ in range(b, e)]
+        self.parts: list[_RowParts | None] = [None] * len(groups)
+        self._ready = [threading.Event() for _ in groups]
+        self.error: BaseException | None = None
+        self._claimed = False
+        self._claim_lock = threading.Lock()
+
+    def claim(self) -> bool:
+        """True for the one caller that runs this fetch (a fetch thread, or the model's thread
+        when no fetch thread has started it yet)."""
+        with self._claim_lock:
+            claimed, self._claimed = self._claimed, True
+        return not claimed
+
+    def group_of(self, layer: int) -> int:
+        return self._group_of_layer[layer]
+
+    def arrived(self, g: int, parts: _RowParts) -> None:
+        self.parts[g] = parts
+        self._ready[g].set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        for event in self._ready:
+            event.set()
+
+    def wait(self, g: int, timeout: float | None = None) -> _RowParts:
+        if not self._ready[g].wait(timeout):
+            raise TimeoutError(f"rows {self.ids[:4]}{'...' if len(self.ids) > 4 else ''} did not arrive within {timeout:g} s")
+        if self.parts[g] is None:
+            raise self.error if self.error is not None else RuntimeError("fetch ended without rows")
+        return self.parts[g]
+
+
+@dataclass
+class _Copy:
+    """Rows of one fetch that a forward pass puts into the slab, group by group as they arrive."""
+
+    fetch: _Fetch
+    rows: Tensor | None           # indices into the fetch's rows (None: all of them, in order)
+    slots: Tensor                 # their slab slots (or positions in a temporary batch)
+    ids: list[int]
+    done: set[int]
+
+
+@dataclass
+class _Plan:
+    """One forward pass's rows: where each position's row sits, and the copies still to make."""
+
+    shape: tuple[int, ...]        # [B, T]
+    index: Tensor | int           # per position: slab slot (an int: every position the same row)
+    copies: list[_Copy]
+    table: _RowParts | None = None   # a temporary batch instead of the slab (more ids than the cache holds)
+
+
+def layer_ends_for(num_layers: int) -> list[int]:
+    """Doubling layer groups [0,1), [1,2), [2,4), [4,8), ...: the first layer's slices arrive after
+    the fewest bytes, later groups (needed later) are bigger, and there are ~log2(L) messages."""
+    ends, end = [], 1
+    while end < num_layers:
+        ends.append(end)
+        end *= 2
+    return ends + [num_layers]
 
 
 class RemoteTable(LutSource):
     """Rows from a lutstore daemon with prefetch, de-duplication and a device-side LRU.
 
     The cache is a slab [capacity, L, N, D] on the device (capacity =
-    budget // row bytes, capped at the vocabulary) that grows by doubling as
-    rows arrive; a dict maps token id -> slot in LRU order. A batch is one
-    gather from the slab. A batch with more distinct ids than the slab holds
-    is served from a temporary tensor and leaves the cache as it was.
+    budget // row bytes, capped at the vocabulary), allocated whole at the
+    first fetch (growing it by doubling copied it, up to 70 ms in the middle of
+    a decode step, and peaked at 2.5x the budget; on a CPU the pages are only
+    touched as rows arrive); a dict maps token id -> slot in LRU order. A layer of a batch
+    is one gather from the slab. A batch with more distinct ids than the slab
+    holds is served from a temporary tensor and leaves the cache as it was.
+
+    Rows are fetched layer-sliced (layer_split="auto": BatchGetRequest.layer_ends
+    of doubling groups, see layer_ends_for): a forward pass's layer l waits
+    only for the slices of layer l's group, so layer 0 runs while the later
+    layers' bytes are still on the wire. layer_split="none" fetches whole rows
+    (the only way through the same-host shared-memory path).
 
     Rows are kept in their stored precision: fp16/bf16 as is, int8 as int8
     plus per-vector scales (a quarter of float32's bytes), dequantised on the
@@ -203,7 +277,8 @@ class RemoteTable(LutSource):
     """
 
     def __init__(self, client, table: str, version: int = 0, device: str | torch.device = "cpu",
-                 cache_bytes: int = 256 * MiB, verify: bool = True, fetch_threads: int = 2) -> None:
+                 cache_bytes: int = 256 * MiB, verify: bool = True, fetch_threads: int = 2,
+                 layer_split: str | list[int] = "auto", session: bool = True) -> None:
         self.client = client
         self.info = client.info(table, version)
         self.name, self.version = self.info.name, int(self.info.version)   # pin: rows never change under us
@@ -219,27 +294,45 @@ class RemoteTable(LutSource):
                                  + (4 * self.fmt.vectors if self._int8 else 0))
         self.capacity = min(self.vocab_size, max(0, int(cache_bytes)) // self.row_device_bytes)
         self._budget = int(cache_bytes)
+        if layer_split == "auto":
+            self.layer_ends = layer_ends_for(self.num_layers) if self.num_layers > 1 else []
+        elif layer_split == "none":
+            self.layer_ends = []
+        else:
+            self.layer_ends = list(layer_split)
+        self._groups = [(0, self.num_layers)]
+        if self.layer_ends:
+            self._groups = check_layer_ends(self.fmt, self.layer_ends)
         self._slab = _RowParts.empty(0, self.fmt, self.dtype, self.device)
         self._slots: OrderedDict[int, int] = OrderedDict()   # token id -> slab slot, least recent first
         self._free: list[int] = []
-        self._pending: dict[int, Future[_Fetched]] = {}       # token id -> fetch that brings it
-        self._chunks: dict[Future, list[int]] = {}            # fetch -> its ids (to run it here if not started)
+        self._pending: dict[int, _Fetch] = {}                 # token id -> fetch that brings it
         self._announced: set[int] = set()                     # requested since their last gather
+        self._unfinished: _Plan | None = None                 # a pass whose slab copies are not all made
         self._lock = threading.Lock()                         # counters are updated from fetch threads
         self._stats = LutStats(cache_budget=self._budget)
         self._pool = ThreadPoolExecutor(max_workers=fetch_threads, thread_name_prefix="lut-fetch")
         self._pin = self.device.type == "cuda"
+        # One open BatchGetStream for every fetch (no call setup, no thread hop per fetch); per-call
+        # BatchGets on the fetch threads when off, when rows go through shared memory (whole rows
+        # only) or when the server has no sessions (an older daemon: UNIMPLEMENTED).
+        self._session = client.session(self.name, self.version, self.layer_ends) \
+            if session and not (getattr(client, "_shared_memory", False) and not self.layer_ends) else None
+        self._timeout = float(getattr(client, "timeout", 30.0))
 
     # -- the interface ---------------------------------------------------------------------
     def request(self, ids: Tensor | np.ndarray | Iterable[int]) -> None:
         for chunk in self._announce(_as_id_list(ids)):
-            future = self._pool.submit(self._fetch, chunk)
-            self._chunks[future] = chunk
-            self._pending.update(dict.fromkeys(chunk, future))
+            self._start(chunk)
 
     def rows(self, idx: Tensor) -> _DeferredRows:
         self.request(idx)   # ids nobody announced start now, overlapping layer 0; announced ones are not asked twice
         return _DeferredRows(self, idx)
+
+    def gather(self, idx: Tensor) -> Tensor:
+        """Rows [B, T, L, N, D] for idx, on the device (blocks on fetches still running);
+        int8 tables give float32 rows, other encodings their stored dtype."""
+        return _DeferredRows(self, idx).all()
 
     def stats(self) -> LutStats:
         with self._lock:
@@ -248,6 +341,8 @@ class RemoteTable(LutSource):
         return s
 
     def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     # -- fetching ---------------------------------------------------------------------------
@@ -270,123 +365,206 @@ class RemoteTable(LutSource):
         if ids and (ids[0] < 0 or ids[-1] >= self.vocab_size):
             raise ValueError(f"token id {ids[0] if ids[0] < 0 else ids[-1]} outside the table's vocabulary 0..{self.vocab_size - 1}")
 
-    def _fetch(self, ids: list[int]) -> _Fetched:
-        """One BatchGet through LutClient.get_payloads: each row checked and copied once from the
-        received message into one array; no decode here (int8 stays int8, fp16 stays fp16)."""
-        got_ids, payloads = self.client.get_payloads(self.name, ids, self.version)
-        n, fmt = len(got_ids), self.fmt
+    def _start(self, ids: list[int]) -> _Fetch:
+        fetch = _Fetch(ids, self._groups)
+        self._pending.update(dict.fromkeys(ids, fetch))
+        if self._session is not None:
+            fetch.claim()
+            self._session.submit(ids, on_group=lambda b, e, got, payloads: self._arrived(fetch, b, e, got, payloads),
+                                 on_error=lambda error: self._session_failed(fetch, error),
+                                 on_done=lambda: self._count(fetch))
+        else:
+            self._pool.submit(self._run, fetch)
+        return fetch
+
+    def _session_failed(self, fetch: _Fetch, error: BaseException) -> None:
+        if getattr(error, "code", None) is grpc.StatusCode.UNIMPLEMENTED and self._session is not None:
+            log.info("%s has no BatchGetStream (an older lutstore): one BatchGet per fetch instead", self.client.address)
+            self._session = None
+            self._pool.submit(self._call, fetch)
+        else:
+            fetch.fail(error)
+
+    def _count(self, fetch: _Fetch) -> None:
+        with self._lock:
+            self._stats.misses += len(fetch.ids)
+            self._stats.bytes_fetched += len(fetch.ids) * (self.fmt.payload_bytes + CRC_BYTES)
+
+    def _run(self, fetch: _Fetch) -> None:
+        """Fetch thread (or the model's thread, see _wait), unless the fetch is already under way."""
+        if fetch.claim():
+            self._call(fetch)
+
+    def _call(self, fetch: _Fetch) -> None:
+        """One BatchGet call; each row checked by the client and copied once from the received
+        message; no decode (int8 stays int8)."""
+        try:
+            if self.layer_ends:
+                self.client.get_slices(self.name, fetch.ids, self.version, self.layer_ends,
+                                       lambda b, e, ids, payloads: self._arrived(fetch, b, e, ids, payloads))
+            else:
+                ids, payloads = self.client.get_payloads(self.name, fetch.ids, self.version)
+                self._arrived(fetch, 0, self.num_layers, ids, payloads)
+        except BaseException as e:  # handed to the model's thread, which raises it
+            fetch.fail(e)
+            return
+        self._count(fetch)
+
+    def _arrived(self, fetch: _Fetch, begin: int, end: int, ids: np.ndarray, payloads: np.ndarray) -> None:
+        if ids.tolist() != fetch.ids:
+            raise RuntimeError(f"asked rows {fetch.ids[:4]}..., got {ids[:4].tolist()}...")
+        n, k, fmt = len(ids), end - begin, self.fmt
         if self._int8:
-            scales = torch.from_numpy(np.ascontiguousarray(payloads[:, : 4 * fmt.vectors]).view("<f4"))
-            values = torch.from_numpy(payloads[:, 4 * fmt.vectors:].view(np.int8))   # strided view, no copy
-            rows = _RowParts(values.view(n, *fmt.shape), scales.view(n, fmt.num_layers, fmt.num_experts))
+            nscale = 4 * k * fmt.num_experts
+            scales = torch.from_numpy(np.ascontiguousarray(payloads[:, :nscale]).view("<f4"))
+            values = torch.from_numpy(payloads[:, nscale:].view(np.int8))   # strided view, no copy
+            rows = _RowParts(values.view(n, k, fmt.num_experts, fmt.hidden_size), scales.view(n, k, fmt.num_experts))
         else:
             values = torch.from_numpy(payloads.view(self._np_dtype))
             if self.dtype is torch.bfloat16:
                 values = values.view(torch.int16).view(torch.bfloat16)
-            rows = _RowParts(values.view(n, *fmt.shape), None)
+            rows = _RowParts(values.view(n, k, fmt.num_experts, fmt.hidden_size), None)
         if self._pin:
             rows = rows.pin()
-        with self._lock:
-            self._stats.misses += n
-            self._stats.bytes_fetched += n * (fmt.payload_bytes + CRC_BYTES)
-        return _Fetched(got_ids.tolist(), rows)
+        fetch.arrived(fetch.groups.index((begin, end)), rows)
 
-    def _collect(self, ids: list[int]) -> dict[int, _RowParts]:
-        """CPU rows of ids that are not on the device: from fetches in flight, or fetched here
-        when their fetch has not started yet (or never was: evicted since announced)."""
-        found: dict[int, _RowParts] = {}
-        orphans = []
-        for t in ids:
-            if t in found:
-                continue
-            future = self._pending.pop(t, None)
-            if future is None:
-                orphans.append(t)
-                continue
-            chunk = self._chunks.pop(future, None)
-            if chunk is not None and future.cancel():      # still queued: run it on this thread now
-                fetched = self._fetch(chunk)
-                for u in chunk:
-                    self._pending.pop(u, None)
-            else:
-                fetched = future.result()
-            for u in fetched.ids:
-                if u not in found:
-                    found[u] = fetched.rows.index(fetched.index[u])
-        for start in range(0, len(orphans), self.max_batch_rows):
-            fetched = self._fetch(orphans[start:start + self.max_batch_rows])
-            for u in fetched.ids:
-                found[u] = fetched.rows.index(fetched.index[u])
-        return found
+    def _wait(self, fetch: _Fetch, g: int) -> _RowParts:
+        """Group g of a fetch; a fetch no thread has started yet is run here (no thread hop)."""
+        self._run(fetch)
+        return fetch.wait(g, self._timeout)
 
     # -- the device cache (main thread only) ------------------------------------------------
     def _slot_for_new_row(self, keep: set[int]) -> int | None:
         if self._free:
             return self._free.pop()
         if len(self._slab) < self.capacity:
-            self._grow()
+            self._allocate()
             return self._free.pop()
         for victim in self._slots:          # least recently used first
             if victim not in keep:
                 return self._slots.pop(victim)
         return None
 
-    def _grow(self) -> None:
-        new_cap = min(self.capacity, max(16, 2 * len(self._slab)))
-        slab = _RowParts.empty(new_cap, self.fmt, self.dtype, self.device)
-        slab.assign(slice(0, len(self._slab)), self._slab)
-        self._free.extend(range(new_cap - 1, len(self._slab) - 1, -1))
-        self._slab = slab
+    def _allocate(self) -> None:
+        self._slab = _RowParts.empty(self.capacity, self.fmt, self.dtype, self.device)
+        self._free = list(range(self.capacity - 1, -1, -1))   # popped from the end: slot 0 first
 
-    def gather(self, idx: Tensor) -> Tensor:
-        """Rows [B, T, L, N, D] for idx, on the device (blocks on fetches still running);
-        int8 tables give float32 rows, other encodings their stored dtype. The result may be a
-        view of the cache: use it before the next gather."""
+    def _plan(self, idx: Tensor) -> _Plan:
+        """Slots for a pass's rows: cached ones found, absent ones given slots now (filled from
+        their fetches layer group by layer group as the pass reaches them)."""
+        if self._unfinished is not None:     # a pass that stopped early: complete its rows first
+            plan, self._unfinished = self._unfinished, None
+            for layer in range(self.num_layers):
+                self._fill(plan, layer)
         flat = idx.reshape(-1).to("cpu", torch.int64)
         distinct, inverse = torch.unique(flat, return_inverse=True)
         ids = distinct.tolist()
+        self._check_ids(ids)
         self._announced.difference_update(ids)
         absent = [t for t in ids if t not in self._slots]
-        new_rows = self._collect(absent)
-        shape = (*idx.shape, *self.fmt.shape)
-        if len(ids) > self.capacity:       # more than the cache holds: serve from a temporary tensor
-            batch = _RowParts.empty(len(ids), self.fmt, self.dtype, self.device)
-            for i, t in enumerate(ids):
-                src = self._slab.index(self._slots[t]) if t in self._slots else new_rows[t].to(self.device)
-                batch.assign(i, src)
-            return batch.index(inverse.to(self.device)).dense().view(shape)
+        orphans = [t for t in absent if t not in self._pending]    # evicted since announced, or never announced
+        for start in range(0, len(orphans), self.max_batch_rows):
+            self._start(orphans[start:start + self.max_batch_rows])
+        by_fetch: dict[int, tuple[_Fetch, list[int]]] = {}
+        for t in absent:
+            fetch = self._pending.pop(t)
+            by_fetch.setdefault(id(fetch), (fetch, []))[1].append(t)
+        shape = tuple(idx.shape)
+        if len(ids) > self.capacity:       # more than the cache holds: a temporary batch
+            table = _RowParts.empty(len(ids), self.fmt, self.dtype, self.device)
+            position = {t: i for i, t in enumerate(ids)}
+            present = [t for t in ids if t in self._slots]
+            if present:
+                table.assign(torch.tensor([position[t] for t in present], device=self.device),
+                             self._slab.index(torch.tensor([self._slots[t] for t in present], device=self.device)))
+            copies = [_Copy(f, torch.tensor([f.index[t] for t in ts]),
+                            torch.tensor([position[t] for t in ts], device=self.device), [], set())
+                      for f, ts in by_fetch.values()]
+            return _Plan(shape, inverse.to(self.device), copies, table)
         keep = set(ids)
         for t in ids:
             if t in self._slots:
                 self._slots.move_to_end(t)
-        if absent:
+        copies = []
+        for fetch, ts in by_fetch.values():
             slots = []
-            for t in absent:
+            for t in ts:
                 slot = self._slot_for_new_row(keep)
                 self._slots[t] = slot
                 slots.append(slot)
-            stacked = _RowParts.cat([new_rows[t].index(None) for t in absent])
-            self._slab.assign(torch.tensor(slots, device=self.device), stacked.to(self.device))
-        if len(ids) == 1:                  # batch 1 decode: a view, no index tensor
-            slot = self._slots[ids[0]]
-            return self._slab.index(slice(slot, slot + 1)).dense().expand(len(flat), *self.fmt.shape).reshape(shape)
-        slot_of = torch.tensor([self._slots[t] for t in ids], device=self.device)
-        return self._slab.index(slot_of[inverse.to(self.device)]).dense().view(shape)
+            rows = None if ts == fetch.ids else torch.tensor([fetch.index[t] for t in ts])
+            copies.append(_Copy(fetch, rows, torch.tensor(slots, device=self.device), ts, set()))
+        if len(ids) == 1:                  # batch 1 decode: a view per layer, no index tensor
+            index: Tensor | int = self._slots[ids[0]]
+        else:
+            index = torch.tensor([self._slots[t] for t in ids], device=self.device)[inverse.to(self.device)]
+        plan = _Plan(shape, index, copies)
+        if copies:
+            self._unfinished = plan
+        return plan
+
+    def _fill(self, plan: _Plan, layer: int) -> None:
+        """Make sure layer's rows of every fetch of the pass are in place (waiting for them)."""
+        target = plan.table if plan.table is not None else self._slab
+        for copy in plan.copies:
+            g = copy.fetch.group_of(layer)
+            if g in copy.done:
+                continue
+            try:
+                parts = self._wait(copy.fetch, g)
+            except BaseException:
+                self._forget(plan)
+                raise
+            begin, end = copy.fetch.groups[g]
+            src = (parts if copy.rows is None else parts.index(copy.rows)).to(self.device)
+            target.values[copy.slots, begin:end] = src.values
+            if target.scales is not None:
+                target.scales[copy.slots, begin:end] = src.scales
+            copy.done.add(g)
+        if plan is self._unfinished and all(len(c.done) == len(c.fetch.groups) for c in plan.copies):
+            self._unfinished = None
+
+    def _forget(self, plan: _Plan) -> None:
+        """A fetch failed: its rows never arrive, so their slots go back (the error is raised)."""
+        for copy in plan.copies:
+            for t in copy.ids:
+                slot = self._slots.pop(t, None)
+                if slot is not None:
+                    self._free.append(slot)
+        if self._unfinished is plan:
+            self._unfinished = None
+
+    def _layer(self, plan: _Plan, layer: int) -> Tensor:
+        """Rows [B, T, N, D] of one layer for the pass (int8: dequantised to float32)."""
+        self._fill(plan, layer)
+        b, t = plan.shape
+        if plan.table is not None:
+            src, index = plan.table, plan.index
+        elif isinstance(plan.index, int):
+            src, index = self._slab, slice(plan.index, plan.index + 1)
+        else:
+            src, index = self._slab, plan.index
+        values = src.values[index, layer]
+        if src.scales is not None:
+            values = values.float() * src.scales[index, layer].unsqueeze(-1)
+        if isinstance(index, slice):
+            return values.expand(b * t, self.num_experts, self.hidden_size).reshape(b, t, self.num_experts, self.hidden_size)
+        return values.view(b, t, self.num_experts, self.hidden_size)
 
 
 class _DeferredRows:
-    """LayerRows for one forward pass: nothing blocks until layer 0's rows are needed
-    (after its attention has been launched); then one gather serves every layer."""
+    """LayerRows for one forward pass: nothing blocks until layer 0's rows are needed (after its
+    attention has been launched), and layer l waits only for the slices of layer l's group."""
 
     def __init__(self, source: RemoteTable, idx: Tensor) -> None:
         self.source, self.idx = source, idx
-        self._rows: Tensor | None = None
+        self._plan: _Plan | None = None
 
     def layer(self, l: int) -> Tensor:
-        if self._rows is None:
-            self._rows = self.source.gather(self.idx)
-        return self._rows[:, :, l]
+        if self._plan is None:
+            self._plan = self.source._plan(self.idx)
+        return self.source._layer(self._plan, l)
 
     def all(self) -> Tensor:
-        self.layer(0)
-        return self._rows
+        """Every layer's rows [B, T, L, N, D]."""
+        return torch.stack([self.layer(l) for l in range(self.source.num_layers)], dim=2)

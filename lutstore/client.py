@@ -28,6 +28,7 @@ import numpy as np
 from lutstore import codec, security
 from lutstore import alloc, shm, wire
 from lutstore.errors import UserError
+from lutstore.session import AnswerError, RowSession, RowsAnswer
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 
@@ -186,39 +187,52 @@ class LutClient:
         return call
 
     def _fetch(self, name: str, ids: list[int], version: int,
-               on_row: Callable[[pb.TableInfo, int, memoryview], None], stable: bool = False) -> pb.TableInfo:
+               on_row: Callable[[pb.TableInfo, int, memoryview], None], stable: bool = False,
+               layer_ends: list[int] | None = None,
+               on_slice: Callable[[int, int, int, memoryview], None] | None = None) -> pb.TableInfo:
         """BatchGet distinct ascending ids in batches of the server's max_batch_rows, calling
         on_row(info, id, data) once per id as messages arrive (our work on one message overlaps the
         transfer of the next); data is a memoryview into the received message. Version 0 is
         resolved first (one small call; pin a version to skip it), so every row comes from the one
         version `info` describes. A retried batch skips the rows already delivered. stable: data
-        must stay valid after on_row returns (else it may be reused shared memory)."""
-        if self._shared_memory:
+        must stay valid after on_row returns (else it may be reused shared memory). With layer_ends
+        the rows come layer-sliced (see the proto) and on_slice(begin, end, id, data) is called once
+        per (layer group, id) instead of on_row."""
+        if self._shared_memory and not layer_ends:
             info = self._fetch_shared(name, ids, version, on_row, stable)
             if info is not None:
                 return info
         info = self.info(name, version)
         limit = max(1, info.max_batch_rows)
         batch_get = self._batch_get()
-        delivered: set[int] = set()
+        delivered: set[tuple[int, int]] = set()   # (layer_begin, id): a retried batch skips what arrived
+        groups = {begin for begin, _end in codec.check_layer_ends(self.row_format(info), layer_ends)} \
+            if layer_ends else {0}
 
         def attempt(req: pb.BatchGetRequest) -> None:
             for message in batch_get(req, timeout=self.timeout):
                 try:
-                    got_version, rows = wire.decode_response(message)
+                    got_version, begin, end, rows = wire.decode_sliced_response(message)
                 except wire.WireError as e:
                     raise LutError(grpc.StatusCode.INTERNAL,
                                    f"malformed BatchGet response from {self.address}: {e}") from None
                 if got_version != info.version:
                     raise LutError(grpc.StatusCode.INTERNAL,
                                    f"asked {name!r} v{info.version}, got rows of v{got_version}")
+                if begin not in groups or (layer_ends and end <= begin):
+                    raise LutError(grpc.StatusCode.INTERNAL, f"BatchGet from {self.address} answered layers "
+                                                             f"[{begin}, {end}), not asked for")
                 for token, data in rows:
-                    if token not in delivered:
-                        delivered.add(token)
-                        on_row(info, token, data)
+                    if (begin, token) not in delivered:
+                        delivered.add((begin, token))
+                        if on_slice is None:
+                            on_row(info, token, data)
+                        else:
+                            on_slice(begin, end, token, data)
 
         for start in range(0, len(ids), limit):
-            req = pb.BatchGetRequest(table=name, version=info.version, token_ids=ids[start : start + limit])
+            req = pb.BatchGetRequest(table=name, version=info.version, token_ids=ids[start : start + limit],
+                                     layer_ends=layer_ends or [])
             self._with_retries(lambda: attempt(req))
         return info
 
@@ -306,6 +320,36 @@ class LutClient:
         if received != len(ids):
             raise LutError(grpc.StatusCode.INTERNAL, f"asked {name!r} for {len(ids)} rows, got {received}")
         return np.array(ids, dtype=np.int64), out
+
+    def get_slices(self, name: str, ids: Iterable[int], version: int, layer_ends: list[int],
+                   on_slices: Callable[[int, int, np.ndarray, np.ndarray], None]) -> None:
+        """Rows layer-sliced (BatchGetRequest.layer_ends), for a model that runs its first layers
+        while later ones are on the wire: on_slices(begin, end, ids, payloads) is called with every
+        distinct id's slice of layers [begin, end) (ids int64 [n], ascending; payloads uint8
+        [n, slice bytes]: the table's payload encoding restricted to those layers, see the proto),
+        group by group in layer order, as soon as the group has arrived whole; each slice is
+        CRC-checked when verify. Uses the gRPC stream (never shared memory); for many small
+        batches, a RowSession (session()) saves a call's setup per batch."""
+        ids = _distinct(ids)
+        if not ids:
+            return
+        info = self.info(name, version)
+        try:
+            answer = RowsAnswer(self.row_format(info), ids, list(layer_ends), on_slices, self.verify)
+        except ValueError as e:
+            raise LutError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        try:
+            self._fetch(name, ids, info.version, on_row=lambda *_: None, layer_ends=list(layer_ends), on_slice=answer.add)
+        except AnswerError as e:
+            raise LutError(e.code, f"{e} (from {self.address})") from None
+        if not answer.complete:
+            raise LutError(grpc.StatusCode.INTERNAL, f"asked {name!r} for {len(ids)} rows layer-sliced, "
+                                                     f"{answer.slices_received} slices arrived")
+
+    def session(self, name: str, version: int = 0, layer_ends: list[int] | None = None) -> RowSession:
+        """A RowSession: many BatchGets of one table version on one open stream (BatchGetStream),
+        answers handed over layer group by layer group on a reader thread (lutstore.session)."""
+        return RowSession(self, name, version, layer_ends)
 
     def _payload(self, fmt: codec.RowFormat, name: str, token: int, data: memoryview) -> memoryview:
         """The row's payload (a view when uncompressed), its CRC checked when self.verify."""

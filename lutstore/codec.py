@@ -186,3 +186,46 @@ def decode_rows(fmt: RowFormat, values: list[bytes], verify: bool = True) -> np.
     for i, value in enumerate(values):
         decode_payload(fmt, payload_of(fmt, value, verify), out=out[i])
     return out
+
+
+# ---- layer slices (BatchGetRequest.layer_ends) -------------------------------------------
+
+def check_layer_ends(fmt: RowFormat, layer_ends: list[int]) -> list[tuple[int, int]]:
+    """The layer groups [(begin, end), ...] that layer_ends describe; ValueError naming the rule
+    when they do not strictly increase from >= 1 up to exactly num_layers."""
+    if not layer_ends:
+        raise ValueError("layer_ends is empty")
+    if layer_ends[-1] != fmt.num_layers:
+        raise ValueError(f"layer_ends must end at num_layers={fmt.num_layers}, got {layer_ends[-1]}")
+    groups, begin = [], 0
+    for end in layer_ends:
+        if end <= begin:
+            raise ValueError(f"layer_ends must strictly increase from >= 1, got {list(layer_ends)}")
+        groups.append((begin, end))
+        begin = end
+    return groups
+
+
+def slice_payload_bytes(fmt: RowFormat, begin: int, end: int) -> int:
+    """Bytes of one row's payload restricted to layers [begin, end)."""
+    return fmt.payload_bytes * (end - begin) // fmt.num_layers
+
+
+def slice_parts(fmt: RowFormat, payload: memoryview, begin: int, end: int) -> list[memoryview]:
+    """The payload restricted to layers [begin, end), as views into payload whose concatenation
+    is the slice (one view; int8: the layers' scales, then their values)."""
+    per_layer = fmt.num_experts * fmt.hidden_size
+    if fmt.encoding is Encoding.INT8:
+        scales = 4 * fmt.vectors
+        return [payload[4 * begin * fmt.num_experts : 4 * end * fmt.num_experts],
+                payload[scales + begin * per_layer : scales + end * per_layer]]
+    size = 4 if fmt.encoding is Encoding.FP32 else 2
+    return [payload[size * begin * per_layer : size * end * per_layer]]
+
+
+def crc_of_parts(parts: list[memoryview]) -> bytes:
+    """The CRC-32 trailer (4 bytes LE) of the concatenation of parts."""
+    value = 0
+    for part in parts:
+        value = crc32(part, value)
+    return _CRC.pack(value)

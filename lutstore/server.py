@@ -36,6 +36,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LutStore"].full_name
 SHUTDOWN_GRACE_SECONDS = 10.0
 MESSAGE_TARGET_BYTES = 4 << 20  # rows per BatchGetResponse: a few MiB, well below the limit
 PREFETCH_THREADS = 8  # calls whose next message is read ahead at once; more wait their turn
+SLICED_BLOCK_BYTES = 32 << 20  # layer-sliced BatchGet: rows read (and held) at once per block
 ZSTD_FRAME_SLACK = 64  # a zstd frame of incompressible data is at most a few bytes longer
 
 ENCODINGS = {
@@ -199,6 +200,9 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"one row of {meta.name!r} ({row_bound} bytes) does not fit this server's "
                           f"--max-message-mb ({self.max_message_bytes} bytes)")
+        if request.layer_ends:
+            yield from self._sliced(meta, ids, list(request.layer_ends), context)
+            return
         per_message = max(1, self.message_target // row_bound)
         groups = [ids[start : start + per_message] for start in range(0, len(ids), per_message)]
         pending: futures.Future[bytes] | None = None
@@ -214,6 +218,50 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
             context.abort(grpc.StatusCode.DATA_LOSS, str(e))
         log.debug("BatchGet %s v%d: %d ids (%d distinct) in %.2f ms", meta.name, meta.version, len(request.token_ids), len(ids),
                   1000 * (time.perf_counter() - started))
+
+    def BatchGetStream(self, requests: Iterator[pb.BatchGetRequest], context: grpc.ServicerContext) -> Iterator[bytes]:
+        """BatchGet for each request of the session, in order (serialised messages, as BatchGet's)."""
+        for request in requests:
+            yield from self.BatchGet(request, context)
+
+    def _sliced(self, meta: TableMeta, ids: list[int], layer_ends: list[int],
+                context: grpc.ServicerContext) -> Iterator[bytes]:
+        """BatchGet's layer-sliced answer (BatchGetRequest.layer_ends): per block of rows, every row's
+        slice of layer group 0, then of group 1, ...; each slice carries its own CRC-32. The first
+        message (the first layers of every row) leaves as soon as the block is read, so the client's
+        first layers can run while the later slices are still on their way."""
+        fmt = meta.row_format()
+        try:
+            groups = codec.check_layer_ends(fmt, layer_ends)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e} (table {meta.name!r} has {fmt.num_layers} layers)")
+        if fmt.payload_bytes + 1024 > self.max_message_bytes:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"one row of {meta.name!r} ({fmt.payload_bytes} bytes) does not fit this server's "
+                          f"--max-message-mb ({self.max_message_bytes} bytes)")
+        block_rows = max(1, SLICED_BLOCK_BYTES // fmt.payload_bytes)
+        for start in range(0, len(ids), block_rows):
+            block = ids[start : start + block_rows]
+            try:
+                values = self.rows.rows(meta, block)
+            except CorruptRow as e:
+                log.error("%s", e)
+                context.abort(grpc.StatusCode.DATA_LOSS, str(e))
+            # RowSource hands out checked rows only; payload_of just strips the CRC (and unzips).
+            payloads = [codec.payload_of(fmt, v, verify=False) for v in values]
+            for begin, end in groups:
+                size = codec.slice_payload_bytes(fmt, begin, end) + codec.CRC_BYTES
+                per_message = max(1, self.message_target // size)
+                trailer = wire.response_trailer(meta.version, begin, end)
+                for first in range(0, len(block), per_message):
+                    parts: list = []
+                    for token, payload in zip(block[first : first + per_message], payloads[first : first + per_message]):
+                        pieces = codec.slice_parts(fmt, payload, begin, end)
+                        parts.append(wire.row_header(token, size))
+                        parts += pieces
+                        parts.append(codec.crc_of_parts(pieces))
+                    parts.append(trailer)
+                    yield b"".join(parts)
 
     def GetArtifact(self, request: pb.GetArtifactRequest, context: grpc.ServicerContext) -> Iterator[pb.ArtifactChunk]:
         meta = self._resolve(request.table, request.version, context)
@@ -250,6 +298,8 @@ def add_servicer(servicer: LutStoreServicer, server: grpc.Server) -> None:
             response_serializer=pb.TableInfo.SerializeToString),
         "BatchGet": grpc.unary_stream_rpc_method_handler(
             servicer.BatchGet, request_deserializer=pb.BatchGetRequest.FromString, response_serializer=None),
+        "BatchGetStream": grpc.stream_stream_rpc_method_handler(
+            servicer.BatchGetStream, request_deserializer=pb.BatchGetRequest.FromString, response_serializer=None),
         "GetArtifact": grpc.unary_stream_rpc_method_handler(
             servicer.GetArtifact, request_deserializer=pb.GetArtifactRequest.FromString,
             response_serializer=pb.ArtifactChunk.SerializeToString),

@@ -9,7 +9,8 @@ memoryviews (no copy) so numpy reads the rows straight from gRPC's buffer.
 The bytes are exactly protobuf's encoding of (see lutstore.proto):
 
     message Row              { uint32 token_id = 1; bytes data = 2; }
-    message BatchGetResponse { repeated Row rows = 1; uint32 version = 2; }
+    message BatchGetResponse { repeated Row rows = 1; uint32 version = 2;
+                               uint32 layer_begin = 3; uint32 layer_end = 4; }
 
 The encoder writes the canonical form (fields in number order, proto3 zeros
 left out), so its output equals `SerializeToString()`; the decoder accepts any
@@ -24,6 +25,8 @@ from typing import Sequence
 # Tags: (field number << 3) | wire type (0 varint, 2 length-delimited).
 _RESPONSE_ROW = 0x0A      # BatchGetResponse.rows = 1, LEN
 _RESPONSE_VERSION = 0x10  # BatchGetResponse.version = 2, VARINT
+_RESPONSE_LAYER_BEGIN = 0x18  # BatchGetResponse.layer_begin = 3, VARINT
+_RESPONSE_LAYER_END = 0x20    # BatchGetResponse.layer_end = 4, VARINT
 _ROW_TOKEN_ID = 0x08      # Row.token_id = 1, VARINT
 _ROW_DATA = 0x12          # Row.data = 2, LEN
 
@@ -55,14 +58,25 @@ def row_header(token_id: int, data_len: int) -> bytes:
     return bytes((_RESPONSE_ROW,)) + varint(len(row) + data_len) + row
 
 
+def response_trailer(version: int, layer_begin: int = 0, layer_end: int = 0) -> bytes:
+    """The fields after the rows: version, and the layer range of a layer-sliced message."""
+    out = b""
+    for tag, value in ((_RESPONSE_VERSION, version), (_RESPONSE_LAYER_BEGIN, layer_begin),
+                       (_RESPONSE_LAYER_END, layer_end)):
+        if value:
+            out += bytes((tag,)) + varint(value)
+    return out
+
+
 def encode_parts(token_ids: Sequence[int], values: Sequence[bytes], version: int) -> list[bytes]:
     """The pieces of one BatchGetResponse, in order; b"".join(them) is the message."""
     parts: list[bytes] = []
     for token_id, value in zip(token_ids, values):
         parts.append(row_header(token_id, len(value)))
         parts.append(value)
-    if version:
-        parts.append(bytes((_RESPONSE_VERSION,)) + varint(version))
+    trailer = response_trailer(version)
+    if trailer:
+        parts.append(trailer)
     return parts
 
 
@@ -127,10 +141,18 @@ def _decode_row(buf: memoryview, pos: int, end: int) -> tuple[int, memoryview]:
 def decode_response(message: bytes | bytearray | memoryview) -> tuple[int, list[tuple[int, memoryview]]]:
     """(version, [(token_id, data)]) of one serialised BatchGetResponse; each data is a
     memoryview into `message` (no copy), valid as long as `message` is."""
+    version, _begin, _end, rows = decode_sliced_response(message)
+    return version, rows
+
+
+def decode_sliced_response(message: bytes | bytearray | memoryview
+                           ) -> tuple[int, int, int, list[tuple[int, memoryview]]]:
+    """(version, layer_begin, layer_end, [(token_id, data)]): decode_response plus the layer
+    range of a layer-sliced message (0, 0 for whole rows)."""
     buf = memoryview(message).cast("B")
     end = len(buf)
     pos = 0
-    version = 0
+    version = layer_begin = layer_end = 0
     rows: list[tuple[int, memoryview]] = []
     while pos < end:
         tag, pos = _read_varint(buf, pos, end)
@@ -144,6 +166,12 @@ def decode_response(message: bytes | bytearray | memoryview) -> tuple[int, list[
         elif field == 2 and wire_type == _VARINT:
             version, pos = _read_varint(buf, pos, end)
             version &= _UINT32
+        elif field == 3 and wire_type == _VARINT:
+            layer_begin, pos = _read_varint(buf, pos, end)
+            layer_begin &= _UINT32
+        elif field == 4 and wire_type == _VARINT:
+            layer_end, pos = _read_varint(buf, pos, end)
+            layer_end &= _UINT32
         else:
             pos = _skip(buf, wire_type, pos, end)
-    return version, rows
+    return version, layer_begin, layer_end, rows

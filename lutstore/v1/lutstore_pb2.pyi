@@ -92,14 +92,16 @@ class TableInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., hidden_size: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., fingerprint: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[ArtifactInfo, _Mapping]]] = ..., row_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., live_versions: _Optional[_Iterable[int]] = ..., created_unix_ms: _Optional[int] = ..., source_form: _Optional[str] = ..., max_batch_rows: _Optional[int] = ...) -> None: ...
 
 class BatchGetRequest(_message.Message):
-    __slots__ = ("table", "version", "token_ids")
+    __slots__ = ("table", "version", "token_ids", "layer_ends")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_ENDS_FIELD_NUMBER: _ClassVar[int]
     table: str
     version: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, table: _Optional[str] = ..., version: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    layer_ends: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, table: _Optional[str] = ..., version: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., layer_ends: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Row(_message.Message):
     __slots__ = ("token_id", "data")
@@ -110,12 +112,16 @@ class Row(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class BatchGetResponse(_message.Message):
-    __slots__ = ("rows", "version")
+    __slots__ = ("rows", "version", "layer_begin", "layer_end")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAYER_BEGIN_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
     rows: _containers.RepeatedCompositeFieldContainer[Row]
     version: int
-    def __init__(self, rows: _Optional[_Iterable[_Union[Row, _Mapping]]] = ..., version: _Optional[int] = ...) -> None: ...
+    layer_begin: int
+    layer_end: int
+    def __init__(self, rows: _Optional[_Iterable[_Union[Row, _Mapping]]] = ..., version: _Optional[int] = ..., layer_begin: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
 
 class BatchGetSharedRequest(_message.Message):
     __slots__ = ("table", "version", "token_ids", "segment_name", "segment_bytes")

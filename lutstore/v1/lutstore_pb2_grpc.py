@@ -49,6 +49,11 @@ class LutStoreStub:
                 request_serializer=lutstore_dot_v1_dot_lutstore__pb2.BatchGetRequest.SerializeToString,
                 response_deserializer=lutstore_dot_v1_dot_lutstore__pb2.BatchGetResponse.FromString,
                 _registered_method=True)
+        self.BatchGetStream = channel.stream_stream(
+                '/lutstore.v1.LutStore/BatchGetStream',
+                request_serializer=lutstore_dot_v1_dot_lutstore__pb2.BatchGetRequest.SerializeToString,
+                response_deserializer=lutstore_dot_v1_dot_lutstore__pb2.BatchGetResponse.FromString,
+                _registered_method=True)
         self.BatchGetShared = channel.unary_unary(
                 '/lutstore.v1.LutStore/BatchGetShared',
                 request_serializer=lutstore_dot_v1_dot_lutstore__pb2.BatchGetSharedRequest.SerializeToString,
@@ -84,10 +89,29 @@ class LutStoreServicer:
         """Rows of the requested token ids, streamed. Each distinct requested id is
         answered exactly once, in ascending token-id order, whatever the order or
         repetition of the request; rows are grouped into messages of a few MiB.
+        With BatchGetRequest.layer_ends set, rows are answered LAYER-SLICED
+        instead (see there): each row's slice of the first layers comes before
+        any slice of later layers, so a model can run its first layers while the
+        rest is still on the wire.
         Errors: NOT_FOUND (no such table), FAILED_PRECONDITION (version gone),
         INVALID_ARGUMENT (empty batch, more ids than TableInfo.max_batch_rows,
-        an id >= vocab_size; the message names the limit), DATA_LOSS (a stored
-        row failed its checksum; nothing is sent for that batch after it).
+        an id >= vocab_size, layer_ends not strictly increasing or not ending at
+        num_layers; the message names the limit), DATA_LOSS (a stored row failed
+        its checksum; nothing is sent for that batch after it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchGetStream(self, request_iterator, context):
+        """BatchGet as a session, for a client that asks for rows many times a
+        second (a decoding model): every request sent on the stream is answered
+        in order, exactly as BatchGet answers it (whole rows, or layer-sliced),
+        without a new call per batch (a call's setup costs about as much as
+        moving a 300 KB row on loopback). An answer is complete when every
+        distinct requested id (of every layer group, when sliced) has arrived;
+        the next request's messages follow. Errors are BatchGet's and end the
+        stream; they concern the oldest request not yet fully answered.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -139,6 +163,11 @@ def add_LutStoreServicer_to_server(servicer, server):
             ),
             'BatchGet': grpc.unary_stream_rpc_method_handler(
                     servicer.BatchGet,
+                    request_deserializer=lutstore_dot_v1_dot_lutstore__pb2.BatchGetRequest.FromString,
+                    response_serializer=lutstore_dot_v1_dot_lutstore__pb2.BatchGetResponse.SerializeToString,
+            ),
+            'BatchGetStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.BatchGetStream,
                     request_deserializer=lutstore_dot_v1_dot_lutstore__pb2.BatchGetRequest.FromString,
                     response_serializer=lutstore_dot_v1_dot_lutstore__pb2.BatchGetResponse.SerializeToString,
             ),
@@ -232,6 +261,33 @@ class LutStore:
             request,
             target,
             '/lutstore.v1.LutStore/BatchGet',
+            lutstore_dot_v1_dot_lutstore__pb2.BatchGetRequest.SerializeToString,
+            lutstore_dot_v1_dot_lutstore__pb2.BatchGetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchGetStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/lutstore.v1.LutStore/BatchGetStream',
             lutstore_dot_v1_dot_lutstore__pb2.BatchGetRequest.SerializeToString,
             lutstore_dot_v1_dot_lutstore__pb2.BatchGetResponse.FromString,
             options,
