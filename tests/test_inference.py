@@ -290,7 +290,9 @@ def test_chunked_prefill_matches_one_forward(daemon) -> None:
     single = [_ids(150, seed=11).tolist()]
     padded = [_ids(150, seed=12).tolist(), _ids(61, seed=13).tolist(), [5]]
     with LutClient(daemon["addr"]) as client:
-        remote = RemoteTable(client, "m32", cache_bytes=1 << 20)   # ~30 rows: chunks evict each other's
+        # room for 40 rows (of 1 KiB): small chunks evict each other's rows, big ones exceed the cache
+        remote = RemoteTable(client, "m32", cache_bytes=40 * 2 * 4 * 32 * 4)
+        assert remote.capacity == 40
         try:
             for source in (table, remote):
                 for prompts in (single, padded):
