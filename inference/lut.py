@@ -318,7 +318,8 @@ class RemoteTable(LutSource):
         # only) or when the server has no sessions (an older daemon: UNIMPLEMENTED).
         self._session = client.session(self.name, self.version, self.layer_ends) \
             if session and not (getattr(client, "_shared_memory", False) and not self.layer_ends) else None
-        self._timeout = float(getattr(client, "timeout", 30.0))
+        # A fetch may take one call's deadline after the retries of an unreachable daemon.
+        self._timeout = float(getattr(client, "timeout", 30.0)) + float(getattr(client, "retry_seconds", 0.0))
 
     # -- the interface ---------------------------------------------------------------------
     def request(self, ids: Tensor | np.ndarray | Iterable[int]) -> None:

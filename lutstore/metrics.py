@@ -159,7 +159,7 @@ class RpcInterceptor(grpc.ServerInterceptor):
                 self._finish(method, context, started, failed)
         return handle
 
-    def _unary_stream(self, method, behavior):
+    def _unary_stream(self, method, behavior, seen: list | None = None):
         def handle(request, context):
             started, failed = time.perf_counter(), None
             self.m.in_flight.inc()
@@ -182,10 +182,12 @@ class RpcInterceptor(grpc.ServerInterceptor):
                 raise
             finally:
                 code = self._finish(method, context, started, failed)
-                table = getattr(request, "table", None)
-                if table and code == "OK" and (rows or nbytes):
+                asked = seen if seen is not None else [request]   # a session: every request it carried
+                tables = {getattr(r, "table", None) for r in asked}
+                if len(tables) == 1 and None not in tables and code == "OK" and (rows or nbytes):
                     if not counted:  # pre-serialised: every distinct id was answered once
-                        rows = len(set(request.token_ids))
+                        rows = sum(len(set(r.token_ids)) for r in asked)
+                    table = tables.pop()
                     self.m.rows.labels(table).inc(rows)
                     self.m.bytes.labels(table).inc(nbytes)
         return handle
@@ -202,5 +204,12 @@ class RpcInterceptor(grpc.ServerInterceptor):
         return self._unary(method, lambda requests, context: behavior(self._checked(requests, context, method), context))
 
     def _stream_stream(self, method, behavior):
-        return self._unary_stream(method,
-                                  lambda requests, context: behavior(self._checked(requests, context, method), context))
+        def handle(requests, context):
+            seen: list = []   # the session's requests, for the rows / bytes counters (BatchGetStream)
+
+            def remembered():
+                for request in self._checked(requests, context, method):
+                    seen.append(request)
+                    yield request
+            return self._unary_stream(method, lambda _requests, ctx: behavior(remembered(), ctx), seen)(requests, context)
+        return handle

@@ -202,7 +202,14 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
                           f"--max-message-mb ({self.max_message_bytes} bytes)")
         if request.layer_ends:
             yield from self._sliced(meta, ids, list(request.layer_ends), context)
-            return
+        else:
+            yield from self._whole(meta, ids, row_bound, context)
+        log.debug("BatchGet %s v%d: %d ids (%d distinct)%s in %.2f ms", meta.name, meta.version, len(request.token_ids),
+                  len(ids), f" layer_ends {list(request.layer_ends)}" if request.layer_ends else "",
+                  1000 * (time.perf_counter() - started))
+
+    def _whole(self, meta: TableMeta, ids: list[int], row_bound: int, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """BatchGet's answer in whole stored rows, messages of a few MiB."""
         per_message = max(1, self.message_target // row_bound)
         groups = [ids[start : start + per_message] for start in range(0, len(ids), per_message)]
         pending: futures.Future[bytes] | None = None
@@ -216,8 +223,6 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
         except CorruptRow as e:
             log.error("%s", e)
             context.abort(grpc.StatusCode.DATA_LOSS, str(e))
-        log.debug("BatchGet %s v%d: %d ids (%d distinct) in %.2f ms", meta.name, meta.version, len(request.token_ids), len(ids),
-                  1000 * (time.perf_counter() - started))
 
     def BatchGetStream(self, requests: Iterator[pb.BatchGetRequest], context: grpc.ServicerContext) -> Iterator[bytes]:
         """BatchGet for each request of the session, in order (serialised messages, as BatchGet's)."""

@@ -134,6 +134,8 @@ class RowSession:
         self._call = None
         self._closed = False
         self._reader: threading.Thread | None = None
+        self._failing_since: float | None = None    # first failure since the last answer (retry budget)
+        self._tries, self._delay = 0, 0.05
 
     # ---- public ---------------------------------------------------------------
 
@@ -158,10 +160,11 @@ class RowSession:
             self._closed = True
             call, outbox, reader = self._call, self._outbox, self._reader
         if outbox is not None:
-            outbox.put(None)
-        if call is not None:
-            call.cancel()
+            outbox.put(None)   # half-close: the server answers what it has and ends the stream with OK
         if reader is not None and reader is not threading.current_thread():
+            reader.join(timeout=1.0)
+        if call is not None and reader is not None and reader.is_alive():
+            call.cancel()      # a server that does not finish (hung, or a long answer): stop waiting for it
             reader.join(timeout=5)
         self._fail_all(self._LutError(grpc.StatusCode.CANCELLED, "the row session was closed"))
 
@@ -211,6 +214,7 @@ class RowSession:
             request = self._inflight[0] if self._inflight else None
         if request is None:
             raise AnswerError(grpc.StatusCode.INTERNAL, "rows arrived that no request asked for")
+        self._failing_since = None   # the stream works: a later failure gets the whole retry budget
         for token, data in rows:
             request.answer.add(begin, end, token, data)
         if request.answer.complete:
@@ -220,7 +224,8 @@ class RowSession:
                 request.on_done()
 
     def _broken(self, call, error: BaseException) -> None:
-        """The stream ended: retry what is unanswered on a new stream, or fail it."""
+        """The stream ended: reopen it and send what is unanswered again (UNAVAILABLE, within the
+        client's retry budget, backing off as LutClient does), or fail the oldest request."""
         code = error.code() if isinstance(error, grpc.RpcError) else getattr(error, "code", None)
         details = error.details() if isinstance(error, grpc.RpcError) else str(error)
         with self._lock:
@@ -228,22 +233,31 @@ class RowSession:
                 return
             self._call = None
             self._outbox.put(None)
-            head = self._inflight[0] if self._inflight else None
-            if head is None:
+            if not self._inflight:
                 return   # nothing waiting: the next submit opens a new stream
-            if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) or \
-                    time.monotonic() - head.sent_at > self.client.retry_seconds:
-                self._inflight.popleft()
-                failed = head
-            else:
-                failed = None
+            now = time.monotonic()
+            if self._failing_since is None:
+                self._failing_since, self._tries, self._delay = now, 0, 0.05
+            self._tries += 1
+            elapsed = now - self._failing_since
+            retry = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and \
+                self._tries <= self.client.retries and elapsed + self._delay <= self.client.retry_seconds
+            failed = None if retry else self._inflight.popleft()
+            if failed is not None and code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                error = self._LutError(grpc.StatusCode.UNAVAILABLE,
+                                       f"lutstore at {self.client.address} unavailable after {self._tries} attempts "
+                                       f"in {elapsed:.1f}s (retry budget: {self.client.retries} retries, "
+                                       f"{self.client.retry_seconds:g}s): {details}")
+                self._failing_since = None
+            delay = self._delay
+            self._delay = min(2 * self._delay, 1.0)
         if failed is not None:
             log.info("row session request failed: %s", details)
             failed.on_error(error if isinstance(error, self._LutError) else
                             self._LutError(code or grpc.StatusCode.UNKNOWN, f"{details} (from {self.client.address})"))
         else:
-            log.info("row stream to %s broke (%s); reopening", self.client.address, details)
-            time.sleep(0.05)   # a restarting daemon or a dead replica: let the channel reconnect / fail over
+            log.debug("row stream to %s broke (%s); retry in %.2fs", self.client.address, details, delay)
+            time.sleep(delay)   # a restarting daemon or a dead replica: let the channel reconnect / fail over
         with self._lock:
             if self._inflight and not self._closed and self._call is None:
                 self._open()

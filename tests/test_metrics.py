@@ -122,3 +122,20 @@ def test_graceful_shutdown_finishes_an_in_flight_stream(db_path: Path, serve) ->
     got = {r.token_id: r.data for msg in received for r in msg.rows}
     assert got.keys() == set(ids) and all(got[i] == values[i] for i in ids)
     assert server.proc.wait(timeout=20) == 0
+
+
+def test_metrics_count_the_rows_of_a_batch_get_stream_session(db_path: Path, serve) -> None:
+    _, _, values = write_table(db_path, "t", vocab_size=64, seed=1)
+    server = serve(db_path, "--metrics-port", "0")
+    port = metrics_port(server)
+    batches = [[1, 2, 3], [3, 3], [10, 11]]
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.LutStoreStub(channel)
+        answers = list(stub.BatchGetStream(iter([pb.BatchGetRequest(table="t", token_ids=ids) for ids in batches]),
+                                           timeout=10))
+    assert [r.token_id for a in answers for r in a.rows] == [1, 2, 3, 3, 10, 11]
+    s = scrape(port)
+    assert value(s, "lutstore_requests_total", method=BATCH_GET + "Stream", code="OK") == 1
+    assert value(s, "lutstore_rows_served_total", table="t") == 6
+    row_bytes = sum(len(values[i]) for i in (1, 2, 3, 3, 10, 11))
+    assert row_bytes <= value(s, "lutstore_bytes_served_total", table="t") <= row_bytes + 64 * 6

@@ -48,7 +48,7 @@ def test_reflection_lists_and_describes_the_service(daemon):
 
         service = pool.FindServiceByName(SERVICE)
         methods = {m.name: m for m in service.methods}
-        assert set(methods) == {"ListTables", "GetTableInfo", "BatchGet", "BatchGetShared", "GetArtifact"}
+        assert set(methods) == {"ListTables", "GetTableInfo", "BatchGet", "BatchGetStream", "BatchGetShared", "GetArtifact"}
         batch_get = methods["BatchGet"]
         assert batch_get.server_streaming and not batch_get.client_streaming
         assert batch_get.input_type.full_name == "lutstore.v1.BatchGetRequest"

@@ -145,12 +145,12 @@ def test_binds_loopback_only_by_default(db_path: Path, serve) -> None:
 
 
 def test_read_only_surface(db_path: Path, serve) -> None:
-    """No RPC writes or deletes: the service has exactly the five read RPCs, and nothing else is served.
+    """No RPC writes or deletes: the service has exactly the six read RPCs, and nothing else is served.
     (BatchGetShared writes only into the client's own /dev/shm segment, never stored data; tests/test_shm.py.)"""
     write_table(db_path, "t", vocab_size=8)
     server = serve(db_path)
     assert [m.name for m in pb.DESCRIPTOR.services_by_name["LutStore"].methods] == [
-        "ListTables", "GetTableInfo", "BatchGet", "BatchGetShared", "GetArtifact"]
+        "ListTables", "GetTableInfo", "BatchGet", "BatchGetStream", "BatchGetShared", "GetArtifact"]
     with grpc.insecure_channel(server.address) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         [resp] = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),

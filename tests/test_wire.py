@@ -127,3 +127,16 @@ def test_get_payloads_decompresses_zstd_rows(db_path: Path, serve) -> None:
         assert ids.tolist() == [2, 7]
         for t, payload in zip(ids.tolist(), payloads):
             assert payload.tobytes() == bytes(codec.payload_of(fmt, values[t]))
+
+
+@pytest.mark.parametrize("version,begin,end", [(1, 0, 1), (7, 3, 12), (300, 0, 0)])
+def test_layer_range_fields_round_trip_with_protobuf(version: int, begin: int, end: int) -> None:
+    ids, datas = [0, 5, 70000], [b"", b"ab", bytes(range(200))]
+    parts = [p for t, d in zip(ids, datas) for p in (wire.row_header(t, len(d)), d)]
+    ours = b"".join(parts + [wire.response_trailer(version, begin, end)])
+    theirs = pb.BatchGetResponse(rows=[pb.Row(token_id=t, data=d) for t, d in zip(ids, datas)], version=version,
+                                 layer_begin=begin, layer_end=end)
+    assert ours == theirs.SerializeToString()
+    got_version, got_begin, got_end, rows = wire.decode_sliced_response(theirs.SerializeToString())
+    assert (got_version, got_begin, got_end) == (version, begin, end)
+    assert [(t, bytes(d)) for t, d in rows] == list(zip(ids, datas))

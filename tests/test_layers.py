@@ -1,0 +1,217 @@
+"""Layer-sliced BatchGet (BatchGetRequest.layer_ends), BatchGetStream sessions, and RemoteTable
+fetching through them, against a real daemon."""
+
+from __future__ import annotations
+
+import threading
+import zlib
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from rocksdict import Options, Rdict
+
+from inference.lut import InProcessTable, RemoteTable, layer_ends_for
+from lutstore import codec
+from lutstore.client import LutClient, LutError
+from lutstore.codec import Encoding, RowFormat
+from lutstore.store import row_key
+from lutstore.v1 import lutstore_pb2 as pb
+from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
+
+from conftest import write_table
+
+ENCODINGS = [RowFormat(5, 3, 64, e) for e in Encoding] + [RowFormat(5, 3, 64, Encoding.FP16, zstd=True)]
+
+
+def expected_slice(fmt: RowFormat, stored: bytes, begin: int, end: int) -> bytes:
+    payload = codec.payload_of(fmt, stored)
+    return b"".join(bytes(p) for p in codec.slice_parts(fmt, payload, begin, end))
+
+
+@pytest.mark.parametrize("fmt", ENCODINGS, ids=lambda f: f"{f.encoding.value}{'-zstd' if f.zstd else ''}")
+def test_sliced_batch_get_on_the_wire(db_path, serve, fmt: RowFormat) -> None:
+    """Every distinct id's slice of every group exactly once, group by group, each slice its own
+    CRC-32, as generated protobuf code (any language) parses it; small messages force several per group."""
+    _, rows, values = write_table(db_path, "t", fmt, vocab_size=40, seed=3)
+    server = serve(db_path, "--max-message-mb", "0.01")   # ~5 KiB per message: several for a group of wide slices
+    ids = [31, 2, 7, 2, 19, 0]
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.LutStoreStub(channel)
+        messages = list(stub.BatchGet(pb.BatchGetRequest(table="t", token_ids=ids, layer_ends=[1, 2, 5]), timeout=10))
+    assert len(messages) > 3 if fmt.encoding is not Encoding.INT8 else len(messages) == 3
+    groups = [(m.layer_begin, m.layer_end) for m in messages]
+    assert groups == sorted(groups) and set(groups) == {(0, 1), (1, 2), (2, 5)}   # layer order, no interleaving
+    got: dict[tuple[int, int], bytes] = {}
+    for m in messages:
+        for row in m.rows:
+            key = (m.layer_begin, row.token_id)
+            assert key not in got
+            body, crc = row.data[:-4], row.data[-4:]
+            assert zlib.crc32(body).to_bytes(4, "little") == crc
+            got[key] = body
+    assert sorted(got) == sorted((b, t) for b in (0, 1, 2) for t in set(ids))
+    for (begin, token), body in got.items():
+        end = {0: 1, 1: 2, 2: 5}[begin]
+        assert body == expected_slice(fmt, values[token], begin, end)
+    # get_slices hands over whole groups in layer order; decoded, they are the rows' layers.
+    seen = []
+    with LutClient(server.address) as client:
+        client.get_slices("t", ids, 0, [2, 5], lambda b, e, i, p: seen.append((b, e, i.tolist(), p.copy())))
+        whole_ids, payloads = client.get_payloads("t", ids)
+    assert [(b, e) for b, e, _, _ in seen] == [(0, 2), (2, 5)]
+    for b, e, got_ids, p in seen:
+        assert got_ids == whole_ids.tolist() == sorted(set(ids))
+        for i in range(len(got_ids)):
+            assert p[i].tobytes() == b"".join(bytes(x) for x in codec.slice_parts(fmt, memoryview(payloads[i]), b, e))
+
+
+def test_sliced_batch_get_errors(db_path, serve) -> None:
+    meta, _, values = write_table(db_path, "t", RowFormat(4, 2, 8, Encoding.FP16), vocab_size=16)
+    bad = bytearray(values[5])
+    bad[3] ^= 0xFF
+    db = Rdict(str(db_path), Options(raw_mode=True))
+    db[row_key(meta.table_id, 5)] = bytes(bad)
+    db.close()
+    server = serve(db_path)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.LutStoreStub(channel)
+        for ends, why in (([2, 2, 4], "strictly increase"), ([1, 3], "end at num_layers=4"), ([0, 4], "strictly increase"),
+                          ([2, 5], "end at num_layers=4")):
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.BatchGet(pb.BatchGetRequest(table="t", token_ids=[1], layer_ends=ends), timeout=10))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in err.value.details(), ends
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.BatchGet(pb.BatchGetRequest(table="t", token_ids=[4, 5], layer_ends=[1, 4]), timeout=10))
+        assert err.value.code() == grpc.StatusCode.DATA_LOSS and "row 5" in err.value.details()
+    with LutClient(server.address) as client:
+        with pytest.raises(LutError) as err:
+            client.get_slices("t", [1], 0, [3, 3, 4], lambda *a: None)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(LutError) as err:
+            client.get_slices("t", [5], 0, [1, 4], lambda *a: None)
+        assert err.value.code == grpc.StatusCode.DATA_LOSS
+        assert client.get_raw("t", [4]) == {4: values[4]}   # still serving
+
+
+class Collector:
+    """on_group / on_error / on_done of one session request."""
+
+    def __init__(self) -> None:
+        self.groups: list[tuple[int, int, list[int], np.ndarray]] = []
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def on_group(self, b: int, e: int, ids: np.ndarray, payloads: np.ndarray) -> None:
+        self.groups.append((b, e, ids.tolist(), payloads.copy()))
+
+    def on_error(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
+
+    def kwargs(self) -> dict:
+        return {"on_group": self.on_group, "on_error": self.on_error, "on_done": self.done.set}
+
+
+def test_session_answers_in_order_and_survives_a_bad_request(db_path, serve) -> None:
+    fmt = RowFormat(4, 2, 8, Encoding.BF16)
+    _, _, values = write_table(db_path, "t", fmt, vocab_size=32, seed=5)
+    server = serve(db_path, verbose=2)
+    with LutClient(server.address) as client:
+        session = client.session("t", 0, [1, 4])
+        batches = [[1, 2], [3], [30, 31], [40], [5, 6]]   # 40 is outside the vocabulary
+        collectors = [Collector() for _ in batches]
+        for ids, c in zip(batches, collectors):
+            session.submit(ids, **c.kwargs())
+        for c in collectors:
+            assert c.done.wait(10)
+        session.close()
+    for ids, c in zip(batches, collectors):
+        if 40 in ids:
+            assert isinstance(c.error, LutError) and c.error.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "token id 40" in c.error.message and not c.groups
+            continue
+        assert c.error is None and [(b, e) for b, e, _, _ in c.groups] == [(0, 1), (1, 4)]
+        for b, e, got, payloads in c.groups:
+            assert got == ids
+            for i, t in enumerate(ids):
+                assert payloads[i].tobytes() == expected_slice(fmt, values[t], b, e)
+    # Two streams: the bad request ended the first; the requests behind it went on a second.
+    assert sum("LutStore/BatchGetStream" in line for line in server.output) == 2
+
+
+def test_session_of_whole_rows_and_a_closed_session(db_path, serve) -> None:
+    fmt = RowFormat(3, 2, 8, Encoding.FP16, zstd=True)
+    _, _, values = write_table(db_path, "t", fmt, vocab_size=16, seed=2)
+    server = serve(db_path)
+    with LutClient(server.address) as client:
+        session = client.session("t")
+        c = Collector()
+        session.submit([3, 9], **c.kwargs())
+        assert c.done.wait(10) and c.error is None
+        [(b, e, ids, payloads)] = c.groups
+        assert (b, e, ids) == (0, 3, [3, 9])
+        assert [payloads[i].tobytes() for i in range(2)] == [bytes(codec.payload_of(fmt, values[t])) for t in (3, 9)]
+        session.close()
+        with pytest.raises(LutError) as err:
+            session.submit([1], **Collector().kwargs())
+        assert err.value.code == grpc.StatusCode.CANCELLED
+
+
+@pytest.mark.parametrize("encoding", [Encoding.FP16, Encoding.INT8])
+@pytest.mark.parametrize("how", ["sliced-session", "whole-session", "sliced-calls", "whole-calls"])
+def test_remote_table_rows_equal_in_process_every_way(db_path, serve, encoding: Encoding, how: str) -> None:
+    fmt = RowFormat(6, 3, 8, encoding)
+    write_table(db_path, "t", fmt, vocab_size=50, seed=9)
+    server = serve(db_path)
+    split = "auto" if how.startswith("sliced") else "none"
+    with LutClient(server.address) as client:
+        reference = InProcessTable.from_client(client, "t")
+        with RemoteTable(client, "t", cache_bytes=1 << 20, layer_split=split, session=how.endswith("session")) as source:
+            assert source.layer_ends == ([1, 2, 4, 6] if split == "auto" else [])
+            rng = np.random.default_rng(0)
+            for step in range(12):
+                idx = torch.from_numpy(rng.integers(0, 50, (3, 1 + step % 3)))
+                source.request(idx)
+                got = source.rows(idx)
+                for layer in range(6):
+                    torch.testing.assert_close(got.layer(layer).float(), reference.rows(idx)[:, :, layer].float())
+            assert source.stats().misses > 0 and source.stats().hits > 0
+
+
+def test_remote_table_pass_that_stops_early_leaves_no_half_rows(db_path, serve) -> None:
+    """A forward pass that raises after layer 0 (its later layer groups never copied into the cache):
+    the next pass still sees whole, correct rows."""
+    write_table(db_path, "t", RowFormat(8, 2, 4, Encoding.FP32), vocab_size=20, seed=4)
+    server = serve(db_path)
+    with LutClient(server.address) as client:
+        reference = InProcessTable.from_client(client, "t")
+        with RemoteTable(client, "t", cache_bytes=1 << 20) as source:
+            first = torch.tensor([[3, 4, 5]])
+            source.rows(first).layer(0)            # ... and the pass stops here
+            again = torch.tensor([[5, 3], [6, 4]])
+            torch.testing.assert_close(source.gather(again), reference.rows(again))
+            assert source.stats().misses == 4
+
+
+def test_remote_table_fetch_fails_clearly_when_the_daemon_dies(db_path, serve) -> None:
+    write_table(db_path, "t", RowFormat(2, 2, 4, Encoding.FP16), vocab_size=20)
+    server = serve(db_path)
+    with LutClient(server.address, retries=2, retry_seconds=0.5) as client:
+        with RemoteTable(client, "t") as source:
+            source.gather(torch.tensor([[1]]))
+            server.proc.kill()
+            server.proc.wait()
+            with pytest.raises(LutError) as err:
+                source.gather(torch.tensor([[2, 3]]))
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE and "unavailable after" in err.value.message
+            with pytest.raises(LutError):       # the failed rows are not left in the cache as garbage
+                source.gather(torch.tensor([[2]]))
+
+
+def test_layer_groups_double() -> None:
+    assert layer_ends_for(1) == [1]
+    assert layer_ends_for(4) == [1, 2, 4]
+    assert layer_ends_for(12) == [1, 2, 4, 8, 12]
+    assert layer_ends_for(24) == [1, 2, 4, 8, 16, 24]
