@@ -93,7 +93,9 @@ class InProcessTable(LutSource):
         self.vocab_size, self.num_layers, self.num_experts, self.hidden_size = self.table.shape
 
     def rows(self, idx: Tensor) -> Tensor:
-        return self.table[idx.to(self.table.device)]
+        # index_select copies whole rows; advanced indexing (table[idx]) went element by element, 6x slower
+        flat = idx.reshape(-1).to(self.table.device)
+        return self.table.index_select(0, flat).view(*idx.shape, *self.table.shape[1:])
 
     @classmethod
     def from_client(cls, client, table: str, version: int = 0, device: str | torch.device = "cpu",
@@ -278,7 +280,7 @@ class RemoteTable(LutSource):
 
     def __init__(self, client, table: str, version: int = 0, device: str | torch.device = "cpu",
                  cache_bytes: int = 256 * MiB, verify: bool = True, fetch_threads: int = 2,
-                 layer_split: str | list[int] = "auto", session: bool = True) -> None:
+                 layer_split: str | list[int] = "none", session: bool = True) -> None:
         self.client = client
         self.info = client.info(table, version)
         self.name, self.version = self.info.name, int(self.info.version)   # pin: rows never change under us
@@ -294,8 +296,10 @@ class RemoteTable(LutSource):
                                  + (4 * self.fmt.vectors if self._int8 else 0))
         self.capacity = min(self.vocab_size, max(0, int(cache_bytes)) // self.row_device_bytes)
         self._budget = int(cache_bytes)
+        shared = bool(getattr(client, "_shared_memory", False))   # the client fetches through /dev/shm
         if layer_split == "auto":
-            self.layer_ends = layer_ends_for(self.num_layers) if self.num_layers > 1 else []
+            # Shared memory moves whole rows (one call each); otherwise rows come layer-sliced.
+            self.layer_ends = layer_ends_for(self.num_layers) if self.num_layers > 1 and not shared else []
         elif layer_split == "none":
             self.layer_ends = []
         else:
@@ -317,7 +321,7 @@ class RemoteTable(LutSource):
         # BatchGets on the fetch threads when off, when rows go through shared memory (whole rows
         # only) or when the server has no sessions (an older daemon: UNIMPLEMENTED).
         self._session = client.session(self.name, self.version, self.layer_ends) \
-            if session and not (getattr(client, "_shared_memory", False) and not self.layer_ends) else None
+            if session and not (shared and not self.layer_ends) else None
         # A fetch may take one call's deadline after the retries of an unreachable daemon.
         self._timeout = float(getattr(client, "timeout", 30.0)) + float(getattr(client, "retry_seconds", 0.0))
 
@@ -373,7 +377,7 @@ class RemoteTable(LutSource):
             fetch.claim()
             self._session.submit(ids, on_group=lambda b, e, got, payloads: self._arrived(fetch, b, e, got, payloads),
                                  on_error=lambda error: self._session_failed(fetch, error),
-                                 on_done=lambda: self._count(fetch))
+                                 on_done=lambda: self._count(fetch), views=self.device.type == "cpu")
         else:
             self._pool.submit(self._run, fetch)
         return fetch
@@ -411,9 +415,12 @@ class RemoteTable(LutSource):
             return
         self._count(fetch)
 
-    def _arrived(self, fetch: _Fetch, begin: int, end: int, ids: np.ndarray, payloads: np.ndarray) -> None:
+    def _arrived(self, fetch: _Fetch, begin: int, end: int, ids: np.ndarray, payloads: np.ndarray | list) -> None:
         if ids.tolist() != fetch.ids:
             raise RuntimeError(f"asked rows {fetch.ids[:4]}..., got {ids[:4].tolist()}...")
+        if isinstance(payloads, list):     # memoryviews into the received messages: _fill copies each once
+            fetch.arrived(fetch.groups.index((begin, end)), payloads)
+            return
         n, k, fmt = len(ids), end - begin, self.fmt
         if self._int8:
             nscale = 4 * k * fmt.num_experts
@@ -517,13 +524,42 @@ class RemoteTable(LutSource):
                 self._forget(plan)
                 raise
             begin, end = copy.fetch.groups[g]
+            if isinstance(parts, list):
+                self._copy_views(target, parts, copy, begin, end)
+                copy.done.add(g)
+                continue
             src = (parts if copy.rows is None else parts.index(copy.rows)).to(self.device)
-            target.values[copy.slots, begin:end] = src.values
-            if target.scales is not None:
-                target.scales[copy.slots, begin:end] = src.scales
+            if self.device.type == "cpu":
+                # one memcpy per row: index_put (target[slots, b:e] = ...) went element by element, 3x slower
+                for i, slot in enumerate(copy.slots.tolist()):
+                    target.values[slot, begin:end].copy_(src.values[i])
+                    if target.scales is not None:
+                        target.scales[slot, begin:end].copy_(src.scales[i])
+            else:   # one kernel for all rows
+                target.values[copy.slots, begin:end] = src.values
+                if target.scales is not None:
+                    target.scales[copy.slots, begin:end] = src.scales
             copy.done.add(g)
         if plan is self._unfinished and all(len(c.done) == len(c.fetch.groups) for c in plan.copies):
             self._unfinished = None
+
+    def _copy_views(self, target: _RowParts, views: list, copy: _Copy, begin: int, end: int) -> None:
+        """Rows straight from the received messages into their slots (CPU): one copy per row."""
+        values = target.values.view(len(target), -1).view(torch.uint8).numpy()     # bytes of each slot's row
+        per_layer = values.shape[1] // self.num_layers
+        scales = per_scale = None
+        if target.scales is not None:
+            scales = target.scales.view(len(target), -1).view(torch.uint8).numpy()
+            per_scale = scales.shape[1] // self.num_layers
+        rows = range(len(views)) if copy.rows is None else copy.rows.tolist()
+        for slot, i in zip(copy.slots.tolist(), rows):
+            view = views[i]
+            if scales is None:
+                values[slot, begin * per_layer:end * per_layer] = np.frombuffer(view, np.uint8)
+            else:   # int8: the layers' scales, then their values
+                n = (end - begin) * per_scale
+                scales[slot, begin * per_scale:end * per_scale] = np.frombuffer(view, np.uint8, count=n)
+                values[slot, begin * per_layer:end * per_layer] = np.frombuffer(view, np.uint8, offset=n)
 
     def _forget(self, plan: _Plan) -> None:
         """A fetch failed: its rows never arrive, so their slots go back (the error is raised)."""
@@ -545,9 +581,14 @@ class RemoteTable(LutSource):
             src, index = self._slab, slice(plan.index, plan.index + 1)
         else:
             src, index = self._slab, plan.index
-        values = src.values[index, layer]
-        if src.scales is not None:
-            values = values.float() * src.scales[index, layer].unsqueeze(-1)
+        if isinstance(index, slice):
+            values = src.values[index, layer]
+            scales = None if src.scales is None else src.scales[index, layer]
+        else:   # index_select of the layer's view copies N x D blocks; values[index, layer] went element by element
+            values = src.values[:, layer].index_select(0, index)
+            scales = None if src.scales is None else src.scales[:, layer].index_select(0, index)
+        if scales is not None:
+            values = values.float() * scales.unsqueeze(-1)
         if isinstance(index, slice):
             return values.expand(b * t, self.num_experts, self.hidden_size).reshape(b, t, self.num_experts, self.hidden_size)
         return values.view(b, t, self.num_experts, self.hidden_size)

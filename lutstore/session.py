@@ -53,15 +53,20 @@ class RowsAnswer:
     """One BatchGet answer being assembled: on_group(begin, end, ids, payloads) is called once per
     layer group, in layer order, as soon as every distinct id's part of it has arrived (ids int64
     [n] ascending; payloads uint8 [n, bytes]: whole rows' payloads (decompressed) when layer_ends
-    is empty, else each row's slice of layers [begin, end), see the proto)."""
+    is empty, else each row's slice of layers [begin, end), see the proto). views=True: payloads
+    is instead a list of n read-only memoryviews into the received messages (checked, not copied),
+    for a consumer that copies each row straight to where it goes."""
 
     def __init__(self, fmt: codec.RowFormat, ids: list[int], layer_ends: list[int], on_group: OnGroup,
-                 verify: bool = True) -> None:
+                 verify: bool = True, views: bool = False) -> None:
         self.fmt, self.ids, self.layer_ends, self.on_group, self.verify = fmt, ids, layer_ends, on_group, verify
+        self.views = views
         self.groups = codec.check_layer_ends(fmt, layer_ends) if layer_ends else [(0, fmt.num_layers)]
         self._index = {t: i for i, t in enumerate(ids)}
         self._ids = np.array(ids, dtype=np.int64)
-        self._bufs = {b: np.empty((len(ids), codec.slice_payload_bytes(fmt, b, e)), dtype=np.uint8) for b, e in self.groups}
+        self._sizes = {b: codec.slice_payload_bytes(fmt, b, e) for b, e in self.groups}
+        self._bufs: dict[int, np.ndarray | list] = {
+            b: [None] * len(ids) if views else np.empty((len(ids), self._sizes[b]), dtype=np.uint8) for b, _ in self.groups}
         self._got: dict[int, set[int]] = {b: set() for b, _ in self.groups}
         self._delivered = 0
 
@@ -88,11 +93,13 @@ class RowsAnswer:
                 body = codec.payload_of(self.fmt, data, verify=self.verify)
         except codec.ChecksumError as e:
             raise AnswerError(grpc.StatusCode.DATA_LOSS, f"row {token} arrived corrupt: {e}") from None
-        buf = self._bufs[begin]
-        if len(body) != buf.shape[1]:
+        if len(body) != self._sizes[begin]:
             raise AnswerError(grpc.StatusCode.INTERNAL, f"row {token} layers [{begin}, {end}) is {len(body)} bytes, "
-                                                        f"expected {buf.shape[1]}")
-        buf[row] = np.frombuffer(body, dtype=np.uint8)
+                                                        f"expected {self._sizes[begin]}")
+        if self.views:
+            self._bufs[begin][row] = body
+        else:
+            self._bufs[begin][row] = np.frombuffer(body, dtype=np.uint8)
         got.add(row)
         while self._delivered < len(self.groups):
             b, e = self.groups[self._delivered]
@@ -140,12 +147,12 @@ class RowSession:
     # ---- public ---------------------------------------------------------------
 
     def submit(self, ids: list[int], on_group: OnGroup, on_error: Callable[[BaseException], None],
-               on_done: Callable[[], None] | None = None) -> None:
+               on_done: Callable[[], None] | None = None, views: bool = False) -> None:
         """Ask for the rows of ids (distinct, ascending, at most max_batch_rows); returns at once.
-        on_group gets each layer group as it completes, on_done() follows the last one; on_error(e)
-        (a LutError) replaces them if the request fails."""
+        on_group gets each layer group as it completes (as arrays, or memoryviews: RowsAnswer),
+        on_done() follows the last one; on_error(e) (a LutError) replaces them if the request fails."""
         message = pb.BatchGetRequest(table=self.name, version=self.version, token_ids=ids, layer_ends=self.layer_ends)
-        request = _Request(message, RowsAnswer(self.fmt, ids, self.layer_ends, on_group, self.client.verify),
+        request = _Request(message, RowsAnswer(self.fmt, ids, self.layer_ends, on_group, self.client.verify, views),
                            on_error, on_done)
         with self._lock:
             if self._closed:
