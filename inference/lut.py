@@ -34,6 +34,10 @@ from lutstore.codec import CRC_BYTES, Encoding, RowFormat, check_layer_ends
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
+# Fetches of at least this many rows (a prefill chunk) go through shared memory when the client
+# uses it: 3.5-4x the session's GB/s; smaller ones (decode steps) stay on the session, whose
+# round trip is shorter (benchmarks/PERFORMANCE_DECODE.md).
+SHARED_MEMORY_MIN_ROWS = 64
 
 
 @dataclass
@@ -92,7 +96,13 @@ class InProcessTable(LutSource):
         self.table = table.to(device=device, dtype=dtype or table.dtype)
         self.vocab_size, self.num_layers, self.num_experts, self.hidden_size = self.table.shape
 
-    def rows(self, idx: Tensor) -> Tensor:
+    def rows(self, idx: Tensor) -> _TableLayers:
+        """LayerRows: layer l's rows gathered when layer l runs (as RemoteTable does): a whole-row
+        gather of a 256-token prefill chunk moved 75 MB at once and was slower than per layer."""
+        return _TableLayers(self.table, idx)
+
+    def gather(self, idx: Tensor) -> Tensor:
+        """Rows [B, T, L, N, D] for idx in one gather."""
         # index_select copies whole rows; advanced indexing (table[idx]) went element by element, 6x slower
         flat = idx.reshape(-1).to(self.table.device)
         return self.table.index_select(0, flat).view(*idx.shape, *self.table.shape[1:])
@@ -114,6 +124,20 @@ class InProcessTable(LutSource):
             ids = list(range(s, min(s + step, info.vocab_size)))
             table[s:s + len(ids)] = torch.from_numpy(client.get_rows(table_name, ids, info.version))
         return cls(table, device)
+
+
+class _TableLayers:
+    """LayerRows of an in-process table: one index_select of layer l's [V, N, D] view per layer."""
+
+    def __init__(self, table: Tensor, idx: Tensor) -> None:
+        self.table, self.shape = table, tuple(idx.shape)
+        self.flat = idx.reshape(-1).to(table.device)
+
+    def layer(self, l: int) -> Tensor:
+        return self.table[:, l].index_select(0, self.flat).view(*self.shape, *self.table.shape[2:])
+
+    def all(self) -> Tensor:
+        return self.table.index_select(0, self.flat).view(*self.shape, *self.table.shape[1:])
 
 
 def _storage(fmt: RowFormat) -> tuple[np.dtype, torch.dtype]:
@@ -296,10 +320,10 @@ class RemoteTable(LutSource):
                                  + (4 * self.fmt.vectors if self._int8 else 0))
         self.capacity = min(self.vocab_size, max(0, int(cache_bytes)) // self.row_device_bytes)
         self._budget = int(cache_bytes)
-        shared = bool(getattr(client, "_shared_memory", False))   # the client fetches through /dev/shm
+        # The client may fetch through /dev/shm (same host): whole rows, one call each.
+        self._shared = bool(getattr(client, "_shared_memory", False))
         if layer_split == "auto":
-            # Shared memory moves whole rows (one call each); otherwise rows come layer-sliced.
-            self.layer_ends = layer_ends_for(self.num_layers) if self.num_layers > 1 and not shared else []
+            self.layer_ends = layer_ends_for(self.num_layers) if self.num_layers > 1 else []
         elif layer_split == "none":
             self.layer_ends = []
         else:
@@ -317,11 +341,10 @@ class RemoteTable(LutSource):
         self._stats = LutStats(cache_budget=self._budget)
         self._pool = ThreadPoolExecutor(max_workers=fetch_threads, thread_name_prefix="lut-fetch")
         self._pin = self.device.type == "cuda"
-        # One open BatchGetStream for every fetch (no call setup, no thread hop per fetch); per-call
-        # BatchGets on the fetch threads when off, when rows go through shared memory (whole rows
-        # only) or when the server has no sessions (an older daemon: UNIMPLEMENTED).
-        self._session = client.session(self.name, self.version, self.layer_ends) \
-            if session and not (shared and not self.layer_ends) else None
+        # One open BatchGetStream for the fetches (no call setup, no thread hop per fetch); one call
+        # per fetch on the fetch threads when off, for big fetches when the client uses shared memory
+        # (SHARED_MEMORY_MIN_ROWS), or when the server has no sessions (an older daemon: UNIMPLEMENTED).
+        self._session = client.session(self.name, self.version, self.layer_ends) if session else None
         # A fetch may take one call's deadline after the retries of an unreachable daemon.
         self._timeout = float(getattr(client, "timeout", 30.0)) + float(getattr(client, "retry_seconds", 0.0))
 
@@ -371,9 +394,10 @@ class RemoteTable(LutSource):
             raise ValueError(f"token id {ids[0] if ids[0] < 0 else ids[-1]} outside the table's vocabulary 0..{self.vocab_size - 1}")
 
     def _start(self, ids: list[int]) -> _Fetch:
+        bulk = self._shared and not self.layer_ends and len(ids) >= SHARED_MEMORY_MIN_ROWS
         fetch = _Fetch(ids, self._groups)
         self._pending.update(dict.fromkeys(ids, fetch))
-        if self._session is not None:
+        if self._session is not None and not bulk:
             fetch.claim()
             self._session.submit(ids, on_group=lambda b, e, got, payloads: self._arrived(fetch, b, e, got, payloads),
                                  on_error=lambda error: self._session_failed(fetch, error),

@@ -261,7 +261,7 @@ class RecordingTable(InProcessTable):
     def request(self, ids) -> None:
         self.events.append(("request", sorted(set(torch.as_tensor(ids).reshape(-1).tolist()))))
 
-    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+    def rows(self, idx: torch.Tensor):
         self.events.append(("rows", sorted(set(idx.reshape(-1).tolist()))))
         return super().rows(idx)
 

@@ -201,19 +201,31 @@ def test_corrupt_row_is_data_loss(db_path: Path, serve, shm_file) -> None:
 
 
 def test_remote_table_runs_over_shared_memory(db_path: Path, serve) -> None:
+    """Big fetches (a prefill chunk) through shared memory, small ones (decode steps) on the session."""
+    import time
+
     import torch
-    from inference.lut import InProcessTable, RemoteTable
+    from inference.lut import SHARED_MEMORY_MIN_ROWS, InProcessTable, RemoteTable
 
     fmt = RowFormat(2, 4, 16, Encoding.FP16)
-    write_table(db_path, "t", fmt, vocab_size=64, seed=2)
-    server = serve(db_path, "--allow-shared-memory")
-    idx = torch.tensor([[5, 9, 5], [63, 0, 1]])
+    write_table(db_path, "t", fmt, vocab_size=200, seed=2)
+    server = serve(db_path, "--allow-shared-memory", verbose=2)
+    prompt = torch.arange(0, 2 * SHARED_MEMORY_MIN_ROWS).view(1, -1)
+    step = torch.tensor([[150], [199]])
     with LutClient(server.address, shared_memory=True) as client:
         table = InProcessTable.from_client(client, "t")
+        shared_before = sum("LutStore/BatchGetShared OK" in line for line in server.output)
         with RemoteTable(client, "t") as remote:
-            remote.request(idx)
-            torch.testing.assert_close(remote.rows(idx).all().float(), table.rows(idx))
+            remote.request(prompt)
+            torch.testing.assert_close(remote.rows(prompt).all().float(), table.gather(prompt))
+            remote.request(step)
+            torch.testing.assert_close(remote.rows(step).all().float(), table.gather(step))
         assert client._shared_memory is True and client._segments
+    deadline = time.monotonic() + 10
+    while not any("LutStore/BatchGetStream OK" in line for line in server.output) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sum("LutStore/BatchGetShared OK" in line for line in server.output) > shared_before   # the prompt
+    assert any("LutStore/BatchGetStream OK" in line for line in server.output)                   # the step
 
 
 def test_garbage_and_random_requests_are_refused_cleanly(db_path: Path, serve, shm_file) -> None:
