@@ -34,10 +34,13 @@ from lutstore.codec import CRC_BYTES, Encoding, RowFormat, check_layer_ends
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
-# Fetches of at least this many rows (a prefill chunk) go through shared memory when the client
+# Fetches of at least this many bytes (a prefill chunk) go through shared memory when the client
 # uses it: 3.5-4x the session's GB/s; smaller ones (decode steps) stay on the session, whose
 # round trip is shorter (benchmarks/PERFORMANCE_DECODE.md).
-SHARED_MEMORY_MIN_ROWS = 64
+SHARED_MEMORY_MIN_BYTES = 4 * MiB
+# A fetch asks for at most this many bytes of rows, so that its buffers stay below glibc's mmap
+# threshold (32 MiB, lutstore/alloc.py) and reuse freed memory instead of faulting fresh pages in.
+FETCH_CHUNK_BYTES = 24 * MiB
 
 
 @dataclass
@@ -282,10 +285,13 @@ class RemoteTable(LutSource):
     """Rows from a lutstore daemon with prefetch, de-duplication and a device-side LRU.
 
     The cache is a slab [capacity, L, N, D] on the device (capacity =
-    budget // row bytes, capped at the vocabulary), allocated whole at the
-    first fetch (growing it by doubling copied it, up to 70 ms in the middle of
-    a decode step, and peaked at 2.5x the budget; on a CPU the pages are only
-    touched as rows arrive); a dict maps token id -> slot in LRU order. A layer of a batch
+    budget // row bytes, capped at the vocabulary), allocated whole when the
+    table opens, and on a CPU written once so its pages are mapped then (as a
+    model's weights are loaded before the first token): growing it by doubling
+    copied it, up to 70 ms in the middle of a decode step, and peaked at 2.5x
+    the budget; touching fresh pages as rows arrived cost ~70 page faults per
+    295 KB row inside the step (a cold 2,048-token prefill: +40-75 ms). A dict
+    maps token id -> slot in LRU order. A layer of a batch
     is one gather from the slab. A batch with more distinct ids than the slab
     holds is served from a temporary tensor and leaves the cache as it was.
 
@@ -312,6 +318,7 @@ class RemoteTable(LutSource):
         self.vocab_size = int(self.info.vocab_size)
         self.num_layers, self.num_experts, self.hidden_size = self.fmt.shape
         self.max_batch_rows = int(self.info.max_batch_rows) or 4096
+        self._fetch_rows = max(1, min(self.max_batch_rows, FETCH_CHUNK_BYTES // self.fmt.payload_bytes))
         self.device = torch.device(device)
         self.verify = verify        # kept for callers; CRCs are checked by the client (LutClient(verify=...))
         self._np_dtype, self.dtype = _storage(self.fmt)
@@ -331,9 +338,9 @@ class RemoteTable(LutSource):
         self._groups = [(0, self.num_layers)]
         if self.layer_ends:
             self._groups = check_layer_ends(self.fmt, self.layer_ends)
-        self._slab = _RowParts.empty(0, self.fmt, self.dtype, self.device)
+        self._free: list[int] = []                            # slab slots holding no row
+        self._allocate()
         self._slots: OrderedDict[int, int] = OrderedDict()   # token id -> slab slot, least recent first
-        self._free: list[int] = []
         self._pending: dict[int, _Fetch] = {}                 # token id -> fetch that brings it
         self._announced: set[int] = set()                     # requested since their last gather
         self._unfinished: _Plan | None = None                 # a pass whose slab copies are not all made
@@ -343,7 +350,7 @@ class RemoteTable(LutSource):
         self._pin = self.device.type == "cuda"
         # One open BatchGetStream for the fetches (no call setup, no thread hop per fetch); one call
         # per fetch on the fetch threads when off, for big fetches when the client uses shared memory
-        # (SHARED_MEMORY_MIN_ROWS), or when the server has no sessions (an older daemon: UNIMPLEMENTED).
+        # (SHARED_MEMORY_MIN_BYTES), or when the server has no sessions (an older daemon: UNIMPLEMENTED).
         self._session = client.session(self.name, self.version, self.layer_ends) if session else None
         # A fetch may take one call's deadline after the retries of an unreachable daemon.
         self._timeout = float(getattr(client, "timeout", 30.0)) + float(getattr(client, "retry_seconds", 0.0))
@@ -387,14 +394,15 @@ class RemoteTable(LutSource):
                 self._slots.move_to_end(t)
             elif t not in self._pending:
                 missing.append(t)
-        return [missing[s:s + self.max_batch_rows] for s in range(0, len(missing), self.max_batch_rows)]
+        step = self._fetch_rows
+        return [missing[s:s + step] for s in range(0, len(missing), step)]
 
     def _check_ids(self, ids: list[int]) -> None:
         if ids and (ids[0] < 0 or ids[-1] >= self.vocab_size):
             raise ValueError(f"token id {ids[0] if ids[0] < 0 else ids[-1]} outside the table's vocabulary 0..{self.vocab_size - 1}")
 
     def _start(self, ids: list[int]) -> _Fetch:
-        bulk = self._shared and not self.layer_ends and len(ids) >= SHARED_MEMORY_MIN_ROWS
+        bulk = self._shared and not self.layer_ends and len(ids) * self.fmt.payload_bytes >= SHARED_MEMORY_MIN_BYTES
         fetch = _Fetch(ids, self._groups)
         self._pending.update(dict.fromkeys(ids, fetch))
         if self._session is not None and not bulk:
@@ -469,9 +477,6 @@ class RemoteTable(LutSource):
     def _slot_for_new_row(self, keep: set[int]) -> int | None:
         if self._free:
             return self._free.pop()
-        if len(self._slab) < self.capacity:
-            self._allocate()
-            return self._free.pop()
         for victim in self._slots:          # least recently used first
             if victim not in keep:
                 return self._slots.pop(victim)
@@ -479,6 +484,8 @@ class RemoteTable(LutSource):
 
     def _allocate(self) -> None:
         self._slab = _RowParts.empty(self.capacity, self.fmt, self.dtype, self.device)
+        if self.device.type == "cpu":
+            self._slab.values.view(torch.uint8).fill_(0)      # map every page now, not inside a decode step
         self._free = list(range(self.capacity - 1, -1, -1))   # popped from the end: slot 0 first
 
     def _plan(self, idx: Tensor) -> _Plan:
@@ -495,8 +502,8 @@ class RemoteTable(LutSource):
         self._announced.difference_update(ids)
         absent = [t for t in ids if t not in self._slots]
         orphans = [t for t in absent if t not in self._pending]    # evicted since announced, or never announced
-        for start in range(0, len(orphans), self.max_batch_rows):
-            self._start(orphans[start:start + self.max_batch_rows])
+        for start in range(0, len(orphans), self._fetch_rows):
+            self._start(orphans[start:start + self._fetch_rows])
         by_fetch: dict[int, tuple[_Fetch, list[int]]] = {}
         for t in absent:
             fetch = self._pending.pop(t)

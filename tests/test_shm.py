@@ -205,12 +205,12 @@ def test_remote_table_runs_over_shared_memory(db_path: Path, serve) -> None:
     import time
 
     import torch
-    from inference.lut import SHARED_MEMORY_MIN_ROWS, InProcessTable, RemoteTable
+    from inference.lut import SHARED_MEMORY_MIN_BYTES, InProcessTable, RemoteTable
 
-    fmt = RowFormat(2, 4, 16, Encoding.FP16)
+    fmt = RowFormat(4, 16, 512, Encoding.FP16)   # 64 KiB rows
     write_table(db_path, "t", fmt, vocab_size=200, seed=2)
     server = serve(db_path, "--allow-shared-memory", verbose=2)
-    prompt = torch.arange(0, 2 * SHARED_MEMORY_MIN_ROWS).view(1, -1)
+    prompt = torch.arange(0, 2 * SHARED_MEMORY_MIN_BYTES // fmt.payload_bytes).view(1, -1)
     step = torch.tensor([[150], [199]])
     with LutClient(server.address, shared_memory=True) as client:
         table = InProcessTable.from_client(client, "t")
