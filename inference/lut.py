@@ -41,6 +41,9 @@ SHARED_MEMORY_MIN_BYTES = 4 * MiB
 # A fetch asks for at most this many bytes of rows, so that its buffers stay below glibc's mmap
 # threshold (32 MiB, lutstore/alloc.py) and reuse freed memory instead of faulting fresh pages in.
 FETCH_CHUNK_BYTES = 24 * MiB
+# A CPU slab's first bytes are written when the table opens, so the slots handed out first (slot 0
+# up) do not fault their pages in during a step; bounded so a big budget costs no more at start.
+PREFAULT_BYTES = 512 * MiB
 
 
 @dataclass
@@ -286,8 +289,9 @@ class RemoteTable(LutSource):
 
     The cache is a slab [capacity, L, N, D] on the device (capacity =
     budget // row bytes, capped at the vocabulary), allocated whole when the
-    table opens, and on a CPU written once so its pages are mapped then (as a
-    model's weights are loaded before the first token): growing it by doubling
+    table opens, and on a CPU its first PREFAULT_BYTES written once so their
+    pages are mapped then (as a model's weights are loaded before the first
+    token; slots are handed out from 0 up): growing it by doubling
     copied it, up to 70 ms in the middle of a decode step, and peaked at 2.5x
     the budget; touching fresh pages as rows arrived cost ~70 page faults per
     295 KB row inside the step (a cold 2,048-token prefill: +40-75 ms). A dict
@@ -339,6 +343,7 @@ class RemoteTable(LutSource):
         if self.layer_ends:
             self._groups = check_layer_ends(self.fmt, self.layer_ends)
         self._free: list[int] = []                            # slab slots holding no row
+        self._closed = False
         self._allocate()
         self._slots: OrderedDict[int, int] = OrderedDict()   # token id -> slab slot, least recent first
         self._pending: dict[int, _Fetch] = {}                 # token id -> fetch that brings it
@@ -357,6 +362,8 @@ class RemoteTable(LutSource):
 
     # -- the interface ---------------------------------------------------------------------
     def request(self, ids: Tensor | np.ndarray | Iterable[int]) -> None:
+        if self._closed:
+            raise RuntimeError(f"RemoteTable of {self.name!r} is closed")
         for chunk in self._announce(_as_id_list(ids)):
             self._start(chunk)
 
@@ -376,9 +383,14 @@ class RemoteTable(LutSource):
         return s
 
     def close(self) -> None:
+        """Stop fetching and give the cache's memory back (the table serves no rows after this)."""
         if self._session is not None:
             self._session.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._slab = _RowParts.empty(0, self.fmt, self.dtype, self.device)
+        self._slots.clear()
+        self._free = []
+        self._closed = True
 
     # -- fetching ---------------------------------------------------------------------------
     def _announce(self, wanted: list[int]) -> list[list[int]]:
@@ -484,13 +496,16 @@ class RemoteTable(LutSource):
 
     def _allocate(self) -> None:
         self._slab = _RowParts.empty(self.capacity, self.fmt, self.dtype, self.device)
-        if self.device.type == "cpu":
-            self._slab.values.view(torch.uint8).fill_(0)      # map every page now, not inside a decode step
+        if self.device.type == "cpu":   # map the first slots' pages now, not inside a decode step
+            flat = self._slab.values.view(torch.uint8).view(-1)
+            flat[:PREFAULT_BYTES].fill_(0)
         self._free = list(range(self.capacity - 1, -1, -1))   # popped from the end: slot 0 first
 
     def _plan(self, idx: Tensor) -> _Plan:
         """Slots for a pass's rows: cached ones found, absent ones given slots now (filled from
         their fetches layer group by layer group as the pass reaches them)."""
+        if self._closed:
+            raise RuntimeError(f"RemoteTable of {self.name!r} is closed")
         if self._unfinished is not None:     # a pass that stopped early: complete its rows first
             plan, self._unfinished = self._unfinished, None
             for layer in range(self.num_layers):

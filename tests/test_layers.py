@@ -208,6 +208,9 @@ def test_remote_table_fetch_fails_clearly_when_the_daemon_dies(db_path, serve) -
             assert err.value.code == grpc.StatusCode.UNAVAILABLE and "unavailable after" in err.value.message
             with pytest.raises(LutError):       # the failed rows are not left in the cache as garbage
                 source.gather(torch.tensor([[2]]))
+        with pytest.raises(RuntimeError, match="closed"):
+            source.gather(torch.tensor([[1]]))
+        assert source.stats().cache_bytes == 0   # close gave the cache's memory back
 
 
 def test_layer_groups_double() -> None:
