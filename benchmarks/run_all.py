@@ -50,11 +50,16 @@ def run_one(name: str, full: bool, extra: list[str]) -> dict:
         return {"benchmark": name, "ok": False, "seconds": time.perf_counter() - t0, "error": f"{type(e).__name__}: {e}"}
 
 
+# Written by diagnostic tools (profile_rows: one figure at a time, often on a loaded machine), not by
+# `make bench`: documented in PERFORMANCE.md, left out of the summary of targets.
+DIAGNOSTIC_PREFIXES = ("summary", "profile_rows")
+
+
 def collect(since: float) -> list[dict]:
-    """Result documents written at or after `since` (this run's), summary files excluded."""
+    """Result documents written at or after `since` (this run's), summary and diagnostic files excluded."""
     docs = []
     for path in sorted(common.RESULTS_DIR.glob("*.json")):
-        if path.stem.startswith("summary") or path.stat().st_mtime < since:
+        if path.stem.startswith(DIAGNOSTIC_PREFIXES) or path.stat().st_mtime < since:
             continue
         try:
             doc = json.loads(path.read_text())
