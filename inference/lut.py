@@ -292,29 +292,30 @@ def layer_ends_for(num_layers: int) -> list[int]:
 class RemoteTable(LutSource):
     """Rows from a lutstore daemon with prefetch, de-duplication and a device-side LRU.
 
+    Fetching: ids are fetched the moment they are announced (request), on one
+    open BatchGetStream session (lutstore.session.RowSession: no call setup and
+    no thread hop per fetch); with session=False, or for fetches of at least
+    SHARED_MEMORY_MIN_BYTES when the client uses shared memory, as one call
+    each on two fetch threads (a call no thread has started when its rows are
+    needed runs in the calling thread). Whole rows by default; with
+    layer_split="auto" (BatchGetRequest.layer_ends, doubling groups: see
+    layer_ends_for) layer l waits only for its group's slices - measured no
+    faster on a 2-core box, where the daemon's extra CPU eats the gain.
+
     The cache is a slab [capacity, L, N, D] on the device (capacity =
     budget // row bytes, capped at the vocabulary), allocated whole when the
     table opens, and on a CPU its first PREFAULT_BYTES written once so their
     pages are mapped then (as a model's weights are loaded before the first
-    token; slots are handed out from 0 up): growing it by doubling
-    copied it, up to 70 ms in the middle of a decode step, and peaked at 2.5x
-    the budget; touching fresh pages as rows arrived cost ~70 page faults per
-    295 KB row inside the step (a cold 2,048-token prefill: +40-75 ms). A dict
-    maps token id -> slot in LRU order. A layer of a batch
-    is one gather from the slab. A batch with more distinct ids than the slab
-    holds is served from a temporary tensor and leaves the cache as it was.
-
-    Rows are fetched layer-sliced (layer_split="auto": BatchGetRequest.layer_ends
-    of doubling groups, see layer_ends_for): a forward pass's layer l waits
-    only for the slices of layer l's group, so layer 0 runs while the later
-    layers' bytes are still on the wire. layer_split="none" fetches whole rows
-    (the only way through the same-host shared-memory path).
+    token; slots are handed out from 0 up). Growing it by doubling copied it,
+    up to 70 ms in the middle of a decode step, and peaked at 2.5x the budget;
+    fresh pages cost ~70 page faults per 295 KB row inside the step. A dict
+    maps token id -> slot in LRU order; a layer of a batch is one index_select
+    from the slab. A batch with more distinct ids than the slab holds is
+    served from a temporary tensor and leaves the cache as it was.
 
     Rows are kept in their stored precision: fp16/bf16 as is, int8 as int8
     plus per-vector scales (a quarter of float32's bytes), dequantised on the
-    device for the rows a step uses. Announced ids (request) are fetched on a
-    background thread; a fetch that has not started when its rows are needed
-    is run in the calling thread instead (no thread hop on the critical path).
+    device for the rows a step uses.
     """
 
     def __init__(self, client, table: str, version: int = 0, device: str | torch.device = "cpu",

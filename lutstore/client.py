@@ -27,7 +27,7 @@ import numpy as np
 
 from lutstore import codec, security
 from lutstore import alloc, shm, wire
-from lutstore.errors import UserError
+from lutstore.errors import LutError
 from lutstore.session import AnswerError, RowSession, RowsAnswer
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
@@ -46,15 +46,6 @@ ENCODINGS = {
     pb.ENCODING_BF16: codec.Encoding.BF16,
     pb.ENCODING_INT8: codec.Encoding.INT8,
 }
-
-
-class LutError(UserError):
-    """A failed lutstore call: `code` is the grpc.StatusCode, `message` the server's reason."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        self.code = code
-        self.message = message
-        super().__init__(f"{code.name}: {message}")
 
 
 def channel_target(address: str) -> tuple[str, bool]:

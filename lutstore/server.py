@@ -240,10 +240,6 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
             groups = codec.check_layer_ends(fmt, layer_ends)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e} (table {meta.name!r} has {fmt.num_layers} layers)")
-        if fmt.payload_bytes + 1024 > self.max_message_bytes:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"one row of {meta.name!r} ({fmt.payload_bytes} bytes) does not fit this server's "
-                          f"--max-message-mb ({self.max_message_bytes} bytes)")
         block_rows = max(1, SLICED_BLOCK_BYTES // fmt.payload_bytes)
         for start in range(0, len(ids), block_rows):
             block = ids[start : start + block_rows]

@@ -33,6 +33,7 @@ import grpc
 import numpy as np
 
 from lutstore import alloc, codec, wire
+from lutstore.errors import LutError
 from lutstore.v1 import lutstore_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -121,9 +122,6 @@ class RowSession:
     Callbacks run on the session's reader thread; keep them short."""
 
     def __init__(self, client, table: str, version: int = 0, layer_ends: list[int] | None = None) -> None:
-        from lutstore.client import LutError  # the client module imports this one
-
-        self._LutError = LutError
         self.client = client
         self.info = client.info(table, version)
         self.name, self.version = self.info.name, int(self.info.version)
@@ -156,7 +154,7 @@ class RowSession:
                            on_error, on_done)
         with self._lock:
             if self._closed:
-                raise self._LutError(grpc.StatusCode.CANCELLED, "the row session is closed")
+                raise LutError(grpc.StatusCode.CANCELLED, "the row session is closed")
             if self._call is None:
                 self._open()
             self._inflight.append(request)
@@ -173,7 +171,7 @@ class RowSession:
         if call is not None and reader is not None and reader.is_alive():
             call.cancel()      # a server that does not finish (hung, or a long answer): stop waiting for it
             reader.join(timeout=5)
-        self._fail_all(self._LutError(grpc.StatusCode.CANCELLED, "the row session was closed"))
+        self._fail_all(LutError(grpc.StatusCode.CANCELLED, "the row session was closed"))
 
     # ---- the stream -------------------------------------------------------------
 
@@ -199,11 +197,11 @@ class RowSession:
         try:
             for message in call:
                 self._dispatch(message)
-            error: BaseException = self._LutError(grpc.StatusCode.UNAVAILABLE, "the server ended the row stream")
+            error: BaseException = LutError(grpc.StatusCode.UNAVAILABLE, "the server ended the row stream")
         except grpc.RpcError as e:
             error = e
         except AnswerError as e:
-            error = self._LutError(e.code, f"{e} (from {self.client.address})")
+            error = LutError(e.code, f"{e} (from {self.client.address})")
             call.cancel()
         except BaseException as e:   # a callback failed: the request it was for fails with it
             error = e
@@ -251,7 +249,7 @@ class RowSession:
                 self._tries <= self.client.retries and elapsed + self._delay <= self.client.retry_seconds
             failed = None if retry else self._inflight.popleft()
             if failed is not None and code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-                error = self._LutError(grpc.StatusCode.UNAVAILABLE,
+                error = LutError(grpc.StatusCode.UNAVAILABLE,
                                        f"lutstore at {self.client.address} unavailable after {self._tries} attempts "
                                        f"in {elapsed:.1f}s (retry budget: {self.client.retries} retries, "
                                        f"{self.client.retry_seconds:g}s): {details}")
@@ -260,8 +258,8 @@ class RowSession:
             self._delay = min(2 * self._delay, 1.0)
         if failed is not None:
             log.info("row session request failed: %s", details)
-            failed.on_error(error if isinstance(error, self._LutError) else
-                            self._LutError(code or grpc.StatusCode.UNKNOWN, f"{details} (from {self.client.address})"))
+            failed.on_error(error if isinstance(error, LutError) else
+                            LutError(code or grpc.StatusCode.UNKNOWN, f"{details} (from {self.client.address})"))
         else:
             log.debug("row stream to %s broke (%s); retry in %.2fs", self.client.address, details, delay)
             time.sleep(delay)   # a restarting daemon or a dead replica: let the channel reconnect / fail over
