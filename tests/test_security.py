@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from lutstore.cli import build_parser
 from lutstore.client import LutClient, LutError
+from lutstore import codec
 from lutstore.codec import decode_rows
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
@@ -78,6 +80,15 @@ def test_tls_and_token_let_a_client_in(secured, certs, tmp_path: Path) -> None:
     # "localhost" is in the certificate too.
     with LutClient(f"localhost:{server.port}", tls_ca=certs["ca"], auth_token=TOKEN) as client:
         assert client.get_raw("t", [2]) == {2: values[2]}
+        # A BatchGetStream session carries the token too.
+        got, done = {}, threading.Event()
+        session = client.session("t")
+        session.submit([3, 7], on_group=lambda b, e, ids, p: got.update(zip(ids.tolist(), [bytes(r) for r in p])),
+                       on_error=lambda e: (got.update(error=e), done.set()), on_done=done.set)
+        assert done.wait(10) and "error" not in got
+        session.close()
+        fmt = client.row_format(client.info("t"))
+        assert got == {t: bytes(codec.payload_of(fmt, values[t])) for t in (3, 7)}
 
 
 def test_every_rpc_without_the_right_token_is_unauthenticated(secured, certs, tmp_path: Path) -> None:
@@ -87,8 +98,14 @@ def test_every_rpc_without_the_right_token_is_unauthenticated(secured, certs, tm
             assert _code(client.tables) == grpc.StatusCode.UNAUTHENTICATED  # ListTables
             assert _code(lambda: client.info("t")) == grpc.StatusCode.UNAUTHENTICATED  # GetTableInfo
             assert _code(lambda: client.get_raw("t", [1], version=1)) == grpc.StatusCode.UNAUTHENTICATED  # BatchGet
-            client._infos[("t", 1)] = pb.TableInfo(name="t", version=1, artifacts=[pb.ArtifactInfo(name="config.json")])
+            client._infos[("t", 1)] = pb.TableInfo(name="t", version=1, artifacts=[pb.ArtifactInfo(name="config.json")],
+                                                   num_layers=2, num_experts=4, hidden_size=16, encoding=pb.ENCODING_FP16)
             assert _code(lambda: client.fetch_artifacts("t", tmp_path / "x", version=1)) == grpc.StatusCode.UNAUTHENTICATED
+            failed, done = [], threading.Event()     # BatchGetStream
+            session = client.session("t", 1)
+            session.submit([1], on_group=lambda *a: None, on_error=lambda e: (failed.append(e), done.set()))
+            assert done.wait(10) and failed[0].code == grpc.StatusCode.UNAUTHENTICATED
+            session.close()
     creds = grpc.ssl_channel_credentials(certs["ca"].read_bytes())
     with grpc.secure_channel(server.address, creds) as channel:
         # Health stays open (load balancers probe without a token) ...
