@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from lutstore.codec import CRC_BYTES, Encoding, RowFormat, check_layer_ends
+from lutstore.errors import LutError
 
 log = logging.getLogger(__name__)
 
@@ -363,6 +364,7 @@ class RemoteTable(LutSource):
         # per fetch on the fetch threads when off, for big fetches when the client uses shared memory
         # (SHARED_MEMORY_MIN_BYTES), or when the server has no sessions (an older daemon: UNIMPLEMENTED).
         self._session = client.session(self.name, self.version, self.layer_ends) if session else None
+        self._session_off = False                             # set once the daemon refused sessions
         # A fetch may take one call's deadline after the retries of an unreachable daemon.
         self._timeout = float(getattr(client, "timeout", 30.0)) + float(getattr(client, "retry_seconds", 0.0))
 
@@ -423,19 +425,31 @@ class RemoteTable(LutSource):
         bulk = self._shared and not self.layer_ends and len(ids) * self.fmt.payload_bytes >= SHARED_MEMORY_MIN_BYTES
         fetch = _Fetch(ids, self._groups)
         self._pending.update(dict.fromkeys(ids, fetch))
-        if self._session is not None and not bulk:
+        session = self._session
+        if session is not None and not bulk and not self._session_off:
             fetch.claim()
-            self._session.submit(ids, on_group=lambda b, e, got, payloads: self._arrived(fetch, b, e, got, payloads),
-                                 on_error=lambda error: self._session_failed(fetch, error),
-                                 on_done=lambda: self._count(fetch), views=self.device.type == "cpu")
+            try:
+                session.submit(ids, on_group=lambda b, e, got, payloads: self._arrived(fetch, b, e, got, payloads),
+                               on_error=lambda error: self._session_failed(fetch, error),
+                               on_done=lambda: self._count(fetch), views=self.device.type == "cpu")
+            except LutError:   # closed meanwhile by the switch to calls (_session_failed)
+                self._pool.submit(self._call, fetch)
         else:
             self._pool.submit(self._run, fetch)
         return fetch
 
     def _session_failed(self, fetch: _Fetch, error: BaseException) -> None:
-        if getattr(error, "code", None) is grpc.StatusCode.UNIMPLEMENTED and self._session is not None:
-            log.info("%s has no BatchGetStream (an older lutstore): one BatchGet per fetch instead", self.client.address)
-            self._session = None
+        """Session reader thread: a fetch failed. An older daemon without sessions (UNIMPLEMENTED) or
+        one whose session slots are all taken (RESOURCE_EXHAUSTED): from now on one BatchGet call per
+        fetch, this one and every one the session still held included."""
+        if self._session_off or getattr(error, "code", None) in (grpc.StatusCode.UNIMPLEMENTED,
+                                                                   grpc.StatusCode.RESOURCE_EXHAUSTED):
+            if not self._session_off:
+                self._session_off = True
+                log.info("no row session from %s (%s): one BatchGet per fetch instead", self.client.address, error)
+                session, self._session = self._session, None
+                if session is not None:
+                    threading.Thread(target=session.close, name="lut-session-close", daemon=True).start()
             self._pool.submit(self._call, fetch)
         else:
             fetch.fail(error)

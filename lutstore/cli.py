@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-mb", type=float, default=8, help="largest gRPC message sent or received (MiB)")
     p.add_argument("--max-concurrent-streams", type=int, default=64, help="most RPCs in flight per connection")
     p.add_argument("--workers", type=int, default=16, help="server threads")
+    p.add_argument("--max-sessions", type=int, default=None,
+                   help="most open BatchGetStream sessions (each holds a server thread while open); more are "
+                        "answered RESOURCE_EXHAUSTED and clients fall back to BatchGet calls (default: workers / 2)")
     p.add_argument("--refresh-seconds", type=float, default=1.0, help="how often to look for newly ingested tables")
     p.add_argument("--max-concurrent-rpcs", type=int, default=256,
                    help="most RPCs in flight over all connections; more are answered RESOURCE_EXHAUSTED (default 256)")

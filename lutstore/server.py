@@ -116,8 +116,11 @@ class Catalog:
 
 class LutStoreServicer(pb_grpc.LutStoreServicer):
     def __init__(self, catalog: Catalog, rows: RowSource, max_batch_rows: int, max_message_bytes: int,
-                 prefetch_threads: int = PREFETCH_THREADS):
+                 prefetch_threads: int = PREFETCH_THREADS, max_sessions: int = 8):
         self.catalog = catalog
+        self.max_sessions = max_sessions
+        self._open_sessions = 0
+        self._sessions_lock = threading.Lock()
         # Reads the next message of multi-message BatchGets ahead; one task in flight per such call.
         self.prefetch = futures.ThreadPoolExecutor(max_workers=prefetch_threads, thread_name_prefix="lutstore-prefetch")
         self.rows = rows
@@ -225,9 +228,22 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
             context.abort(grpc.StatusCode.DATA_LOSS, str(e))
 
     def BatchGetStream(self, requests: Iterator[pb.BatchGetRequest], context: grpc.ServicerContext) -> Iterator[bytes]:
-        """BatchGet for each request of the session, in order (serialised messages, as BatchGet's)."""
-        for request in requests:
-            yield from self.BatchGet(request, context)
+        """BatchGet for each request of the session, in order (serialised messages, as BatchGet's).
+        An open session holds a server thread, so at most max_sessions are open at once: one more
+        is refused at once (RESOURCE_EXHAUSTED) rather than starving every other RPC."""
+        with self._sessions_lock:
+            full = self._open_sessions >= self.max_sessions
+            if not full:
+                self._open_sessions += 1
+        if full:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"all {self.max_sessions} BatchGetStream sessions are in use (--max-sessions); use BatchGet")
+        try:
+            for request in requests:
+                yield from self.BatchGet(request, context)
+        finally:
+            with self._sessions_lock:
+                self._open_sessions -= 1
 
     def _sliced(self, meta: TableMeta, ids: list[int], layer_ends: list[int],
                 context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -344,6 +360,9 @@ def _validate(args: argparse.Namespace) -> None:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
     if args.metrics_port is not None and not 0 <= args.metrics_port < 65536:
         raise UserError(f"--metrics-port must be in 0..65535, got {args.metrics_port}")
+    if getattr(args, "max_sessions", None) is not None and not 0 <= args.max_sessions < args.workers:
+        raise UserError(f"--max-sessions must be 0..{args.workers - 1} (below --workers: each open session holds "
+                        f"a server thread), got {args.max_sessions}")
     if args.max_concurrent_rpcs < 1:
         raise UserError(f"--max-concurrent-rpcs must be >= 1, got {args.max_concurrent_rpcs}")
 
@@ -382,7 +401,9 @@ def _serve(args: argparse.Namespace, store: Store, credentials: grpc.ServerCrede
     max_message = int(args.max_message_mb * (1 << 20))
     cache = ByteLRU(int(args.cache_mb * (1 << 20)))
     catalog = Catalog(store, cache)
-    servicer = LutStoreServicer(catalog, RowSource(store, cache), args.max_batch_rows, max_message)
+    max_sessions = args.max_sessions if getattr(args, "max_sessions", None) is not None else max(1, args.workers // 2)
+    servicer = LutStoreServicer(catalog, RowSource(store, cache), args.max_batch_rows, max_message,
+                                max_sessions=max_sessions)
     servicer.allow_shared_memory = getattr(args, "allow_shared_memory", False)
     metrics = Metrics()
     metrics.track_cache(cache.stats)

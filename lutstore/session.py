@@ -170,7 +170,8 @@ class RowSession:
             reader.join(timeout=1.0)
         if call is not None and reader is not None and reader.is_alive():
             call.cancel()      # a server that does not finish (hung, or a long answer): stop waiting for it
-            reader.join(timeout=5)
+            if reader is not threading.current_thread():
+                reader.join(timeout=5)
         self._fail_all(LutError(grpc.StatusCode.CANCELLED, "the row session was closed"))
 
     # ---- the stream -------------------------------------------------------------

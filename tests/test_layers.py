@@ -218,3 +218,28 @@ def test_layer_groups_double() -> None:
     assert layer_ends_for(4) == [1, 2, 4]
     assert layer_ends_for(12) == [1, 2, 4, 8, 12]
     assert layer_ends_for(24) == [1, 2, 4, 8, 16, 24]
+
+
+def test_sessions_beyond_max_sessions_are_refused_and_tables_fall_back_to_calls(db_path, serve) -> None:
+    """Each open session holds a daemon thread: past --max-sessions a session is refused at once
+    (RESOURCE_EXHAUSTED), and a RemoteTable then fetches with one BatchGet per fetch."""
+    write_table(db_path, "t", RowFormat(3, 2, 8, Encoding.FP16), vocab_size=40, seed=6)
+    server = serve(db_path, "--max-sessions", "1", verbose=2)
+    with LutClient(server.address) as client:
+        reference = InProcessTable.from_client(client, "t")
+        with RemoteTable(client, "t") as first, RemoteTable(client, "t") as second:
+            idx = torch.tensor([[1, 5, 9]])
+            torch.testing.assert_close(first.gather(idx).float(), reference.gather(idx))    # holds the only session
+            for step in range(3):                                                    # refused, then calls
+                idx = torch.tensor([[2 + step, 30 - step]])
+                torch.testing.assert_close(second.gather(idx).float(), reference.gather(idx))
+            assert second._session is None and first._session is not None
+        refused = [line for line in server.output if "BatchGetStream RESOURCE_EXHAUSTED" in line]
+        assert refused and sum("LutStore/BatchGet OK" in line for line in server.output) >= 3
+
+
+def test_max_sessions_must_leave_threads_for_other_rpcs(db_path) -> None:
+    from lutstore.cli import main as cli_main
+
+    write_table(db_path, "t", vocab_size=8)
+    assert cli_main(["serve", "--db", str(db_path), "--port", "0", "--workers", "4", "--max-sessions", "4"]) == 2

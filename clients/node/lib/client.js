@@ -156,9 +156,81 @@ class LutClient {
     return { version: info.version, shape: [ids.length, ...format.shape], values, rows };
   }
 
+  /**
+   * A BatchGetStream session: many BatchGets of one table version on one open stream (no call
+   * setup per batch), for a client that asks for rows many times a second.
+   * @param {object} [opts]
+   * @param {number[]} [opts.layerEnds]  answer layer-sliced (BatchGetRequest.layer_ends)
+   */
+  session(name, version, { layerEnds = [] } = {}) {
+    return new RowSession(this, name, version, layerEnds);
+  }
+
   close() {
     this.stub.close();
   }
 }
 
-module.exports = { LutClient, LutError, loadService, DEFAULT_PROTO };
+/**
+ * Requests go out on one bidirectional stream and are answered in order; an answer is complete
+ * when every distinct id (of every layer group) has arrived. session.get(ids) resolves to a Map
+ * id -> Row.data (stored bytes), or with layerEnds id -> [{ begin, end, data }] in layer order,
+ * each data being slice || crc32. An error ends the stream: the oldest unanswered request gets
+ * it, and so does every later one (open a new session).
+ */
+class RowSession {
+  constructor(client, name, version, layerEnds) {
+    this.name = name;
+    this.version = version;
+    this.layerEnds = Array.from(layerEnds);
+    this.pending = [];
+    this.broken = null;
+    this.call = client.stub.BatchGetStream(client.metadata);
+    this.call.on('data', (message) => this.onMessage(message));
+    this.call.on('error', (err) => this.fail(LutError.from(err)));
+    this.call.on('end', () => this.fail(new LutError(grpc.status.UNAVAILABLE, 'the server ended the row stream')));
+  }
+
+  get(ids) {
+    checkTokenIds(ids);
+    if (this.broken) return Promise.reject(this.broken);
+    const distinct = [...new Set(Array.from(ids, Number))];
+    return new Promise((resolve, reject) => {
+      const groups = this.layerEnds.length || 1;
+      this.pending.push({ want: distinct.length * groups, got: 0, rows: new Map(), resolve, reject });
+      this.call.write({ table: this.name, version: this.version, token_ids: distinct, layer_ends: this.layerEnds });
+    });
+  }
+
+  onMessage(message) {
+    const head = this.pending[0];
+    if (!head) return;
+    for (const row of message.rows) {
+      if (this.layerEnds.length) {
+        if (!head.rows.has(row.token_id)) head.rows.set(row.token_id, []);
+        head.rows.get(row.token_id).push({ begin: message.layer_begin, end: message.layer_end, data: row.data });
+      } else {
+        head.rows.set(row.token_id, row.data);
+      }
+      head.got += 1;
+    }
+    if (head.got >= head.want) {
+      this.pending.shift();
+      head.resolve(head.rows);
+    }
+  }
+
+  fail(err) {
+    if (!this.broken) this.broken = err;
+    const pending = this.pending;
+    this.pending = [];
+    for (const request of pending) request.reject(err);
+  }
+
+  close() {
+    this.broken = this.broken || new LutError(grpc.status.CANCELLED, 'the row session is closed');
+    this.call.end();
+  }
+}
+
+module.exports = { LutClient, LutError, RowSession, loadService, DEFAULT_PROTO };

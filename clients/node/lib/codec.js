@@ -121,6 +121,23 @@ function payloadOf(format, data, tokenId, verify = true) {
   return body;
 }
 
+/**
+ * One row's payload restricted to layers [begin, end), as a layer-sliced BatchGet sends it
+ * (BatchGetRequest.layer_ends): fp32/fp16/bf16 the layers' values; int8 their scales, then values.
+ */
+function slicePayload(format, payload, begin, end) {
+  const perLayer = format.numExperts * format.hiddenSize;
+  if (format.encoding === 'int8') {
+    const scales = 4 * format.vectors;
+    return Buffer.concat([
+      payload.subarray(4 * begin * format.numExperts, 4 * end * format.numExperts),
+      payload.subarray(scales + begin * perLayer, scales + end * perLayer),
+    ]);
+  }
+  const size = format.encoding === 'fp32' ? 4 : 2;
+  return payload.subarray(size * begin * perLayer, size * end * perLayer);
+}
+
 const LITTLE_ENDIAN_HOST = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 
 /** `bytes` as a typed array of `Type`, copied only when it is not aligned for it. */
@@ -182,4 +199,4 @@ function decodeRow(format, data, { tokenId, out, verify = true } = {}) {
   return decodePayload(format, payloadOf(format, data, tokenId, verify), out);
 }
 
-module.exports = { CRC_BYTES, RowError, RowFormat, crc32, checkRow, payloadOf, decodePayload, decodeRow };
+module.exports = { CRC_BYTES, RowError, RowFormat, crc32, checkRow, payloadOf, slicePayload, decodePayload, decodeRow };

@@ -1,6 +1,6 @@
 'use strict';
 // Public API of the lutstore Node client.
-const { LutClient, LutError, loadService, DEFAULT_PROTO } = require('./client');
+const { LutClient, LutError, RowSession, loadService, DEFAULT_PROTO } = require('./client');
 const codec = require('./codec');
 
-module.exports = { LutClient, LutError, loadService, DEFAULT_PROTO, ...codec };
+module.exports = { LutClient, LutError, RowSession, loadService, DEFAULT_PROTO, ...codec };

@@ -9,7 +9,7 @@ const test = require('node:test');
 const assert = require('node:assert/strict');
 const fs = require('node:fs');
 const grpc = require('@grpc/grpc-js');
-const { LutClient, LutError, RowError, RowFormat, crc32, decodeRow } = require('../lib');
+const { LutClient, LutError, RowError, RowFormat, crc32, decodeRow, payloadOf, slicePayload } = require('../lib');
 
 const ADDR = process.env.LUTSTORE_ADDR;
 const EXPECTED = process.env.LUTSTORE_EXPECTED;
@@ -80,6 +80,40 @@ test('daemon', { skip }, async (t) => {
       const damaged = Buffer.from(raw.get(ids[0]));
       damaged[0] ^= 0x01;
       assert.throws(() => decodeRow(format, damaged, { tokenId: ids[0] }), RowError);
+    });
+  }
+
+  for (const want of expected.tables) {
+    await t.test(`${want.name}: a BatchGetStream session answers in order, whole rows and layer slices`, async () => {
+      const format = new RowFormat(await client.info(want.name, want.version));
+      const ids = Object.keys(want.raw).map(Number);
+      // Each open session holds a daemon thread: close them here, not at the end of the suite.
+      const whole = client.session(want.name, want.version);
+      const sliced = client.session(want.name, want.version, { layerEnds: format.numLayers > 1 ? [1, format.numLayers] : [format.numLayers] });
+      try {
+        const [all, first] = await Promise.all([whole.get(ids), whole.get([ids[0], ids[0]])]);
+        for (const id of ids) assert.equal(all.get(id).toString('hex'), want.raw[id]);
+        assert.deepEqual([...first.keys()], [ids[0]]);
+        // Layer-sliced: every slice is payload[layers] || crc32, in layer order.
+        const ends = sliced.layerEnds;
+        const slices = await sliced.get(ids);
+        for (const id of ids) {
+          const payload = payloadOf(format, Buffer.from(want.raw[id], 'hex'), id);
+          const got = slices.get(id);
+          assert.deepEqual(got.map((s) => [s.begin, s.end]), ends.map((end, i) => [i ? ends[i - 1] : 0, end]));
+          for (const { begin, end, data } of got) {
+            const body = data.subarray(0, data.length - 4);
+            assert.equal(crc32(body), data.readUInt32LE(data.length - 4));
+            assert.ok(body.equals(slicePayload(format, payload, begin, end)), `${want.name} row ${id} layers [${begin}, ${end})`);
+          }
+        }
+        // A bad request fails with the server's status; the stream is then done.
+        await assert.rejects(whole.get([want.vocab_size]), (err) => err instanceof LutError && err.code === grpc.status.INVALID_ARGUMENT);
+        await assert.rejects(whole.get([0]), (err) => err instanceof LutError);
+      } finally {
+        whole.close();
+        sliced.close();
+      }
     });
   }
 
