@@ -115,9 +115,7 @@ class InProcessTable(LutSource):
 
     def gather(self, idx: Tensor) -> Tensor:
         """Rows [B, T, L, N, D] for idx in one gather."""
-        # index_select copies whole rows; advanced indexing (table[idx]) went element by element, 6x slower
-        flat = idx.reshape(-1).to(self.table.device)
-        return self.table.index_select(0, flat).view(*idx.shape, *self.table.shape[1:])
+        return _TableLayers(self.table, idx).all()
 
     @classmethod
     def from_client(cls, client, table: str, version: int = 0, device: str | torch.device = "cpu",
@@ -149,6 +147,7 @@ class _TableLayers:
         return self.table[:, l].index_select(0, self.flat).view(*self.shape, *self.table.shape[2:])
 
     def all(self) -> Tensor:
+        # index_select copies whole rows; advanced indexing (table[idx]) went element by element, 6x slower
         return self.table.index_select(0, self.flat).view(*self.shape, *self.table.shape[1:])
 
 
@@ -196,24 +195,11 @@ class _RowParts:
     def pin(self) -> _RowParts:
         return _RowParts(self.values.pin_memory(), None if self.scales is None else self.scales.pin_memory())
 
-    def dense(self) -> Tensor:
-        """The rows as the model mixes them: int8 dequantised (q * scale, in fp32, as codec does)."""
-        if self.scales is None:
-            return self.values
-        return self.values.float() * self.scales.unsqueeze(-1)
-
     @staticmethod
     def empty(n: int, fmt: RowFormat, dtype: torch.dtype, device: torch.device) -> _RowParts:
         scales = torch.empty((n, fmt.num_layers, fmt.num_experts), dtype=torch.float32, device=device) \
             if fmt.encoding is Encoding.INT8 else None
         return _RowParts(torch.empty((n, *fmt.shape), dtype=dtype, device=device), scales)
-
-    @staticmethod
-    def cat(parts: list[_RowParts]) -> _RowParts:
-        if len(parts) == 1:
-            return parts[0]
-        scales = None if parts[0].scales is None else torch.cat([p.scales for p in parts])
-        return _RowParts(torch.cat([p.values for p in parts]), scales)
 
 
 class _Fetch:
@@ -364,7 +350,6 @@ class RemoteTable(LutSource):
         # per fetch on the fetch threads when off, for big fetches when the client uses shared memory
         # (SHARED_MEMORY_MIN_BYTES), or when the server has no sessions (an older daemon: UNIMPLEMENTED).
         self._session = client.session(self.name, self.version, self.layer_ends) if session else None
-        self._session_off = False                             # set once the daemon refused sessions
         # A fetch may take one call's deadline after the retries of an unreachable daemon.
         self._timeout = float(getattr(client, "timeout", 30.0)) + float(getattr(client, "retry_seconds", 0.0))
 
@@ -426,7 +411,7 @@ class RemoteTable(LutSource):
         fetch = _Fetch(ids, self._groups)
         self._pending.update(dict.fromkeys(ids, fetch))
         session = self._session
-        if session is not None and not bulk and not self._session_off:
+        if session is not None and not bulk:
             fetch.claim()
             try:
                 session.submit(ids, on_group=lambda b, e, got, payloads: self._arrived(fetch, b, e, got, payloads),
@@ -442,14 +427,13 @@ class RemoteTable(LutSource):
         """Session reader thread: a fetch failed. An older daemon without sessions (UNIMPLEMENTED) or
         one whose session slots are all taken (RESOURCE_EXHAUSTED): from now on one BatchGet call per
         fetch, this one and every one the session still held included."""
-        if self._session_off or getattr(error, "code", None) in (grpc.StatusCode.UNIMPLEMENTED,
-                                                                   grpc.StatusCode.RESOURCE_EXHAUSTED):
-            if not self._session_off:
-                self._session_off = True
+        switched = self._session is None    # only ever reset here: the session was switched off before
+        if switched or getattr(error, "code", None) in (grpc.StatusCode.UNIMPLEMENTED,
+                                                        grpc.StatusCode.RESOURCE_EXHAUSTED):
+            if not switched:
                 log.info("no row session from %s (%s): one BatchGet per fetch instead", self.client.address, error)
                 session, self._session = self._session, None
-                if session is not None:
-                    threading.Thread(target=session.close, name="lut-session-close", daemon=True).start()
+                threading.Thread(target=session.close, name="lut-session-close", daemon=True).start()
             self._pool.submit(self._call, fetch)
         else:
             fetch.fail(error)

@@ -114,7 +114,6 @@ class _Request:
     def __init__(self, message: pb.BatchGetRequest, answer: RowsAnswer, on_error: Callable[[BaseException], None],
                  on_done: Callable[[], None] | None) -> None:
         self.message, self.answer, self.on_error, self.on_done = message, answer, on_error, on_done
-        self.sent_at = time.monotonic()
 
 
 class RowSession:
