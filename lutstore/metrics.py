@@ -44,6 +44,8 @@ class Metrics:
         self.bytes = Counter("lutstore_bytes_served", "Row bytes (stored values) sent by BatchGet, by table", ["table"],
                              registry=r)
         self.auth_rejects = Counter("lutstore_auth_rejected", "RPCs rejected for a missing or wrong token", registry=r)
+        self.corrupt_rows = Counter("lutstore_corrupt_rows", "Damaged rows met by reads (CRC mismatch, missing, or "
+                                    "an unreadable RocksDB block), by table", ["table"], registry=r)
 
     def track_cache(self, stats: Callable[[], CacheStats]) -> None:
         """Report the row cache's own counters at every scrape."""

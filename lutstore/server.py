@@ -2,8 +2,8 @@
 
 The servicer validates each request and delegates: table lookups to
 `lutstore.store.Store` (opened as a RocksDB secondary, so `lutstore ingest`
-can add tables while we serve), row bytes to `RowSource` (hot-row LRU in
-front of RocksDB multi-gets, checksum checked once per row). Rows travel in
+can add tables while we serve), row bytes to `RowSource` (lutstore/rows.py:
+hot-row LRU in front of RocksDB multi-gets, checksum checked once per row). Rows travel in
 their stored encoding; the client decodes.
 """
 
@@ -26,7 +26,8 @@ from lutstore import logs, security, shm
 from lutstore.cache import ByteLRU
 from lutstore.errors import UserError
 from lutstore.metrics import Metrics
-from lutstore.store import Store, StoreError, TableMeta, TableNotFound, VersionGone
+from lutstore.rows import Catalog, CorruptRow, Refresher, RowSource
+from lutstore.store import DatabaseDamaged, Store, StoreError, TableMeta, TableNotFound, VersionGone
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 
@@ -45,73 +46,6 @@ ENCODINGS = {
     codec.Encoding.BF16: pb.ENCODING_BF16,
     codec.Encoding.INT8: pb.ENCODING_INT8,
 }
-
-
-class CorruptRow(Exception):
-    def __init__(self, meta: TableMeta, token_id: int, reason: str):
-        self.token_id = token_id
-        super().__init__(f"row {token_id} of table {meta.name!r} v{meta.version} is corrupt ({reason}); "
-                         f"run `lutstore verify` on the server")
-
-
-class RowSource:
-    """Verified stored values of rows: the hot path, kept in one place so it
-    can be swapped for a faster one (pre-serialised responses, ...)."""
-
-    def __init__(self, store: Store, cache: ByteLRU):
-        self.store = store
-        self.cache = cache
-
-    def rows(self, meta: TableMeta, token_ids: list[int]) -> list[bytes]:
-        """Stored values of token_ids (ascending, distinct), each checksum-verified."""
-        tid = meta.table_id
-        values = self.cache.get_many([(tid, t) for t in token_ids])
-        missing = [i for i, v in enumerate(values) if v is None]
-        if missing:
-            fetched = self.store.get_values(meta, [token_ids[i] for i in missing])
-            verified = []
-            for i, value in zip(missing, fetched):
-                token = token_ids[i]
-                if value is None:
-                    raise CorruptRow(meta, token, "missing from the database")
-                try:
-                    codec.check(value)
-                except codec.ChecksumError as e:
-                    raise CorruptRow(meta, token, str(e)) from None
-                values[i] = value
-                verified.append(((tid, token), value))
-            self.cache.put_many(verified)
-        return values  # type: ignore[return-value]
-
-
-class Catalog:
-    """Table lookups with a refresh on a miss, so a just-ingested table or
-    version is found without waiting for the periodic refresh."""
-
-    def __init__(self, store: Store, cache: ByteLRU):
-        self.store = store
-        self.cache = cache
-        self._lock = threading.Lock()
-        self._refreshed_at = 0.0
-
-    def refresh(self) -> None:
-        with self._lock:
-            before = {m.table_id for m in self.store.tables()}
-            self.store.refresh()
-            self._refreshed_at = time.monotonic()
-            gone = before - {m.table_id for m in self.store.tables()}
-        if gone:
-            evicted = self.cache.evict_where(lambda key: key[0] in gone)
-            log.info("tables %s dropped; evicted %d cached rows", sorted(gone), evicted)
-
-    def resolve(self, name: str, version: int) -> TableMeta:
-        asked_at = time.monotonic()
-        try:
-            return self.store.resolve(name, version)
-        except (TableNotFound, VersionGone):
-            if self._refreshed_at < asked_at:  # nobody refreshed since we asked: look again
-                self.refresh()
-            return self.store.resolve(name, version)
 
 
 class LutStoreServicer(pb_grpc.LutStoreServicer):
@@ -139,6 +73,10 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except VersionGone as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except DatabaseDamaged as e:  # the table list went unreadable: the detail names files, so log it
+            log.error("%s", e)
+            context.abort(grpc.StatusCode.DATA_LOSS, "the server's database is damaged (its table list cannot be "
+                                                     "read); the server log says where")
         except StoreError as e:
             context.abort(grpc.StatusCode.INTERNAL, str(e))
         raise AssertionError("unreachable")  # context.abort always raises
@@ -328,23 +266,6 @@ def add_servicer(servicer: LutStoreServicer, server: grpc.Server) -> None:
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
-class Refresher(threading.Thread):
-    """Catches up with the primary every `interval` seconds."""
-
-    def __init__(self, catalog: Catalog, interval: float):
-        super().__init__(name="lutstore-refresh", daemon=True)
-        self.catalog = catalog
-        self.interval = interval
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.interval):
-            try:
-                self.catalog.refresh()
-            except Exception:  # keep serving what we have; the next round may succeed
-                log.exception("refresh failed")
-
-
 def _validate(args: argparse.Namespace) -> None:
     if args.max_batch_rows < 1:
         raise UserError(f"--max-batch-rows must be >= 1, got {args.max_batch_rows}")
@@ -401,11 +322,11 @@ def _serve(args: argparse.Namespace, store: Store, credentials: grpc.ServerCrede
     max_message = int(args.max_message_mb * (1 << 20))
     cache = ByteLRU(int(args.cache_mb * (1 << 20)))
     catalog = Catalog(store, cache)
-    max_sessions = args.max_sessions if getattr(args, "max_sessions", None) is not None else max(1, args.workers // 2)
-    servicer = LutStoreServicer(catalog, RowSource(store, cache), args.max_batch_rows, max_message,
-                                max_sessions=max_sessions)
-    servicer.allow_shared_memory = getattr(args, "allow_shared_memory", False)
     metrics = Metrics()
+    max_sessions = args.max_sessions if getattr(args, "max_sessions", None) is not None else max(1, args.workers // 2)
+    rows = RowSource(store, cache, on_corrupt=lambda meta, ids: metrics.corrupt_rows.labels(meta.name).inc(len(ids)))
+    servicer = LutStoreServicer(catalog, rows, args.max_batch_rows, max_message, max_sessions=max_sessions)
+    servicer.allow_shared_memory = getattr(args, "allow_shared_memory", False)
     metrics.track_cache(cache.stats)
     # Interceptors cover every handler however it is registered; metrics is outermost so that
     # rejected calls are counted too.

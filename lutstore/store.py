@@ -9,6 +9,14 @@ batch of ids maps to one sorted multi-get:
     b"n"                                                  -> allocation counters (JSON)
     b"r" + table_id u32 + token_id u32                    -> stored row value (codec)
 
+Readers (serve, info, verify) open the database as a RocksDB secondary that
+needs read access only: its own files, and a folder of links to the
+database's files, live in a `lutstore-secondary-<pid>-<start>-*` temp folder
+(stale ones, whose process is gone, are removed at the next open). A damaged
+file set (a missing or truncated SST, a damaged MANIFEST or CURRENT) is a
+one-line refusal at open; a damaged block is `RowsUnreadable` for exactly the
+rows in it, and `iter_rows` walks past it.
+
 A version is visible once its manifest key exists. TableWriter writes rows,
 artifacts and the manifest to SST files and ingests them all in ONE
 `ingest_external_file` call, so a killed ingest leaves nothing half-visible.
@@ -22,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import struct
@@ -66,6 +75,42 @@ class VersionGone(StoreError):
         self.version = version
         self.latest = latest
         super().__init__(f"table {name!r} has no live version {version} (dropped or never ingested); latest is {latest}")
+
+
+class DatabaseDamaged(StoreError):
+    """The database's files are damaged so that it cannot be opened or its table list read."""
+
+
+class RowsUnreadable(StoreError):
+    """RocksDB cannot read these rows: a block that holds them fails its checksum, or the disk
+    read failed. `detail` is RocksDB's message (file names and offsets: for the log, not clients)."""
+
+    def __init__(self, meta: TableMeta, token_ids: list[int], detail: str):
+        self.meta = meta
+        self.token_ids = token_ids
+        self.detail = detail
+        super().__init__(f"{len(token_ids)} row(s) of table {meta.name!r} v{meta.version} unreadable: {detail}")
+
+    @property
+    def reason(self) -> str:
+        """What happened, without file names or offsets (safe to send to a client)."""
+        return _damage_kind(self.detail)
+
+
+def _is_damage(e: BaseException) -> bool:
+    """A rocksdict exception that means damaged or unreadable data (rocksdict raises plain Exception
+    with RocksDB's status text: "Corruption: block checksum mismatch: ... in FILE offset N size M",
+    "IO error: ...")."""
+    text = str(e)
+    return text.startswith(("Corruption", "IO error")) or "Corruption:" in text
+
+
+def _damage_kind(detail: str) -> str:
+    if "checksum mismatch" in detail:
+        return "its block on disk fails RocksDB's checksum"
+    if "IO error" in detail:
+        return "the disk read failed"
+    return "RocksDB reports its block corrupt"
 
 
 def row_key(table_id: int, token_id: int) -> bytes:
@@ -147,14 +192,124 @@ def _options(secondary: bool) -> Options:
 
 
 def _iter_prefix(db: Rdict, begin: bytes, end: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """Keys in [begin, end) in order; raises the iterator's error (rocksdict's iterator just turns
+    invalid at a damaged block: without the status check a damaged block looks like the end)."""
     it = db.iter()
     it.seek(begin)
-    while it.valid():
+    while it.valid():  # never it.next() on an invalid iterator: rocksdict crashes the process
         key = it.key()
         if key >= end:
-            break
+            return
         yield key, it.value()
         it.next()
+    it.status()
+
+
+# ---- the secondary's own folder --------------------------------------------------
+
+SECONDARY_PREFIX = "lutstore-secondary-"
+_SECONDARY_NAME = re.compile(re.escape(SECONDARY_PREFIX) + r"(\d+)-(\d+)-")
+# Files a reader must not share with the database: RocksDB's lock and info log, rocksdict's
+# config (rocksdict writes it at every open, even read-only) and ingest staging.
+_NOT_LINKED = ("LOCK", "LOG", "rocksdict-config.json", "staging")
+
+
+def _process_start(pid: int) -> int:
+    """The process's start time in clock ticks since boot (0 where /proc is not there), so a pid
+    that was reused by another process is not taken for the one that made the folder."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _alive(pid: int, start: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process: alive
+    return start == 0 or _process_start(pid) in (0, start)
+
+
+def remove_stale_secondaries(root: str | None = None) -> list[str]:
+    """Remove the secondary folders of readers that died without closing (kill -9); a live
+    reader's folder is kept. Returns the removed paths."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return removed
+    for name in names:
+        match = _SECONDARY_NAME.match(name)
+        if match and not _alive(int(match.group(1)), int(match.group(2))):
+            path = os.path.join(root, name)
+            shutil.rmtree(path, ignore_errors=True)
+            if not os.path.exists(path):
+                log.info("removed stale reader folder %s", path)
+                removed.append(path)
+    return removed
+
+
+def _link_db_files(db: Path, links: Path) -> None:
+    """Mirror the database folder's files into `links` as symlinks, so that a reader opens the
+    database through a folder it can write (rocksdict writes rocksdict-config.json into the folder
+    it opens; RocksDB read-only instances their info LOG) while the database needs read access only."""
+    want = {n for n in os.listdir(db) if not n.startswith(_NOT_LINKED)}
+    have = {n for n in os.listdir(links) if os.path.islink(links / n)}
+    for name in want - have:
+        try:
+            os.symlink(db / name, links / name)
+        except FileExistsError:
+            pass
+    for name in have - want:  # deleted by the writer (compaction, a new MANIFEST)
+        try:
+            os.unlink(links / name)
+        except FileNotFoundError:
+            pass
+
+
+def _damaged(path: Path, what: str) -> DatabaseDamaged:
+    what = " ".join(what.split())  # RocksDB's messages run over lines: keep the refusal one line
+    return DatabaseDamaged(f"database {path} is damaged: {what}; nothing is served from it "
+                           f"(see 'Disk damage and recovery' in docs/operations.md)")
+
+
+def _check_db_files(path: Path) -> None:
+    """Refuse a folder whose CURRENT is gone while the rest of a database is there (RocksDB
+    would take it for no database at all)."""
+    if (path / "CURRENT").is_file():
+        return
+    if any(n.startswith("MANIFEST-") or n.endswith(".sst") for n in os.listdir(path)):
+        raise _damaged(path, "its CURRENT file is missing (it names the MANIFEST file in use)")
+
+
+def _check_whole(path: Path, links: Path, own: Path, attempts: int = 3) -> None:
+    """Refuse a database whose file set is damaged (an SST missing or truncated, a damaged
+    MANIFEST or CURRENT). A secondary alone would not say: it silently shows the last state in
+    which every file was whole, possibly an empty database. A read-only open checks every file
+    the MANIFEST names; it is retried, as a writer may replace files while we look."""
+    opts = Options(raw_mode=True)
+    opts.set_max_open_files(-1)  # open (footer + index) every SST now
+    opts.set_db_log_dir(str(own))  # its info LOG in our folder, not the database's
+    error = None
+    for attempt in range(attempts):
+        try:
+            Rdict(str(links), opts, access_type=AccessType.read_only()).close()
+            return
+        except Exception as e:  # rocksdict raises plain Exception
+            error = e
+            if not _is_damage(e) and "No such file" not in str(e):
+                break
+            time.sleep(0.2 * (attempt + 1))
+            _link_db_files(path, links)
+    text = str(error).replace(str(links), str(path))
+    if _is_damage(error) or "No such file" in text:
+        raise _damaged(path, text) from error
+    raise StoreError(f"cannot open database {path}: {text}") from error
 
 
 class Store:
@@ -164,6 +319,7 @@ class Store:
 
     def __init__(self, path: Path, db: Rdict, mode: str, secondary_dir: str | None):
         self.path = path
+        self._links = Path(secondary_dir) / "db" if secondary_dir else None
         self.mode = mode
         self._db = db
         self._secondary_dir = secondary_dir
@@ -178,32 +334,67 @@ class Store:
         if mode not in ("primary", "secondary"):
             raise ValueError(f"mode must be 'primary' or 'secondary', not {mode!r}")
         if not _db_exists(path):
+            if path.is_dir():
+                _check_db_files(path)
             if not create or mode == "secondary":
                 raise StoreError(f"no lutstore database at {path}; create one with `lutstore ingest`")
             path.mkdir(parents=True, exist_ok=True)
-        secondary_dir = None
+        if mode == "secondary":
+            return cls._open_reader(path)
         try:
-            if mode == "secondary":
-                # The secondary's own files live outside the DB folder and die with it.
-                secondary_dir = tempfile.mkdtemp(prefix="lutstore-secondary-")
-                db = Rdict(str(path), _options(True), access_type=AccessType.secondary(secondary_dir))
-            else:
-                db = Rdict(str(path), _options(False))
+            db = Rdict(str(path), _options(False))
         except Exception as e:  # rocksdict raises plain Exception
-            if secondary_dir:
-                shutil.rmtree(secondary_dir, ignore_errors=True)
             if "lock" in str(e).lower():
                 raise StoreError(f"database {path} is open by another writer (an ingest or drop is running); try again when it ends") from e
+            if _is_damage(e):
+                raise _damaged(path, str(e)) from e
             raise StoreError(f"cannot open database {path}: {e}") from e
-        return cls(path, db, mode, secondary_dir)
+        return cls(path, db, mode, None)
+
+    @classmethod
+    def _open_reader(cls, path: Path) -> Store:
+        """A secondary that needs read access to the database only. Its own files (RocksDB's
+        secondary folder, and links to the database's files) live in a temp folder named after
+        this process, removed at close, or at a later reader's open if this process is killed."""
+        remove_stale_secondaries()
+        path = path.resolve()
+        secondary_dir = tempfile.mkdtemp(prefix=f"{SECONDARY_PREFIX}{os.getpid()}-{_process_start(os.getpid())}-")
+        links = Path(secondary_dir) / "db"
+        own = Path(secondary_dir) / "own"
+        try:
+            links.mkdir()
+            own.mkdir()
+            _link_db_files(path, links)
+            _check_whole(path, links, own)
+            db = Rdict(str(links), _options(True), access_type=AccessType.secondary(str(own)))
+        except StoreError:
+            shutil.rmtree(secondary_dir, ignore_errors=True)
+            raise
+        except Exception as e:  # rocksdict raises plain Exception
+            shutil.rmtree(secondary_dir, ignore_errors=True)
+            text = str(e).replace(str(links), str(path))
+            if _is_damage(e):
+                raise _damaged(path, text) from e
+            raise StoreError(f"cannot open database {path}: {text}") from e
+        try:
+            return cls(path, db, "secondary", secondary_dir)
+        except BaseException:
+            db.close()
+            shutil.rmtree(secondary_dir, ignore_errors=True)
+            raise
 
     # ---- reading -------------------------------------------------------
 
     def _load_manifest(self) -> None:
         by_name: dict[str, dict[int, TableMeta]] = {}
-        for _, value in _iter_prefix(self._db, b"m", b"n"):
-            meta = TableMeta.from_json(value)
-            by_name.setdefault(meta.name, {})[meta.version] = meta
+        try:
+            for _, value in _iter_prefix(self._db, b"m", b"n"):
+                meta = TableMeta.from_json(value)
+                by_name.setdefault(meta.name, {})[meta.version] = meta
+        except Exception as e:
+            if not _is_damage(e):
+                raise
+            raise _damaged(self.path, f"its table list cannot be read ({e})") from e
         with self._lock:
             self._by_name = by_name
 
@@ -229,21 +420,82 @@ class Store:
         return meta
 
     def get_values(self, meta: TableMeta, token_ids: list[int]) -> list[bytes | None]:
-        """Raw stored values of token_ids in one multi-get (None where missing)."""
+        """Raw stored values of token_ids in one multi-get (None where missing). RowsUnreadable
+        names exactly the ids RocksDB cannot read (damaged blocks): a multi-get fails as a whole,
+        so the ids are then read one by one."""
         tid = meta.table_id
-        return self._db.get([_ROW.pack(b"r", tid, t) for t in token_ids])
+        try:
+            return self._db.get([_ROW.pack(b"r", tid, t) for t in token_ids])
+        except Exception as e:  # rocksdict raises plain Exception
+            if not _is_damage(e):
+                raise
+            detail = str(e)
+        values: list[bytes | None] = []
+        bad: list[int] = []
+        for t in token_ids:
+            try:
+                values.append(self._db.get(_ROW.pack(b"r", tid, t)))
+            except Exception as e:
+                if not _is_damage(e):
+                    raise
+                bad.append(t)
+                detail = str(e)
+        if bad:
+            raise RowsUnreadable(meta, bad, detail)
+        return values  # the failure did not repeat (a transient read error)
 
-    def iter_rows(self, meta: TableMeta) -> Iterator[tuple[int, bytes]]:
-        """(token_id, stored value) of every row, in token order."""
-        begin, end = rows_range(meta.table_id)
-        for key, value in _iter_prefix(self._db, begin, end):
-            yield _ROW.unpack(key)[2], value
+    def iter_rows(self, meta: TableMeta) -> Iterator[tuple[int, bytes | RowsUnreadable]]:
+        """(token_id, stored value) of every row present, in token order; a row RocksDB cannot
+        read comes as (token_id, RowsUnreadable) and the walk goes on past its block (an iterator
+        stops at a damaged block, so the rows after it are read again from a fresh seek)."""
+        tid = meta.table_id
+        _, end = rows_range(tid)
+        next_id = 0
+        while next_id < meta.vocab_size:
+            it = self._db.iter()
+            it.seek(row_key(tid, next_id))
+            while it.valid():  # never it.next() on an invalid iterator: rocksdict crashes the process
+                key = it.key()
+                if key >= end:
+                    return
+                next_id = _ROW.unpack(key)[2] + 1
+                yield next_id - 1, it.value()
+                it.next()
+            try:
+                it.status()
+                return  # the end of the database
+            except Exception as e:
+                if not _is_damage(e):
+                    raise
+            del it
+            # The iterator stopped at an unreadable block: probe the rows after the last good one
+            # until one reads, then seek from there again (each round moves at least one row on).
+            while next_id < meta.vocab_size:
+                try:
+                    value = self._db.get(row_key(tid, next_id))
+                except Exception as e:
+                    if not _is_damage(e):
+                        raise
+                    yield next_id, RowsUnreadable(meta, [next_id], str(e))
+                    next_id += 1
+                    continue
+                next_id += 1
+                if value is not None:
+                    yield next_id - 1, value
+                    break
 
     def iter_artifact(self, meta: TableMeta, name: str) -> Iterator[bytes]:
         """An artifact's chunks in order; KeyError if the table has no such artifact."""
         art = meta.artifact(name)
         for chunk in range(art.chunks):
-            data = self._db.get(artifact_key(meta.table_id, art.index, chunk))
+            try:
+                data = self._db.get(artifact_key(meta.table_id, art.index, chunk))
+            except Exception as e:
+                if not _is_damage(e):
+                    raise
+                log.error("artifact %r of %s v%d, chunk %d: %s", name, meta.name, meta.version, chunk, e)
+                raise StoreError(f"artifact {name!r} of {meta.name} v{meta.version} is damaged on disk "
+                                 f"(chunk {chunk}: {_damage_kind(str(e))}); run `lutstore verify` on the server") from None
             if data is None:
                 raise StoreError(f"artifact {name!r} of {meta.name} v{meta.version} is missing chunk {chunk}")
             yield data
@@ -251,6 +503,7 @@ class Store:
     def refresh(self) -> None:
         """Secondary: see what the primary ingested or dropped since the last call."""
         if self.mode == "secondary":
+            _link_db_files(self.path, self._links)  # files the writer added since (new SSTs, MANIFEST, WAL)
             self._db.try_catch_up_with_primary()
         self._load_manifest()
 
