@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from lutstore import codec
 from lutstore.errors import UserError
-from lutstore.store import Store, TableMeta
+from lutstore.store import RowsUnreadable, Store, TableMeta
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,8 @@ def info(args: argparse.Namespace) -> int:
 
 
 def verify(args: argparse.Namespace) -> int:
-    """Check every stored row's checksum and length; name each bad row; exit 1 if any."""
+    """Check every stored row (checksum, length, readable on disk); name each bad row, going on past
+    damaged blocks; exit 1 if any. --json: one object on stdout for scripts."""
     with Store.open(args.db, "secondary") as store:
         tables = store.tables()
         if args.table:
@@ -66,48 +67,62 @@ def verify(args: argparse.Namespace) -> int:
             if not args.table:
                 raise UserError("--version needs --table")
             tables = [store.resolve(args.table, args.version)]
-        bad = 0
-        for meta in tables:
-            bad += _verify_table(store, meta)
+        reports = [_verify_table(store, meta, quiet=args.json) for meta in tables]
+    bad = sum(len(r["bad"]) for r in reports)
     total = sum(m.vocab_size for m in tables)
-    if bad:
+    if args.json:
+        json.dump({"db": str(args.db), "ok": bad == 0, "rows": total, "bad_rows": bad, "tables": reports},
+                  sys.stdout, indent=2)
+        print()
+    elif bad:
         print(f"verify: {bad} bad row(s) in {len(tables)} table version(s)", file=sys.stderr)
-        return 1
-    print(f"verify: {total} rows in {len(tables)} table version(s) OK")
-    return 0
+    else:
+        print(f"verify: {total} rows in {len(tables)} table version(s) OK")
+    return 1 if bad else 0
 
 
-def _verify_table(store: Store, meta: TableMeta) -> int:
+def _verify_table(store: Store, meta: TableMeta, quiet: bool = False) -> dict:
+    """{"table", "version", "rows", "bad": [{"token", "problem"}]} of one table version; each bad row
+    is printed to stderr as it is found (unless quiet)."""
     fmt = meta.row_format()
-    bad = 0
+    bad: list[dict] = []
     expected = 0
     where = f"table {meta.name!r} v{meta.version}"
+
+    def report(token_id: int, problem: str) -> None:
+        bad.append({"token": token_id, "problem": problem})
+        if not quiet:
+            print(f"BAD {where} token {token_id}: {problem}", file=sys.stderr)
+
     with tqdm(total=meta.vocab_size, desc=f"{meta.name} v{meta.version}", unit="row", file=sys.stderr,
-              disable=None, leave=False) as bar:
+              disable=True if quiet else None, leave=False) as bar:
         for token_id, value in store.iter_rows(meta):
             while expected < token_id:  # a gap: rows that should exist and do not
-                print(f"BAD {where} token {expected}: row missing", file=sys.stderr)
-                bad += 1
+                report(expected, "row missing")
                 expected += 1
-            try:
-                codec.payload_of(fmt, value)  # checksum, then (zstd) decompression and length
-            except Exception as e:  # ChecksumError, or a broken zstd frame
-                print(f"BAD {where} token {token_id}: {e}", file=sys.stderr)
-                bad += 1
+            if isinstance(value, RowsUnreadable):
+                report(token_id, f"unreadable on disk: {value.detail}")  # names the file: this is the host
+            else:
+                try:
+                    codec.payload_of(fmt, value)  # checksum, then (zstd) decompression and length
+                except Exception as e:  # ChecksumError, or a broken zstd frame
+                    report(token_id, str(e))
             expected = token_id + 1
             bar.update(1)
     for token_id in range(expected, meta.vocab_size):
-        print(f"BAD {where} token {token_id}: row missing", file=sys.stderr)
-        bad += 1
-    return bad
+        report(token_id, "row missing")
+    return {"table": meta.name, "version": meta.version, "rows": meta.vocab_size, "bad": bad}
 
 
 def drop(args: argparse.Namespace) -> int:
     """Delete one version of a table (servers stop serving it at their next refresh)."""
     with Store.open(args.db, "primary") as store:
         meta = store.resolve(args.table, args.version)
-        store.drop(args.table, args.version)
+        kept = store.drop(args.table, args.version)
         left = [m.version for m in store.tables() if m.name == args.table]
     print(f"dropped {meta.name} v{meta.version} ({_size(meta.stored_bytes)}); "
           f"live versions left: {', '.join(map(str, left)) or 'none'}")
+    if kept:
+        print(f"note: its {' and '.join(kept)} sit in damaged blocks and stay on disk (deleting them would make "
+              f"RocksDB read the damaged blocks); no reader sees them", file=sys.stderr)
     return 0

@@ -385,6 +385,11 @@ class Store:
 
     # ---- reading -------------------------------------------------------
 
+    def _detail(self, e: BaseException) -> str:
+        """RocksDB's message with the database's own path (a reader sees it through its links)."""
+        text = " ".join(str(e).split())
+        return text.replace(str(self._links), str(self.path)) if self._links else text
+
     def _load_manifest(self) -> None:
         by_name: dict[str, dict[int, TableMeta]] = {}
         try:
@@ -394,7 +399,7 @@ class Store:
         except Exception as e:
             if not _is_damage(e):
                 raise
-            raise _damaged(self.path, f"its table list cannot be read ({e})") from e
+            raise _damaged(self.path, f"its table list cannot be read ({self._detail(e)})") from e
         with self._lock:
             self._by_name = by_name
 
@@ -429,7 +434,7 @@ class Store:
         except Exception as e:  # rocksdict raises plain Exception
             if not _is_damage(e):
                 raise
-            detail = str(e)
+            detail = self._detail(e)
         values: list[bytes | None] = []
         bad: list[int] = []
         for t in token_ids:
@@ -439,7 +444,7 @@ class Store:
                 if not _is_damage(e):
                     raise
                 bad.append(t)
-                detail = str(e)
+                detail = self._detail(e)
         if bad:
             raise RowsUnreadable(meta, bad, detail)
         return values  # the failure did not repeat (a transient read error)
@@ -476,7 +481,7 @@ class Store:
                 except Exception as e:
                     if not _is_damage(e):
                         raise
-                    yield next_id, RowsUnreadable(meta, [next_id], str(e))
+                    yield next_id, RowsUnreadable(meta, [next_id], self._detail(e))
                     next_id += 1
                     continue
                 next_id += 1
@@ -493,7 +498,7 @@ class Store:
             except Exception as e:
                 if not _is_damage(e):
                     raise
-                log.error("artifact %r of %s v%d, chunk %d: %s", name, meta.name, meta.version, chunk, e)
+                log.error("artifact %r of %s v%d, chunk %d: %s", name, meta.name, meta.version, chunk, self._detail(e))
                 raise StoreError(f"artifact {name!r} of {meta.name} v{meta.version} is damaged on disk "
                                  f"(chunk {chunk}: {_damage_kind(str(e))}); run `lutstore verify` on the server") from None
             if data is None:
@@ -552,22 +557,51 @@ class Store:
             self._by_name.setdefault(meta.name, {})[meta.version] = meta
             self._reserved_ids.discard(meta.table_id)
 
-    def drop(self, name: str, version: int) -> None:
-        """Delete one version: manifest first (invisible at once), then its rows and artifacts."""
+    def drop(self, name: str, version: int) -> list[str]:
+        """Delete one version: manifest first (invisible at once), then its rows and artifacts.
+        Returns what had to stay on disk ("rows", "artifacts"): a key range with a damaged block
+        is left in place, because deleting it makes RocksDB compact, that is read, the damaged
+        block, and a failed compaction stops every later write. Its table id is never reused, so
+        nothing reads those keys again."""
         self._require_primary("drop")
         if version < 1:
             raise StoreError(f"give the version to drop (>= 1), got {version}")
         meta = self.resolve(name, version)
+        kept = []
+        ranges = {"rows": rows_range(meta.table_id), "artifacts": artifacts_range(meta.table_id)}
+        damaged = {what: self._unreadable(begin, end) for what, (begin, end) in ranges.items()}
         self._db.delete(manifest_key(meta.table_id))
-        for begin, end in (rows_range(meta.table_id), artifacts_range(meta.table_id)):
+        for what in ("artifacts", "rows"):
+            begin, end = ranges[what]
+            if damaged[what]:
+                log.warning("dropping %s v%d: its %s stay on disk (%s)", name, version, what, damaged[what])
+                kept.append(what)
+                continue
             self._db.delete_range(begin, end)
+            # Each kind's deletes in a file of their own, so the compaction below reads this version's
+            # files only (one file spanning "a".."r" would make it rewrite every table in between).
+            self._db.flush()
             self._db.compact_range(begin, end)  # give the disk space back now
+        self._db.flush()
         with self._lock:
             versions = self._by_name.get(name, {})
             versions.pop(version, None)
             if not versions:
                 self._by_name.pop(name, None)
         log.info("dropped %s v%d (table id %d)", name, version, meta.table_id)
+        return kept
+
+    def _unreadable(self, begin: bytes, end: bytes) -> str | None:
+        """RocksDB's message if a block in [begin, end) cannot be read, else None (reads the range,
+        as the compaction after a delete would)."""
+        try:
+            for _ in _iter_prefix(self._db, begin, end):
+                pass
+        except Exception as e:
+            if not _is_damage(e):
+                raise
+            return self._detail(e)
+        return None
 
     def close(self) -> None:
         try:
