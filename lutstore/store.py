@@ -302,9 +302,10 @@ def _check_whole(path: Path, links: Path, own: Path, attempts: int = 3) -> None:
             return
         except Exception as e:  # rocksdict raises plain Exception
             error = e
-            if not _is_damage(e) and "No such file" not in str(e):
+            # A file gone may be a writer's compaction or new MANIFEST racing us; damage stays damaged.
+            if "No such file" not in str(e) or attempt == attempts - 1:
                 break
-            time.sleep(0.2 * (attempt + 1))
+            time.sleep(0.1 * (attempt + 1))
             _link_db_files(path, links)
     text = str(error).replace(str(links), str(path))
     if _is_damage(error) or "No such file" in text:
