@@ -184,8 +184,22 @@ def _delete_current(db: Path, values) -> None:
     (db / "CURRENT").unlink()
 
 
-@pytest.mark.parametrize("damage", [_truncate_sst, _delete_sst, _damage_manifest, _damage_current, _delete_current],
-                         ids=["truncated-sst", "deleted-sst", "damaged-manifest", "damaged-current", "missing-current"])
+def _damage_table_list(db: Path, values) -> None:
+    """A flipped bit in the block that holds a table's manifest entry (its JSON)."""
+    for sst in db.glob("*.sst"):
+        data = bytearray(sst.read_bytes())
+        at = data.find(b'"fingerprint"')
+        if at >= 0:
+            data[at + 3] ^= 0x01
+            sst.write_bytes(bytes(data))
+            return
+    raise AssertionError("no manifest entry found in the SST files")
+
+
+@pytest.mark.parametrize("damage", [_truncate_sst, _delete_sst, _damage_manifest, _damage_current, _delete_current,
+                                    _damage_table_list],
+                         ids=["truncated-sst", "deleted-sst", "damaged-manifest", "damaged-current", "missing-current",
+                              "damaged-table-list"])
 def test_a_damaged_file_set_is_a_one_line_refusal(base, copy, damage, capsys) -> None:
     """serve, info and verify refuse it in one line naming the database (a RocksDB secondary alone
     would silently show the last state in which every file was whole: for a lost SST, no tables)."""
