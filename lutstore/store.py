@@ -499,9 +499,10 @@ class Store:
             except Exception as e:
                 if not _is_damage(e):
                     raise
-                log.error("artifact %r of %s v%d, chunk %d: %s", name, meta.name, meta.version, chunk, self._detail(e))
-                raise StoreError(f"artifact {name!r} of {meta.name} v{meta.version} is damaged on disk "
-                                 f"(chunk {chunk}: {_damage_kind(str(e))}); run `lutstore verify` on the server") from None
+                detail = self._detail(e)
+                log.error("artifact %r of %s v%d, chunk %d: %s", name, meta.name, meta.version, chunk, detail)
+                raise StoreError(f"artifact {name!r} of {meta.name} v{meta.version} is damaged on disk (chunk {chunk}: "
+                                 f"{_damage_kind(detail)}); run `lutstore verify` on the server") from None
             if data is None:
                 raise StoreError(f"artifact {name!r} of {meta.name} v{meta.version} is missing chunk {chunk}")
             yield data

@@ -59,7 +59,7 @@ def flip_bit_in_row(db: Path, value: bytes) -> tuple[Path, int]:
         at = data.find(value[1000:1100])
         if at >= 0:
             offset = at + 50
-            assert 4096 <= offset < len(data) - 64 * 1024, "not in the middle of the file"
+            assert 1024 <= offset < len(data) - 4096, "not in the middle of the file"
             data[offset] ^= 0x10
             sst.write_bytes(bytes(data))
             return sst, offset
@@ -156,6 +156,22 @@ def test_way_back_reingest_as_a_new_version_then_drop_the_damaged_one(base, copy
         assert batch_get(stub, "t", [99, 100, 101]) == [(i, fresh[i]) for i in (99, 100, 101)]
         e = rpc_error(lambda: batch_get(stub, "t", [100], version=1))
         assert e.code() == grpc.StatusCode.FAILED_PRECONDITION  # gone, as any dropped version
+
+
+def test_flipped_bit_in_an_artifact_is_data_loss_without_a_path(tmp_path: Path, serve) -> None:
+    blob = os.urandom(64 * 1024)  # incompressible: stored as is, one value of its own block
+    # The blob first, so that config.json's small value is not in the blob's (damaged) block.
+    write_table(tmp_path / "db", "x", FMT, vocab_size=8, artifacts={"blob": blob, "config.json": b"{}"})
+    flip_bit_in_row(tmp_path / "db", blob[:4096])
+    server = serve(tmp_path / "db")
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.LutStoreStub(channel)
+        e = rpc_error(lambda: list(stub.GetArtifact(pb.GetArtifactRequest(table="x", name="blob"), timeout=20)))
+        assert e.code() == grpc.StatusCode.DATA_LOSS and "'blob' of x v1 is damaged" in e.details(), e.details()
+        assert "/" not in e.details() and ".sst" not in e.details()
+        config = list(stub.GetArtifact(pb.GetArtifactRequest(table="x", name="config.json"), timeout=20))
+        assert b"".join(c.data for c in config) == b"{}"
+        assert len(batch_get(stub, "x", list(range(8)))) == 8
 
 
 # ---- damaged files: a one-line refusal -------------------------------------------------------
