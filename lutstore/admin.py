@@ -7,6 +7,7 @@ info and verify only read, through a RocksDB secondary, so they work while
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -16,7 +17,7 @@ from tqdm import tqdm
 
 from lutstore import codec
 from lutstore.errors import UserError
-from lutstore.store import RowsUnreadable, Store, TableMeta
+from lutstore.store import RowsUnreadable, Store, StoreError, TableMeta
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,8 @@ def info(args: argparse.Namespace) -> int:
 
 
 def verify(args: argparse.Namespace) -> int:
-    """Check every stored row (checksum, length, readable on disk); name each bad row, going on past
-    damaged blocks; exit 1 if any. --json: one object on stdout for scripts."""
+    """Check every stored row (checksum, length, readable on disk) and artifact (sha256); name each bad
+    one, going on past damaged blocks; exit 1 if any. --json: one object on stdout for scripts."""
     with Store.open(args.db, "secondary") as store:
         tables = store.tables()
         if args.table:
@@ -69,16 +70,19 @@ def verify(args: argparse.Namespace) -> int:
             tables = [store.resolve(args.table, args.version)]
         reports = [_verify_table(store, meta, quiet=args.json) for meta in tables]
     bad = sum(len(r["bad"]) for r in reports)
+    bad_artifacts = sum(len(r["bad_artifacts"]) for r in reports)
     total = sum(m.vocab_size for m in tables)
+    ok = bad == 0 and bad_artifacts == 0
     if args.json:
-        json.dump({"db": str(args.db), "ok": bad == 0, "rows": total, "bad_rows": bad, "tables": reports},
-                  sys.stdout, indent=2)
+        json.dump({"db": str(args.db), "ok": ok, "rows": total, "bad_rows": bad, "bad_artifacts": bad_artifacts,
+                   "tables": reports}, sys.stdout, indent=2)
         print()
-    elif bad:
-        print(f"verify: {bad} bad row(s) in {len(tables)} table version(s)", file=sys.stderr)
+    elif not ok:
+        print(f"verify: {bad} bad row(s) and {bad_artifacts} bad artifact(s) in {len(tables)} table version(s)",
+              file=sys.stderr)
     else:
         print(f"verify: {total} rows in {len(tables)} table version(s) OK")
-    return 1 if bad else 0
+    return 0 if ok else 1
 
 
 def _verify_table(store: Store, meta: TableMeta, quiet: bool = False) -> dict:
@@ -111,7 +115,31 @@ def _verify_table(store: Store, meta: TableMeta, quiet: bool = False) -> dict:
             bar.update(1)
     for token_id in range(expected, meta.vocab_size):
         report(token_id, "row missing")
-    return {"table": meta.name, "version": meta.version, "rows": meta.vocab_size, "bad": bad}
+    bad_artifacts = []
+    for problem in _artifact_problems(store, meta):
+        bad_artifacts.append(problem)
+        if not quiet:
+            print(f"BAD {where} artifact {problem['artifact']!r}: {problem['problem']}", file=sys.stderr)
+    return {"table": meta.name, "version": meta.version, "rows": meta.vocab_size, "bad": bad,
+            "bad_artifacts": bad_artifacts}
+
+
+def _artifact_problems(store: Store, meta: TableMeta) -> list[dict]:
+    """Each artifact read whole and checked against the size and sha256 recorded at ingest."""
+    problems = []
+    for art in meta.artifacts:
+        digest, size = hashlib.sha256(), 0
+        try:
+            for chunk in store.iter_artifact(meta, art.name):
+                digest.update(chunk)
+                size += len(chunk)
+        except StoreError as e:
+            problems.append({"artifact": art.name, "problem": str(e)})
+            continue
+        if size != art.size or digest.hexdigest() != art.sha256:
+            problems.append({"artifact": art.name, "problem": f"{size} bytes, sha256 {digest.hexdigest()[:16]}; "
+                                                              f"ingested {art.size} bytes, sha256 {art.sha256[:16]}"})
+    return problems
 
 
 def drop(args: argparse.Namespace) -> int:

@@ -96,13 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("verify", help="check every stored row (checksum, readable on disk); exit 1 if any is bad")
+    p = sub.add_parser("verify", help="check every stored row and artifact (checksum, readable on disk); exit 1 if any is bad")
     _add_db(p)
     p.add_argument("--table", help="only this table (default: all)")
     p.add_argument("--version", type=int, default=0, help="only this version (default: all live versions)")
     p.add_argument("--json", action="store_true",
-                   help="one JSON object on stdout: {ok, rows, bad_rows, tables: [{table, version, rows, "
-                        "bad: [{token, problem}]}]} (exit status as without it)")
+                   help="one JSON object on stdout: {ok, rows, bad_rows, bad_artifacts, tables: [{table, version, rows, "
+                        "bad: [{token, problem}], bad_artifacts: [{artifact, problem}]}]} (exit status as without it)")
 
     p = sub.add_parser("drop", help="delete one version of a table")
     _add_db(p)

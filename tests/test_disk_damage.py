@@ -158,7 +158,8 @@ def test_way_back_reingest_as_a_new_version_then_drop_the_damaged_one(base, copy
         assert e.code() == grpc.StatusCode.FAILED_PRECONDITION  # gone, as any dropped version
 
 
-def test_flipped_bit_in_an_artifact_is_data_loss_without_a_path(tmp_path: Path, serve) -> None:
+def test_flipped_bit_in_an_artifact_is_data_loss_without_a_path_and_verify_names_it(tmp_path: Path, serve,
+                                                                                     capsys) -> None:
     blob = os.urandom(64 * 1024)  # incompressible: stored as is, one value of its own block
     # The blob first, so that config.json's small value is not in the blob's (damaged) block.
     write_table(tmp_path / "db", "x", FMT, vocab_size=8, artifacts={"blob": blob, "config.json": b"{}"})
@@ -172,6 +173,10 @@ def test_flipped_bit_in_an_artifact_is_data_loss_without_a_path(tmp_path: Path, 
         config = list(stub.GetArtifact(pb.GetArtifactRequest(table="x", name="config.json"), timeout=20))
         assert b"".join(c.data for c in config) == b"{}"
         assert len(batch_get(stub, "x", list(range(8)))) == 8
+    assert cli_main(["verify", "--db", str(tmp_path / "db"), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["bad_rows"] == 0 and report["bad_artifacts"] == 1
+    assert [a["artifact"] for a in report["tables"][0]["bad_artifacts"]] == ["blob"]
 
 
 # ---- damaged files: a one-line refusal -------------------------------------------------------
