@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -624,6 +625,16 @@ def run(args: argparse.Namespace) -> int:
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
             print(f"inference.serve: serving {state.model_name} on http://{host}:{port}", flush=True)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown (exit status -15);
+            # like `lutstore serve`, a requested stop that went well exits 0 instead.
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    self._captured_signals.clear()
 
     config = uvicorn.Config(create_app(state), log_level="warning" if args.verbose == 0 else "info",
                             timeout_graceful_shutdown=5, access_log=args.verbose > 0)
