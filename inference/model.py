@@ -151,14 +151,25 @@ class KVCache(nn.Module):
         self.v_cache[:b, :, input_pos] = v
         return self.k_cache[:b], self.v_cache[:b]
 
-    def update_slots(self, slots: Tensor, positions: Tensor, k: Tensor, v: Tensor, span: int) -> tuple[Tensor, Tensor]:
+    def update_slots(self, slots: SlotBatch, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Slot mode (continuous batching): row i of k/v [B, H, T, hd] is written into cache row
-        slots[i] at its own positions[i] [T]; returns keys/values [B, H, span, hd] of those slots."""
-        rows = slots[:, None]
+        slots.index[i] at its own positions[i] [T]; returns keys/values [B, H, span, hd] of those slots."""
+        rows = slots.index[:, None]
         self.k_cache[rows, :, positions] = k.transpose(1, 2)   # advanced indices first: [B, T, H, hd]
         self.v_cache[rows, :, positions] = v.transpose(1, 2)
-        return (self.k_cache.index_select(0, slots)[:, :, :span],
-                self.v_cache.index_select(0, slots)[:, :, :span])
+        if slots.contiguous:                                    # slots 0..B-1: a view, no copy
+            b = k.shape[0]
+            return self.k_cache[:b, :, :slots.span], self.v_cache[:b, :, :slots.span]
+        return (self.k_cache[:, :, :slots.span].index_select(0, slots.index),   # copies only the keys in use
+                self.v_cache[:, :, :slots.span].index_select(0, slots.index))
+
+
+@dataclass
+class SlotBatch:
+    """Which KV-cache rows a slot-mode forward uses, and how many keys (positions 0..span-1) it reads."""
+    index: Tensor          # [B] cache row of each batch row
+    span: int              # 1 + the largest position in the batch
+    contiguous: bool       # index == 0..B-1
 
 
 class Attention(nn.Module):
@@ -173,14 +184,14 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None,
-                slots: Tensor | None = None) -> Tensor:
+                slots: SlotBatch | None = None) -> Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if slots is not None:
-            k, v = self.kv_cache.update_slots(slots, input_pos, k, v, mask.shape[-1])
+            k, v = self.kv_cache.update_slots(slots, input_pos, k, v)
         elif input_pos is not None and self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
         if self.n_kv != self.n_heads:
@@ -233,7 +244,7 @@ class DecoderLayer(nn.Module):
         return torch.stack([expert(e) for expert in self.experts], dim=-2)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None,
-                rows: Callable[[], Tensor], slots: Tensor | None = None) -> Tensor:
+                rows: Callable[[], Tensor], slots: SlotBatch | None = None) -> Tensor:
         """rows() -> [B, T, N, D]: each position's N expert outputs for this layer. It is
         called only after attention, MLP and router, so a row fetch overlaps all of them."""
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, input_pos, slots)
@@ -308,6 +319,8 @@ class Transformer(nn.Module):
             cos, sin = cos_all[input_pos][:, None], sin_all[input_pos][:, None]      # [B, 1, T, hd]
             keys = torch.arange(span, device=idx.device)
             mask = (keys[None, None, :] <= input_pos[:, :, None])[:, None]          # [B, 1, T, span]
+            slot_list = slots.tolist()
+            slots = SlotBatch(slots, span, slot_list == list(range(b)))
         elif input_pos is None:
             if t > self.rotary.max_pos:
                 raise ValueError(f"{t} tokens exceed the model's context of {self.rotary.max_pos}")
