@@ -448,7 +448,9 @@ async def stream(state: ServeState, req: CompletionRequest) -> StreamingResponse
                     upto = c.sent                       # half a multi-byte character: wait for the rest
                 text = c.text[c.sent:upto]
                 with_prompt = bool(req.echo) and not c.echo_sent
-                if with_prompt and (c.prompt_logprobs or done or c.tokens) or text or done:
+                if with_prompt and not (done or c.tokens):
+                    continue                            # the echoed prompt goes out whole, with all its log-probs
+                if with_prompt or text or done:
                     prefix = c.prompt_text if with_prompt else ""
                     lp = run.logprobs_of(c, with_prompt, c.lp_sent, len(c.tokens))
                     c.sent, c.lp_sent, c.echo_sent = upto, len(c.tokens), c.echo_sent or with_prompt

@@ -174,6 +174,11 @@ def test_prompt_logprobs_equal_evaluate(setup) -> None:
     delta = np.abs(got - want).max()
     print(f"max |endpoint - evaluate| log-prob: {delta:.3g}")
     assert delta < LOGPROB_TOL
+    # streamed: the echoed prompt goes out in one chunk, with all its log-probs
+    chunks = list(_client(setup["endpoint"]).completions.create(model="m32", prompt=ids, max_tokens=0, echo=True,
+                                                                logprobs=0, stream=True))
+    assert [x for c in chunks if c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs] == \
+        lp.token_logprobs
     # generated tokens' log-probs with alternatives
     gen = _client(setup["endpoint"]).completions.create(model="m32", prompt=ids[:5], max_tokens=3, logprobs=2,
                                                         temperature=0)
