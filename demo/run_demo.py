@@ -124,7 +124,7 @@ def serve_endpoint(address: str, tokens: int = 16) -> None:
         endpoint = Endpoint(address, "--table", TABLES["fp16"])
     except EndpointError as e:
         raise DemoError(str(e)) from None
-    lock, failures = threading.Lock(), []
+    lock, failures, texts = threading.Lock(), [], ["", ""]
 
     def stream(user: int, body: dict) -> None:
         try:
@@ -138,6 +138,8 @@ def serve_endpoint(address: str, tokens: int = 16) -> None:
                 if line.strip():
                     with lock:
                         print(f"  [user {user}] {line.decode().rstrip()}", flush=True)
+                    if line.startswith(b"data: {"):
+                        texts[user] += json.loads(line[6:])["choices"][0]["text"]
             conn.close()
         except Exception as e:  # noqa: BLE001 - reported after both users finish
             failures.append(e)
@@ -156,6 +158,8 @@ def serve_endpoint(address: str, tokens: int = 16) -> None:
             t.join()
         if failures:
             raise DemoError(f"a streaming request failed: {failures[0]}")
+        for user, body in enumerate(bodies):
+            print(f"  user {user}: {body['prompt']!r} -> {texts[user]!r}")
     finally:
         code = endpoint.stop(timeout=20.0)
     if code != 0:

@@ -292,7 +292,8 @@ def test_health_metrics_and_auth_and_a_dead_daemon(setup, tmp_path) -> None:
                      "lutserve_batch_size_bucket", "lutserve_time_to_first_token_seconds_bucket",
                      "lutserve_inter_token_latency_seconds_bucket", "lutserve_row_cache_hit_rate"):
             assert name in metrics
-        daemon.stop()
+        daemon.proc.kill()               # dies (a graceful stop would wait for the endpoint's open session)
+        daemon.proc.wait()
         status, body = _post(ep, "/v1/completions", {"prompt": "the water", "max_tokens": 4},
                              {"authorization": "Bearer s3cret"})
         _assert_openai_error(status, body, 503, code="lut_unavailable")
