@@ -5,7 +5,8 @@
     3. `lutstore serve --port 0` in the background, on loopback
     4. `python -m inference.generate` on a few prompts, streaming text
     5. `python -m inference.evaluate` on the held-out plays, for both tables
-    6. stop the daemon with SIGTERM and check that it exits 0
+    6. the OpenAI-compatible endpoint (inference.serve): two concurrent streaming requests
+    7. stop the daemon with SIGTERM and check that it exits 0
 
 Everything lands under --data-dir (default ./demo-data): the checkpoint in
 model/, the database in db/. A second run reuses both (the DB is re-ingested
@@ -109,6 +110,63 @@ def generate(address: str, tokens: int) -> None:
     run(cmd)
 
 
+def serve_endpoint(address: str, tokens: int = 16) -> None:
+    """The OpenAI-compatible endpoint (inference.serve) on the fp16 table: two users stream at once
+    (printed as `curl -N` shows the server-sent events), then it is stopped with SIGTERM."""
+    import http.client
+    import threading
+
+    from inference.endpoint_process import Endpoint, EndpointError
+
+    say("7. the OpenAI-compatible endpoint: two concurrent streaming requests, one batch")
+    print(f"$ python -m inference.serve --lut-addr {address} --table {TABLES['fp16']} --port 0 &", flush=True)
+    try:
+        endpoint = Endpoint(address, "--table", TABLES["fp16"])
+    except EndpointError as e:
+        raise DemoError(str(e)) from None
+    lock, failures, texts = threading.Lock(), [], ["", ""]
+
+    def stream(user: int, body: dict) -> None:
+        try:
+            host, port = endpoint.url.removeprefix("http://").rsplit(":", 1)
+            conn = http.client.HTTPConnection(host, int(port), timeout=60)
+            conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+            resp = conn.getresponse()
+            if resp.status != 200:
+                raise DemoError(f"the endpoint answered {resp.status}: {resp.read().decode()}")
+            for line in resp:
+                if line.strip():
+                    with lock:
+                        print(f"  [user {user}] {line.decode().rstrip()}", flush=True)
+                    if line.startswith(b"data: {"):
+                        texts[user] += json.loads(line[6:])["choices"][0]["text"]
+            conn.close()
+        except Exception as e:  # noqa: BLE001 - reported after both users finish
+            failures.append(e)
+
+    try:
+        print(f"  {endpoint.model} ready on {endpoint.url}")
+        bodies = [{"model": TABLES["fp16"], "prompt": prompt, "max_tokens": tokens, "temperature": 0.8, "top_k": 40,
+                   "seed": i, "stream": True} for i, prompt in enumerate(PROMPTS[:2])]
+        for body in bodies:
+            print(f"$ curl -N {endpoint.url}/v1/completions -H 'content-type: application/json' "
+                  f"-d {shlex.quote(json.dumps(body))} &", flush=True)
+        users = [threading.Thread(target=stream, args=(i, body)) for i, body in enumerate(bodies)]
+        for t in users:
+            t.start()
+        for t in users:
+            t.join()
+        if failures:
+            raise DemoError(f"a streaming request failed: {failures[0]}")
+        for user, body in enumerate(bodies):
+            print(f"  user {user}: {body['prompt']!r} -> {texts[user]!r}")
+    finally:
+        code = endpoint.stop(timeout=20.0)
+    if code != 0:
+        raise DemoError(f"inference.serve exited with {code} after SIGTERM, not 0")
+    print("  inference.serve exited cleanly (0)")
+
+
 def evaluate(address: str, heldout: Path, max_tokens: int) -> dict[str, dict]:
     say(f"5. scoring the held-out plays ({heldout.name}, first {max_tokens} tokens) with both tables")
     results = {}
@@ -169,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         scores = evaluate(daemon.address, model_dir / "heldout.txt", args.eval_tokens)
         unigram = unigram_perplexity(model_dir, model_dir / "heldout.txt", args.eval_tokens)
         report(training, scores, unigram)
-        say("7. stopping the daemon (SIGTERM)")
+        serve_endpoint(daemon.address)
+        say("8. stopping the daemon (SIGTERM)")
         code, daemon = daemon.stop(timeout=20.0), None
         if code != 0:
             raise DemoError(f"lutstore serve exited with {code} after SIGTERM, not 0")

@@ -151,6 +151,26 @@ class KVCache(nn.Module):
         self.v_cache[:b, :, input_pos] = v
         return self.k_cache[:b], self.v_cache[:b]
 
+    def update_slots(self, slots: SlotBatch, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Slot mode (continuous batching): row i of k/v [B, H, T, hd] is written into cache row
+        slots.index[i] at its own positions[i] [T]; returns keys/values [B, H, span, hd] of those slots."""
+        rows = slots.index[:, None]
+        self.k_cache[rows, :, positions] = k.transpose(1, 2)   # advanced indices first: [B, T, H, hd]
+        self.v_cache[rows, :, positions] = v.transpose(1, 2)
+        if slots.contiguous:                                    # slots 0..B-1: a view, no copy
+            b = k.shape[0]
+            return self.k_cache[:b, :, :slots.span], self.v_cache[:b, :, :slots.span]
+        return (self.k_cache[:, :, :slots.span].index_select(0, slots.index),   # copies only the keys in use
+                self.v_cache[:, :, :slots.span].index_select(0, slots.index))
+
+
+@dataclass
+class SlotBatch:
+    """Which KV-cache rows a slot-mode forward uses, and how many keys (positions 0..span-1) it reads."""
+    index: Tensor          # [B] cache row of each batch row
+    span: int              # 1 + the largest position in the batch
+    contiguous: bool       # index == 0..B-1
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
@@ -163,13 +183,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None,
+                slots: SlotBatch | None = None) -> Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if input_pos is not None and self.kv_cache is not None:
+        if slots is not None:
+            k, v = self.kv_cache.update_slots(slots, input_pos, k, v)
+        elif input_pos is not None and self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
         if self.n_kv != self.n_heads:
             rep = self.n_heads // self.n_kv
@@ -221,10 +244,10 @@ class DecoderLayer(nn.Module):
         return torch.stack([expert(e) for expert in self.experts], dim=-2)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None,
-                rows: Callable[[], Tensor]) -> Tensor:
+                rows: Callable[[], Tensor], slots: SlotBatch | None = None) -> Tensor:
         """rows() -> [B, T, N, D]: each position's N expert outputs for this layer. It is
         called only after attention, MLP and router, so a row fetch overlaps all of them."""
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, input_pos)
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, input_pos, slots)
         x = self.post_attention_layernorm(h)
         gates = torch.softmax(self.router(x).float(), dim=-1)            # [B, T, N] fp32
         h = h + self.mlp(x)
@@ -268,7 +291,7 @@ class Transformer(nn.Module):
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, idx: Tensor, input_pos: Tensor | None = None, lut_rows: Tensor | LayerRows | None = None,
-                key_mask: Tensor | None = None) -> Tensor:
+                key_mask: Tensor | None = None, slots: Tensor | None = None) -> Tensor:
         """Logits [B, T, V] for token ids idx [B, T].
 
         input_pos [T]: positions of idx, to decode with the KV cache (setup_caches
@@ -277,12 +300,28 @@ class Transformer(nn.Module):
         layer l's [B, T, N, D] on demand.
         key_mask [B, S] bool (with the cache: S = max_seq; else S = T): False
         marks positions no query may attend to (left padding of a batch).
+        slots [B] (continuous batching): row i lives in KV-cache row slots[i] and input_pos
+        is [B, T], each row's own positions, so rows at different positions share one
+        forward; a row attends to its slot's keys 0..its position (key_mask unused).
         """
         b, t = idx.shape
         if self.form == "lut" and lut_rows is None:
             raise ValueError("the lut form needs lut_rows (the LUT rows of idx)")
         cos_all, sin_all = self.rotary.tables(idx.device)
-        if input_pos is None:
+        if slots is not None:
+            if self.model.layers[0].self_attn.kv_cache is None:
+                raise RuntimeError("call setup_caches() before decoding with slots")
+            if input_pos is None or input_pos.shape != idx.shape:
+                raise ValueError("slots need input_pos [B, T]: each row's own positions")
+            span = int(input_pos.max()) + 1
+            if span > self.max_seq:
+                raise ValueError(f"position {span - 1} is beyond the cache's max_seq {self.max_seq}")
+            cos, sin = cos_all[input_pos][:, None], sin_all[input_pos][:, None]      # [B, 1, T, hd]
+            keys = torch.arange(span, device=idx.device)
+            mask = (keys[None, None, :] <= input_pos[:, :, None])[:, None]          # [B, 1, T, span]
+            slot_list = slots.tolist()
+            slots = SlotBatch(slots, span, slot_list == list(range(b)))
+        elif input_pos is None:
             if t > self.rotary.max_pos:
                 raise ValueError(f"{t} tokens exceed the model's context of {self.rotary.max_pos}")
             cos, sin = cos_all[:t], sin_all[:t]
@@ -306,7 +345,7 @@ class Transformer(nn.Module):
                 rows = partial(lambda l: lut_rows[:, :, l], l)
             else:
                 rows = partial(lut_rows.layer, l)
-            h = layer(h, cos, sin, mask, input_pos, rows)
+            h = layer(h, cos, sin, mask, input_pos, rows, slots)
         return self.lm_head(self.model.norm(h))
 
     @staticmethod

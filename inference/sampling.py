@@ -40,3 +40,37 @@ def sample(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | Non
         scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
     probs = scores.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sample_rows(logits: Tensor, configs: list[SamplingConfig],
+                generators: list[torch.Generator | None] | None = None) -> Tensor:
+    """Per-row sampling for a continuously batched step: logits [B, V] -> ids [B] (int64).
+
+    Row i uses configs[i] and draws from generators[i] (its request's seeded generator, or
+    None for the global one), so a row's choice depends on nothing else in the batch.
+    Greedy rows are an argmax; the others share one sort for their top-k / top-p cuts.
+    """
+    if len(configs) != logits.shape[0]:
+        raise ValueError(f"{len(configs)} sampling configs for {logits.shape[0]} rows")
+    generators = generators or [None] * len(configs)
+    out = logits.argmax(dim=-1)
+    sampled = [i for i, c in enumerate(configs) if c.temperature > 0]
+    if not sampled:
+        return out
+    vocab = logits.shape[-1]
+    rows = torch.tensor(sampled, device=logits.device)
+    temps = torch.tensor([configs[i].temperature for i in sampled], device=logits.device)
+    top_k = torch.tensor([configs[i].top_k or vocab for i in sampled], device=logits.device)
+    top_p = torch.tensor([configs[i].top_p for i in sampled], device=logits.device)
+    scores = logits.index_select(0, rows).float() / temps[:, None]
+    sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=logits.device)
+    sorted_scores = sorted_scores.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
+    probs = sorted_scores.softmax(-1)
+    # drop a token when the tokens ranked before it already cover top_p (rows with top_p = 1 keep all)
+    drop = (probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p[:, None] < 1)
+    probs = sorted_scores.masked_fill(drop, float("-inf")).softmax(-1)
+    for j, i in enumerate(sampled):
+        choice = torch.multinomial(probs[j], 1, generator=generators[i])
+        out[i] = order[j, choice[0]]
+    return out

@@ -1,0 +1,658 @@
+"""An OpenAI-compatible HTTP endpoint for a MoLE model served by a lutstore daemon.
+
+    python -m inference.serve --lut-addr 127.0.0.1:50051 [--table T] [--port 8000] [--max-batch 32]
+    curl -s localhost:8000/v1/completions -H 'content-type: application/json' \\
+         -d '{"prompt": "the water", "max_tokens": 16, "temperature": 0}'
+
+Routes: POST /v1/completions (text or token-id prompts, a list of prompts,
+max_tokens, temperature, top_p, top_k, seed, stop, stream over server-sent
+events, logprobs, echo: with echo=true, max_tokens=0, logprobs=0 it returns
+the prompt's log-probs), GET /v1/models, GET /health (200 only when the
+backbone is loaded and the daemon answers), GET /metrics (Prometheus).
+
+Requests are decoded together by inference.engine (continuous batching over a
+slot KV cache); all of them share ONE RemoteTable, so a row fetched for one
+user is a cache hit for the next. Binds to 127.0.0.1 unless --host says
+otherwise; with an API key (--api-key-file, or $LUTSERVE_API_KEY) the /v1
+routes want `Authorization: Bearer KEY`. Errors are OpenAI-shaped:
+{"error": {"message", "type", "param", "code"}}.
+
+FastAPI (on Starlette) + uvicorn: pydantic checks every request parameter
+and names the bad one, and uvicorn is the common production ASGI server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Union
+
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from inference.engine import (Engine, EngineStopped, FailedEvent, FinishedEvent, PromptLogprobsEvent, QueueFull,
+                              Sequence, TokenEvent)
+from inference.generate import add_remote_args, cli_main, client_options
+from inference.sampling import SamplingConfig
+from lutstore.errors import UserError
+
+log = logging.getLogger(__name__)
+
+API_KEY_ENV = "LUTSERVE_API_KEY"
+DEFAULT_MAX_TOKENS = 16        # as the OpenAI completions API
+MAX_LOGPROBS = 20
+MAX_STOP = 4
+
+
+# -- errors in the OpenAI shape ---------------------------------------------------------------
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def engine_error(error: BaseException) -> APIError:
+    """What a failed generation means for the client."""
+    from lutstore.client import LutError
+
+    if isinstance(error, LutError):
+        return APIError(503, f"the lutstore daemon could not serve rows: {error}", "server_error", None, "lut_unavailable")
+    if isinstance(error, EngineStopped):
+        return APIError(503, str(error), "server_error", None, "shutting_down")
+    if isinstance(error, QueueFull):
+        return APIError(429, f"server busy: {error}; retry later", "rate_limit_error", None, "queue_full")
+    return APIError(500, f"generation failed: {type(error).__name__}: {error}", "server_error", None, None)
+
+
+# -- the request ---------------------------------------------------------------------------------
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: int | None = Field(default=DEFAULT_MAX_TOKENS, ge=0)
+    temperature: float | None = Field(default=1.0, ge=0, le=2)
+    top_p: float | None = Field(default=1.0, gt=0, le=1)
+    top_k: int | None = Field(default=0, ge=-1)          # extension (as vLLM): 0 or -1 = no cut
+    seed: int | None = None
+    stop: Union[str, list[str], None] = None
+    stream: bool | None = False
+    stream_options: dict[str, Any] | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = False
+    n: int | None = Field(default=1, ge=1, le=1)
+    best_of: int | None = Field(default=None, ge=1, le=1)
+    presence_penalty: float | None = Field(default=0.0, ge=0, le=0)
+    frequency_penalty: float | None = Field(default=0.0, ge=0, le=0)
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
+    user: str | None = None
+
+
+@dataclass
+class Choice:
+    """One prompt's completion as it grows: tokens -> text, stop strings, log-probs."""
+    index: int
+    prompt: list[int]
+    prompt_text: str
+    seq: Sequence | None = None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""                       # completion text (cut at a stop string)
+    prompt_decoded: str | None = None
+    sent: int = 0                        # chars of text already streamed
+    echo_sent: bool = False
+    token_logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[dict | None] = field(default_factory=list)
+    prompt_logprobs: list[float | None] = field(default_factory=list)
+    prompt_top: list[dict | None] = field(default_factory=list)
+    lp_sent: int = 0                     # completion tokens whose log-probs were streamed
+    pieces: list[str] = field(default_factory=list)   # text of each token (echoed prompt's first)
+    offsets: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: APIError | None = None
+    last_at: float = 0.0
+
+
+# -- metrics --------------------------------------------------------------------------------------
+class Metrics:
+    def __init__(self, state: ServeState) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("lutserve_requests", "completion requests by outcome", ["status"], registry=r)
+        self.prompt_tokens = Counter("lutserve_prompt_tokens", "prompt tokens admitted", registry=r)
+        self.generation_tokens = Counter("lutserve_generation_tokens", "tokens generated", registry=r)
+        Gauge("lutserve_queue_length", "requests waiting for a slot", registry=r).set_function(
+            lambda: state.engine.waiting if state.engine else 0)
+        Gauge("lutserve_running_requests", "requests in the running batch (slots in use)", registry=r).set_function(
+            lambda: state.engine.running if state.engine else 0)
+        self.batch = Histogram("lutserve_batch_size", "rows per decode step", registry=r,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.ttft = Histogram("lutserve_time_to_first_token_seconds", "submit -> first token sampled", registry=r,
+                              buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.itl = Histogram("lutserve_inter_token_latency_seconds", "time between a request's tokens", registry=r,
+                             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+
+        def cache(attr: str) -> float:
+            return getattr(state.source.stats(), attr) if state.source is not None else 0.0
+
+        Gauge("lutserve_row_cache_hit_rate", "share of row lookups served from the shared row cache",
+              registry=r).set_function(lambda: cache("hit_rate"))
+        Gauge("lutserve_row_cache_hits", "row lookups served from the cache (cumulative)",
+              registry=r).set_function(lambda: cache("hits"))
+        Gauge("lutserve_row_cache_misses", "rows fetched from the daemon (cumulative)",
+              registry=r).set_function(lambda: cache("misses"))
+
+
+# -- the server state -------------------------------------------------------------------------------
+@dataclass
+class ServeState:
+    model_name: str
+    engine: Engine | None = None
+    source: Any = None
+    remote: Any = None                   # inference.backbone.RemoteModel (None: not loaded yet)
+    tokenizer: Any = None
+    context: int = 0
+    vocab_size: int = 0
+    eos_id: int | None = None
+    api_key: str | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+    metrics: Metrics | None = None
+    _probe: asyncio.Future | None = None
+    _probe_at: float = 0.0
+
+    async def daemon_alive(self, timeout: float = 2.0) -> bool:
+        """Does the daemon answer a ListTables within timeout? One probe at a time, its answer reused for 1 s."""
+        if self.remote is None:
+            return False
+        now = time.monotonic()
+        if self._probe is None or (self._probe.done() and now - self._probe_at > 1.0):
+            self._probe = asyncio.ensure_future(asyncio.to_thread(self.remote.client.tables))
+            self._probe_at = now
+        try:
+            await asyncio.wait_for(asyncio.shield(self._probe), timeout)
+            return True
+        except Exception:  # noqa: BLE001 - any failure (or no answer in time) means "not answering"
+            return False
+
+
+def _tokenize(state: ServeState, prompt) -> list[tuple[list[int], str]]:
+    """(ids, text) of each prompt of the request."""
+    if isinstance(prompt, str):
+        prompts: list = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise APIError(400, "prompt is empty", param="prompt")
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            if state.tokenizer is None:
+                raise APIError(400, "this model has no tokenizer; send the prompt as token ids", param="prompt")
+            ids = state.tokenizer.encode(p).ids
+            text = p
+        else:
+            ids = list(p)
+            bad = [t for t in ids if not 0 <= t < state.vocab_size]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is outside the vocabulary 0..{state.vocab_size - 1}",
+                               param="prompt")
+            text = state.tokenizer.decode(ids, skip_special_tokens=False) if state.tokenizer else ""
+        if not ids:
+            raise APIError(400, "the prompt encodes to no tokens", param="prompt")
+        out.append((ids, text))
+    return out
+
+
+def _check(state: ServeState, req: CompletionRequest) -> tuple[list[Choice], int, list[str]]:
+    if req.model is not None and req.model != state.model_name:
+        raise APIError(404, f"the model {req.model!r} does not exist; this server serves {state.model_name!r}",
+                       param="model", code="model_not_found")
+    for name in ("logit_bias", "suffix"):
+        if getattr(req, name):
+            raise APIError(400, f"{name} is not supported", param=name)
+    max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > MAX_STOP:
+        raise APIError(400, f"stop has {len(stops)} sequences; at most {MAX_STOP} are allowed", param="stop")
+    stops = [s for s in stops if s]
+    choices = []
+    for i, (ids, text) in enumerate(_tokenize(state, req.prompt)):
+        if len(ids) + max_tokens > state.context:
+            raise APIError(400, f"This model's maximum context length is {state.context} tokens. However, you "
+                                f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} "
+                                f"for the completion). Please reduce the prompt or max_tokens.",
+                           param="prompt", code="context_length_exceeded")
+        choices.append(Choice(i, ids, text))
+    if max_tokens == 0 and not req.echo:
+        raise APIError(400, "max_tokens=0 generates nothing; pass echo=true to score the prompt", param="max_tokens")
+    return choices, max_tokens, stops
+
+
+# -- running a request ------------------------------------------------------------------------------
+class Run:
+    """The engine sequences of one HTTP request, their events on one asyncio queue."""
+
+    def __init__(self, state: ServeState, req: CompletionRequest, choices: list[Choice], max_tokens: int,
+                 stops: list[str]) -> None:
+        self.state, self.req, self.choices, self.stops = state, req, choices, stops
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.loop = asyncio.get_running_loop()
+        self.hold = max((len(s) for s in stops), default=1) - 1   # chars kept back: a stop may be starting
+        sampling = SamplingConfig(req.temperature if req.temperature is not None else 1.0,
+                                  max(0, req.top_k or 0), req.top_p if req.top_p is not None else 1.0)
+        stop_ids = frozenset() if state.eos_id is None else frozenset([state.eos_id])
+        try:
+            for c in choices:
+                c.seq = Sequence(c.prompt, max_tokens, self._emitter(c.index), sampling,
+                                 None if req.seed is None else req.seed & 0xFFFF_FFFF_FFFF_FFFF,
+                                 req.logprobs, bool(req.echo and req.logprobs is not None), stop_ids)
+                state.engine.submit(c.seq)
+                state.metrics.prompt_tokens.inc(len(c.prompt))
+        except (QueueFull, EngineStopped) as e:
+            self.cancel()
+            raise engine_error(e) from None
+
+    def _emitter(self, index: int):
+        def emit(event) -> None:   # on the engine thread
+            try:
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+            except RuntimeError:   # the event loop is gone (shutdown)
+                pass
+        return emit
+
+    def cancel(self) -> None:
+        for c in self.choices:
+            if c.seq is not None and c.finish_reason is None and c.error is None:
+                self.state.engine.cancel(c.seq)
+
+    @property
+    def open(self) -> int:
+        return sum(1 for c in self.choices if c.finish_reason is None and c.error is None)
+
+    async def events(self) -> AsyncIterator[Choice]:
+        """Apply events to the choices; yields the choice each event changed."""
+        while self.open:
+            index, event = await self.queue.get()
+            c = self.choices[index]
+            if c.finish_reason is not None or c.error is not None:
+                continue                                 # late tokens of a choice cut at a stop string
+            self._apply(c, event)
+            yield c
+
+    def _apply(self, c: Choice, event) -> None:
+        m, tok = self.state.metrics, self.state.tokenizer
+        if isinstance(event, TokenEvent):
+            m.generation_tokens.inc()
+            if not c.tokens:
+                m.ttft.observe(event.at - c.seq.submitted_at)
+            else:
+                m.itl.observe(event.at - c.last_at)
+            c.last_at = event.at
+            c.tokens.append(event.token)
+            c.token_logprobs.append(event.logprob)
+            c.top_logprobs.append(self._named(event.top))
+            c.text = self._continuation(c)
+            for s in self.stops:
+                at = c.text.find(s)
+                if at >= 0:
+                    c.text = c.text[:at]
+                    c.finish_reason = "stop"
+                    self.state.engine.cancel(c.seq)
+        elif isinstance(event, PromptLogprobsEvent):
+            c.prompt_logprobs.extend(event.logprobs)
+            if event.top:
+                c.prompt_top.extend(self._named(t) for t in event.top)
+        elif isinstance(event, FinishedEvent):
+            c.finish_reason = event.reason
+        elif isinstance(event, FailedEvent):
+            c.error = engine_error(event.error)
+
+    def _continuation(self, c: Choice) -> str:
+        """The completion's text as it continues the prompt (decoded together, so the joining space is kept)."""
+        tok = self.state.tokenizer
+        if tok is None:
+            return ""
+        if c.prompt_decoded is None:
+            c.prompt_decoded = tok.decode(c.prompt, skip_special_tokens=False)
+        full = tok.decode(c.prompt + c.tokens, skip_special_tokens=False)
+        if full.startswith(c.prompt_decoded):
+            return full[len(c.prompt_decoded):]
+        return tok.decode(c.tokens, skip_special_tokens=False)
+
+    def _named(self, top: dict[int, float] | None) -> dict[str, float] | None:
+        if top is None:
+            return None
+        tok = self.state.tokenizer
+        return {(tok.decode([t], skip_special_tokens=False) if tok else str(t)): lp for t, lp in top.items()}
+
+    # -- response pieces --------------------------------------------------------------------
+    def logprobs_of(self, c: Choice, with_prompt: bool, start: int, end: int) -> dict | None:
+        """The OpenAI logprobs object for completion tokens start..end (after the prompt's, with_prompt)."""
+        if self.req.logprobs is None:
+            return None
+        self._extend_pieces(c)
+        skip = len(c.prompt) if self.req.echo else 0
+        lps: list = c.token_logprobs[start:end]
+        tops: list = [t if t is not None else {} for t in c.top_logprobs[start:end]]
+        first, last = skip + start, skip + end
+        if with_prompt:
+            lps = [None] + c.prompt_logprobs + lps
+            tops = [None] + (c.prompt_top or [{} for _ in c.prompt_logprobs]) + tops
+            first = 0
+        return {"tokens": c.pieces[first:last], "token_logprobs": lps, "top_logprobs": tops,
+                "text_offset": c.offsets[first:last]}
+
+    def _extend_pieces(self, c: Choice) -> None:
+        """Each token's text as it adds to the decoded text (so pieces join to the text), and where it starts."""
+        tok = self.state.tokenizer
+        ids = (c.prompt if self.req.echo else []) + c.tokens
+        while len(c.pieces) < len(ids):
+            i = len(c.pieces)
+            if tok is None:
+                c.pieces.append("")
+                c.offsets.append(0)
+                continue
+            before = tok.decode(ids[:i], skip_special_tokens=False) if i else ""
+            after = tok.decode(ids[:i + 1], skip_special_tokens=False)
+            c.pieces.append(after[len(before):] if after.startswith(before) else tok.decode([ids[i]]))
+            c.offsets.append(len(before))
+
+    def header(self, rid: str) -> dict:
+        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.state.model_name}
+
+    def usage(self) -> dict:
+        p = sum(len(c.prompt) for c in self.choices)
+        g = sum(len(c.tokens) for c in self.choices)
+        return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g}
+
+
+def _echo_text(req: CompletionRequest, c: Choice) -> str:
+    return c.prompt_text if req.echo else ""
+
+
+async def complete(state: ServeState, req: CompletionRequest) -> JSONResponse:
+    choices, max_tokens, stops = _check(state, req)
+    run = Run(state, req, choices, max_tokens, stops)
+    try:
+        async for _ in run.events():
+            pass
+    finally:
+        run.cancel()
+    failed = next((c.error for c in choices if c.error is not None), None)
+    if failed is not None:
+        state.metrics.requests.labels("error").inc()
+        return failed.response()
+    state.metrics.requests.labels("ok").inc()
+    body = run.header(f"cmpl-{uuid.uuid4().hex}")
+    body["choices"] = [{"index": c.index, "text": _echo_text(req, c) + c.text,
+                        "logprobs": run.logprobs_of(c, bool(req.echo), 0, len(c.tokens)),
+                        "finish_reason": "stop" if c.finish_reason == "stop" else "length"} for c in choices]
+    body["usage"] = run.usage()
+    return JSONResponse(body)
+
+
+def _sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+
+async def stream(state: ServeState, req: CompletionRequest) -> StreamingResponse:
+    choices, max_tokens, stops = _check(state, req)
+    run = Run(state, req, choices, max_tokens, stops)
+    rid = f"cmpl-{uuid.uuid4().hex}"
+
+    def chunk(c: Choice, text: str, logprobs: dict | None, finish: str | None) -> str:
+        body = run.header(rid)
+        body["choices"] = [{"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": finish}]
+        if req.stream_options and req.stream_options.get("include_usage"):
+            body["usage"] = None
+        return _sse(body)
+
+    async def body() -> AsyncIterator[str]:
+        status = "cancelled"
+        try:
+            async for c in run.events():
+                if c.error is not None:
+                    status = "error"
+                    yield _sse(c.error.body())
+                    run.cancel()
+                    break
+                done = c.finish_reason is not None
+                upto = len(c.text) if done else max(c.sent, len(c.text) - run.hold)
+                if not done and c.text.endswith("\ufffd"):
+                    upto = c.sent                       # half a multi-byte character: wait for the rest
+                text = c.text[c.sent:upto]
+                with_prompt = bool(req.echo) and not c.echo_sent
+                if with_prompt and not (done or c.tokens):
+                    continue                            # the echoed prompt goes out whole, with all its log-probs
+                if with_prompt or text or done:
+                    prefix = c.prompt_text if with_prompt else ""
+                    lp = run.logprobs_of(c, with_prompt, c.lp_sent, len(c.tokens))
+                    c.sent, c.lp_sent, c.echo_sent = upto, len(c.tokens), c.echo_sent or with_prompt
+                    finish = None if not done else ("stop" if c.finish_reason == "stop" else "length")
+                    yield chunk(c, prefix + text, lp, finish)
+            else:
+                status = "ok"
+                if req.stream_options and req.stream_options.get("include_usage"):
+                    yield _sse({**run.header(rid), "choices": [], "usage": run.usage()})
+            yield _sse("[DONE]")
+        finally:
+            run.cancel()                                  # a client that went away frees its slots
+            state.metrics.requests.labels(status).inc()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# -- the app --------------------------------------------------------------------------------------------
+def create_app(state: ServeState) -> FastAPI:
+    app = FastAPI(title="lutstore MoLE completions", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
+        err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        param = loc[0] if loc else None
+        if err.get("type") == "extra_forbidden":
+            msg = f"unknown parameter {param!r}"
+        elif err.get("type") == "json_invalid":
+            msg, param = "the request body is not valid JSON", None
+        else:
+            where = ".".join(loc)
+            msg = f"{where}: {err.get('msg')}" if where else str(err.get("msg"))
+            if param in ("n", "best_of", "presence_penalty", "frequency_penalty"):
+                msg = f"{param} is not supported (only its default); {msg}"
+        return APIError(400, msg, param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return APIError(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error",
+                        code=str(e.status_code)).response()
+
+    async def authorized(request: Request) -> None:
+        if state.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send `Authorization: Bearer KEY`",
+                           "authentication_error", code="invalid_api_key")
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
+                                            "owned_by": "lutstore", "max_model_len": state.context}]}
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def completions(req: CompletionRequest):
+        if state.engine is None:
+            raise APIError(503, "the model is still loading", "server_error", code="not_ready")
+        try:
+            return await (stream(state, req) if req.stream else complete(state, req))
+        except APIError:
+            state.metrics.requests.labels("rejected").inc()
+            raise
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.engine is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        if not await state.daemon_alive():
+            return JSONResponse({"status": "daemon unreachable"}, status_code=503)
+        return JSONResponse({"status": "ok", "model": state.model_name, "running": state.engine.running,
+                             "waiting": state.engine.waiting})
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return PlainTextResponse(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+# -- the CLI ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m inference.serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_remote_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed at start)")
+    p.add_argument("--model-name", help="the model id clients name (default: the table's name)")
+    p.add_argument("--max-batch", type=int, default=32, help="requests decoded together: KV-cache slots (default 32)")
+    p.add_argument("--context", type=int, default=0,
+                   help="tokens per slot, prompt + completion (default 0: the model's max_position_embeddings)")
+    p.add_argument("--prefill-chunk", type=int, default=64,
+                   help="prompt tokens prefilled per step, between decode steps of the running batch (default 64)")
+    p.add_argument("--max-queue", type=int, default=1024, help="requests allowed to wait for a slot (default 1024)")
+    p.add_argument("--static-batching", action="store_true",
+                   help="admit requests only when the batch is empty (for comparison with continuous batching)")
+    p.add_argument("--in-process-table", action="store_true",
+                   help="copy the whole table into memory at start and serve rows from it (for comparison)")
+    p.add_argument("--api-key-file", type=Path,
+                   help=f"require `Authorization: Bearer KEY` with the key in this file (or set ${API_KEY_ENV})")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
+    return p
+
+
+def read_api_key(path: Path | None) -> str | None:
+    if path is not None:
+        try:
+            key = path.read_text().strip()
+        except OSError as e:
+            raise UserError(f"cannot read --api-key-file {path}: {e.strerror}") from None
+        if not key:
+            raise UserError(f"--api-key-file {path} is empty")
+        return key
+    return os.environ.get(API_KEY_ENV) or None
+
+
+def load(args: argparse.Namespace) -> ServeState:
+    """Connect to the daemon, load the backbone, start the engine."""
+    from inference.backbone import check_device, open_remote, resolve_dtype
+    from inference.lut import InProcessTable
+
+    if not args.lut_addr:
+        raise UserError("--lut-addr is required (the address of a `lutstore serve` daemon)")
+    for flag, value in (("--max-batch", args.max_batch), ("--prefill-chunk", args.prefill_chunk),
+                        ("--max-queue", args.max_queue)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1")
+    device = check_device(args.device)
+    remote = open_remote(args.lut_addr, args.table, args.version, device, resolve_dtype(args.dtype, device),
+                         args.lut_cache_mb, args.backbone, args.retry_seconds, **client_options(args))
+    try:
+        bb = remote.backbone
+        context = args.context or bb.args.max_position_embeddings
+        if not 2 <= context <= bb.args.max_position_embeddings:
+            raise UserError(f"--context must be in 2..{bb.args.max_position_embeddings}")
+        source = remote.source
+        if args.in_process_table:
+            source = InProcessTable.from_client(remote.client, remote.info.name, remote.info.version, device)
+        state = ServeState(args.model_name or remote.info.name, source=source, remote=remote,
+                           tokenizer=bb.tokenizer, context=context, vocab_size=bb.args.vocab_size,
+                           eos_id=bb.args.eos_token_id, api_key=read_api_key(args.api_key_file))
+        state.metrics = Metrics(state)
+        state.engine = Engine(bb.model, source, args.max_batch, context, args.prefill_chunk, args.static_batching,
+                              args.max_queue, on_step=state.metrics.batch.observe).start()
+    except BaseException:
+        remote.close()
+        raise
+    return state
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    api_key = read_api_key(args.api_key_file)   # fail on a bad key file before loading anything
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        log.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
+    try:
+        sock = socket.create_server((args.host, args.port))
+    except OSError as e:
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
+    state = load(args)
+    host, port = sock.getsockname()[:2]
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            print(f"inference.serve: serving {state.model_name} on http://{host}:{port}", flush=True)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown (exit status -15);
+            # like `lutstore serve`, a requested stop that went well exits 0 instead.
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    self._captured_signals.clear()
+
+    config = uvicorn.Config(create_app(state), log_level="warning" if args.verbose == 0 else "info",
+                            timeout_graceful_shutdown=5, access_log=args.verbose > 0)
+    try:
+        Server(config).run(sockets=[sock])
+    finally:
+        state.engine.stop()
+        state.remote.close()
+        sock.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    torch.set_grad_enabled(False)
+    return cli_main("serve", build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

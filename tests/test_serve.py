@@ -1,0 +1,305 @@
+"""The OpenAI-compatible endpoint (inference/serve.py) against a real daemon, with the real
+`openai` client, plus plain HTTP for the error paths.
+
+One endpoint (max 20 slots, prefill chunks of 8 tokens) on a daemon serving an fp32 table
+ingested from a small train-form checkpoint; a second one, with an API key and no row
+cache, for authentication and a daemon that dies.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+import torch
+from ckpt_factory import make_checkpoint
+from conftest import start_server
+
+from inference import evaluate
+from inference.backbone import open_remote
+from inference.endpoint_process import Endpoint
+from inference.generate import generate
+from inference.model import ModelArgs, Transformer, init_weights
+from lutstore import cli
+
+openai = pytest.importorskip("openai")
+
+VOCAB, CONTEXT = 128, 256
+LOGPROB_TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    ckpt = make_checkpoint(root / "ckpt", form="train", vocab=VOCAB, layers=2, experts=4, hidden=32, heads=4, seed=7)
+    db = root / "db"
+    assert cli.main(["ingest", str(ckpt), "--db", str(db), "--name", "m32", "--encoding", "fp32", "--no-progress"]) == 0
+    daemon = start_server(db)
+    env = {"LUTSTORE_CACHE": str(root / "cache")}
+    old = os.environ.get("LUTSTORE_CACHE")
+    os.environ["LUTSTORE_CACHE"] = env["LUTSTORE_CACHE"]
+    endpoint = Endpoint(daemon.address, "--max-batch", "20", "--prefill-chunk", "8", env=env)
+    remote = open_remote(daemon.address, "m32")          # the in-process reference: same daemon, same backbone
+    yield {"root": root, "db": db, "daemon": daemon, "endpoint": endpoint, "env": env, "remote": remote}
+    remote.close()
+    assert endpoint.stop() == 0, "".join(endpoint.output)
+    daemon.stop()
+    if old is None:
+        os.environ.pop("LUTSTORE_CACHE", None)
+    else:
+        os.environ["LUTSTORE_CACHE"] = old
+
+
+def _client(endpoint: Endpoint, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=endpoint.base_url, api_key=key, max_retries=0, timeout=60)
+
+
+def _post(endpoint: Endpoint, path: str, body: bytes | dict, headers: dict | None = None) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(endpoint.url + path, data=data, headers={"content-type": "application/json",
+                                                                          **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _get(endpoint: Endpoint, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(endpoint.url + path, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _metric(endpoint: Endpoint, name: str) -> float:
+    text = _get(endpoint, "/metrics")[1]
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+               or line.startswith(name + "{"))
+
+
+def _assert_openai_error(status: int, body: dict, want_status: int, param: str | None = None, code: str | None = None):
+    assert status == want_status, body
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["message"], body
+    if param is not None:
+        assert body["error"]["param"] == param, body
+    if code is not None:
+        assert body["error"]["code"] == code, body
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(3, VOCAB, n).tolist()   # no bos/eos/unk
+
+
+# -- the model's slot mode --------------------------------------------------------------------
+def test_slot_forward_equals_one_request_at_a_time() -> None:
+    """Rows at different positions in one forward (slots) give each row what it gets alone."""
+    args = ModelArgs(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_experts=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = Transformer(args, "train")
+    init_weights(model, 0, std=0.1)
+    prompts = [_ids(n, s)[:n] for n, s in ((5, 1), (11, 2), (3, 3))]
+    prompts = [[t % 64 for t in p] for p in prompts]
+    with torch.no_grad():
+        want = [model(torch.tensor([p]))[0, -1] for p in prompts]
+        model.setup_caches(4, 64)
+        slots = [3, 0, 2]
+        for p, slot in zip(prompts, slots):    # prefill each into its slot, all but the last token
+            model(torch.tensor([p[:-1]]), torch.arange(len(p) - 1)[None], lut_rows=None, slots=torch.tensor([slot]))
+        last = torch.tensor([[p[-1]] for p in prompts])
+        pos = torch.tensor([[len(p) - 1] for p in prompts])
+        got = model(last, pos, slots=torch.tensor(slots))[:, -1]
+    for i in range(3):
+        torch.testing.assert_close(got[i], want[i], atol=1e-5, rtol=1e-5)
+
+
+# -- completions ----------------------------------------------------------------------------------
+def test_completion_equals_in_process_generate(setup) -> None:
+    ep, remote = setup["endpoint"], setup["remote"]
+    client = _client(ep)
+    assert [m.id for m in client.models.list().data] == ["m32"]
+    prompt = "the water is hot and the"
+    out = client.completions.create(model="m32", prompt=prompt, max_tokens=12, temperature=0)
+    ids = remote.backbone.tokenizer.encode(prompt).ids
+    want = generate(remote.backbone.model, remote.source, [ids], 12, eos_id=remote.backbone.args.eos_token_id)
+    tok = remote.backbone.tokenizer
+    want_text = tok.decode(ids + want.tokens[0])[len(tok.decode(ids)):]
+    assert out.choices[0].text == want_text
+    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == len(want.tokens[0])
+    # a list of prompts (token ids): one choice each, in order
+    many = client.completions.create(model="m32", prompt=[ids, _ids(9, 1)], max_tokens=12, temperature=0)
+    assert [c.index for c in many.choices] == [0, 1] and many.choices[0].text == want_text
+
+
+def test_streaming_and_stop(setup) -> None:
+    client = _client(setup["endpoint"])
+    full = client.completions.create(model="m32", prompt="you that he was", max_tokens=20, temperature=0)
+    chunks = list(client.completions.create(model="m32", prompt="you that he was", max_tokens=20, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    # a stop string cuts the text before it, streamed or not
+    words = full.choices[0].text.split()
+    stop = " " + words[3]
+    cut = full.choices[0].text[:full.choices[0].text.index(stop)]
+    short = client.completions.create(model="m32", prompt="you that he was", max_tokens=20, temperature=0, stop=stop)
+    assert short.choices[0].text == cut and short.choices[0].finish_reason == "stop"
+    streamed = list(client.completions.create(model="m32", prompt="you that he was", max_tokens=20, temperature=0,
+                                              stop=[stop], stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == cut
+
+
+def test_prompt_logprobs_equal_evaluate(setup) -> None:
+    """echo + max_tokens=0 + logprobs=0: the prompt's log-probs, as inference.evaluate computes them
+    (one full causal pass, no cache) - the endpoint prefills in chunks of 8 into its KV cache."""
+    ids = _ids(45, seed=3)
+    out = _client(setup["endpoint"]).completions.create(model="m32", prompt=ids, max_tokens=0, echo=True, logprobs=0,
+                                                        temperature=0)
+    lp = out.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids)
+    remote = setup["remote"]
+    want = evaluate.token_logprobs(remote.backbone.model, remote.source, ids)
+    got = np.array(lp.token_logprobs[1:], dtype=np.float64)
+    delta = np.abs(got - want).max()
+    print(f"max |endpoint - evaluate| log-prob: {delta:.3g}")
+    assert delta < LOGPROB_TOL
+    # streamed: the echoed prompt goes out in one chunk, with all its log-probs
+    chunks = list(_client(setup["endpoint"]).completions.create(model="m32", prompt=ids, max_tokens=0, echo=True,
+                                                                logprobs=0, stream=True))
+    assert [x for c in chunks if c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs] == \
+        lp.token_logprobs
+    # generated tokens' log-probs with alternatives
+    gen = _client(setup["endpoint"]).completions.create(model="m32", prompt=ids[:5], max_tokens=3, logprobs=2,
+                                                        temperature=0)
+    lp = gen.choices[0].logprobs
+    assert len(lp.token_logprobs) == 3 and all(len(t) == 2 for t in lp.top_logprobs)
+    assert all(lp.token_logprobs[i] == max(lp.top_logprobs[i].values()) for i in range(3))   # greedy: the top one
+
+
+def test_greedy_output_does_not_depend_on_the_batch(setup) -> None:
+    """A greedy request gives the same tokens alone and among 16 random neighbours (sampled or not,
+    streamed or not, prompts of 1..60 tokens), and a seeded sampled one too."""
+    ep = setup["endpoint"]
+    client = _client(ep)
+    target = dict(model="m32", prompt=_ids(20, seed=11), max_tokens=24, temperature=0, logprobs=0)
+    seeded = dict(model="m32", prompt=_ids(7, seed=12), max_tokens=16, temperature=0.9, top_p=0.9, seed=5,
+                  extra_body={"top_k": 20})
+    alone = client.completions.create(**target).choices[0]
+    alone_seeded = client.completions.create(**seeded).choices[0].text
+    rng = random.Random(4)
+    neighbours = [dict(model="m32", prompt=_ids(rng.randint(1, 60), seed=100 + i), max_tokens=rng.randint(4, 40),
+                       temperature=rng.choice([0, 0.7, 1.2]), stream=bool(i % 3 == 0)) for i in range(16)]
+    batch_steps_before = _metric(ep, "lutserve_batch_size_count")
+    small_before = _metric(ep, 'lutserve_batch_size_bucket{le="4.0"}')
+
+    def call(kw: dict):
+        out = client.completions.create(**kw)
+        return "".join(c.choices[0].text for c in out) if kw.get("stream") else out.choices[0]
+
+    with ThreadPoolExecutor(18) as pool:
+        futures = [pool.submit(call, kw) for kw in neighbours[:8] + [target, seeded] + neighbours[8:]]
+        results = [f.result() for f in futures]
+    batched, batched_seeded = results[8], results[9].text
+    assert batched.text == alone.text
+    assert batched_seeded == alone_seeded
+    delta = max(abs(a - b) for a, b in zip(alone.logprobs.token_logprobs, batched.logprobs.token_logprobs))
+    print(f"max |alone - batched| log-prob of the greedy tokens: {delta:.3g}")
+    assert delta < LOGPROB_TOL
+    # they really shared decode steps: some steps had more than 4 rows
+    steps = _metric(ep, "lutserve_batch_size_count") - batch_steps_before
+    small = _metric(ep, 'lutserve_batch_size_bucket{le="4.0"}') - small_before
+    assert steps > small
+
+
+def _running(ep: Endpoint) -> float:
+    return _metric(ep, "lutserve_running_requests")
+
+
+def test_cancelled_stream_frees_its_slot(setup) -> None:
+    ep = setup["endpoint"]
+    generated_before = _metric(ep, "lutserve_generation_tokens_total")
+    cancelled_before = _metric(ep, 'lutserve_requests_total{status="cancelled"}')
+    url = urlparse(ep.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": _ids(5, 1), "max_tokens": 240, "temperature": 0.8,
+                                                        "stream": True}), {"content-type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.readline().startswith(b"data: {")           # the first token arrived: the request has a slot
+    conn.close()                                             # the client goes away
+    deadline = time.monotonic() + 10
+    while _running(ep) > 0 or _metric(ep, 'lutserve_requests_total{status="cancelled"}') == cancelled_before:
+        assert time.monotonic() < deadline, "the cancelled request still holds its slot"
+        time.sleep(0.05)
+    assert _metric(ep, "lutserve_generation_tokens_total") - generated_before < 240   # it stopped early
+
+
+def test_errors_are_openai_shaped_and_others_keep_going(setup) -> None:
+    ep = setup["endpoint"]
+    client = _client(ep)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(lambda: "".join(
+            c.choices[0].text for c in client.completions.create(model="m32", prompt="the water", max_tokens=60,
+                                                                 temperature=0, stream=True)))
+        _assert_openai_error(*_post(ep, "/v1/completions", {"prompt": _ids(250, 1), "max_tokens": 10}), 400,
+                             "prompt", "context_length_exceeded")
+        _assert_openai_error(*_post(ep, "/v1/completions", {"prompt": "the", "temperature": -1}), 400, "temperature")
+        _assert_openai_error(*_post(ep, "/v1/completions", {"prompt": "the", "top_p": 0}), 400, "top_p")
+        _assert_openai_error(*_post(ep, "/v1/completions", {"prompt": "the", "logprobs": 99}), 400, "logprobs")
+        _assert_openai_error(*_post(ep, "/v1/completions", {"prompt": "the", "max_tokens": -1}), 400, "max_tokens")
+        _assert_openai_error(*_post(ep, "/v1/completions", {"prompt": "the", "n": 2}), 400, "n")
+        _assert_openai_error(*_post(ep, "/v1/completions", {"prompt": "the", "bogus": 1}), 400, "bogus")
+        _assert_openai_error(*_post(ep, "/v1/completions", {"prompt": [5, 999]}), 400, "prompt")
+        _assert_openai_error(*_post(ep, "/v1/completions", {"prompt": []}), 400, "prompt")
+        _assert_openai_error(*_post(ep, "/v1/completions", {"prompt": "the", "model": "gpt-9"}), 404, "model",
+                             "model_not_found")
+        _assert_openai_error(*_post(ep, "/v1/completions", b"{not json"), 400)
+        with pytest.raises(openai.BadRequestError, match="maximum context length"):
+            client.completions.create(model="m32", prompt="the", max_tokens=CONTEXT)
+        text = running.result(timeout=60)
+    want = client.completions.create(model="m32", prompt="the water", max_tokens=60, temperature=0).choices[0].text
+    assert text == want
+
+
+def test_health_metrics_and_auth_and_a_dead_daemon(setup, tmp_path) -> None:
+    """A second endpoint with an API key and no row cache (every step fetches) on its own daemon."""
+    daemon = start_server(setup["db"])
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret\n")
+    ep = Endpoint(daemon.address, "--api-key-file", str(key_file), "--lut-cache-mb", "0", "--retry-seconds", "1",
+                  env=setup["env"])
+    try:
+        assert _get(ep, "/health")[0] == 200
+        _assert_openai_error(*_post(ep, "/v1/completions", {"prompt": "the"}), 401, code="invalid_api_key")
+        _assert_openai_error(*_post(ep, "/v1/completions", {"prompt": "the"}, {"authorization": "Bearer nope"}), 401)
+        with pytest.raises(openai.AuthenticationError):
+            _client(ep, "wrong").completions.create(model="m32", prompt="the", max_tokens=2)
+        ok = _client(ep, "s3cret").completions.create(model="m32", prompt="the water", max_tokens=4, temperature=0)
+        assert ok.choices[0].finish_reason in ("length", "stop")
+        metrics = _get(ep, "/metrics")[1]
+        for name in ("lutserve_requests_total", "lutserve_generation_tokens_total", "lutserve_queue_length",
+                     "lutserve_batch_size_bucket", "lutserve_time_to_first_token_seconds_bucket",
+                     "lutserve_inter_token_latency_seconds_bucket", "lutserve_row_cache_hit_rate"):
+            assert name in metrics
+        daemon.proc.kill()               # dies (a graceful stop would wait for the endpoint's open session)
+        daemon.proc.wait()
+        status, body = _post(ep, "/v1/completions", {"prompt": "the water", "max_tokens": 4},
+                             {"authorization": "Bearer s3cret"})
+        _assert_openai_error(status, body, 503, code="lut_unavailable")
+        assert "daemon" in body["error"]["message"]
+        assert _get(ep, "/health")[0] == 503
+        assert _client(ep, "s3cret").models.list().data[0].id == "m32"      # still serving
+    finally:
+        assert ep.stop() == 0, "".join(ep.output)
+        daemon.stop()
