@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(visible in `ps`: prefer --auth-token-file)")
     sec.add_argument("--auth-token-file", type=Path, help="read the bearer token from this file")
     sec.add_argument("--allow-shared-memory", action="store_true",
-                     help="answer BatchGetShared: write rows into a POSIX shared-memory segment (/dev/shm) that a "
-                          "client on this host, running as this user, names (the same-host fast path; default: off)")
+                     help="answer BatchGetShared: write rows into a shared-memory segment that a client on this "
+                          "host hands over as a file descriptor on a Unix socket (the same-host fast path; loopback "
+                          "--host only; default: off)")
     ops = p.add_argument_group("operations")
     ops.add_argument("--metrics-port", type=int, default=None,
                      help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (0: a free port, printed; "

@@ -116,8 +116,11 @@ class Catalog:
 
 class LutStoreServicer(pb_grpc.LutStoreServicer):
     def __init__(self, catalog: Catalog, rows: RowSource, max_batch_rows: int, max_message_bytes: int,
-                 prefetch_threads: int = PREFETCH_THREADS, max_sessions: int = 8):
+                 prefetch_threads: int = PREFETCH_THREADS, max_sessions: int = 8,
+                 shared_memory: shm.SegmentRegistry | None = None):
+        """shared_memory: the segments clients hand over for BatchGetShared (None: the RPC is refused)."""
         self.catalog = catalog
+        self.shared_memory = shared_memory
         self.max_sessions = max_sessions
         self._open_sessions = 0
         self._sessions_lock = threading.Lock()
@@ -155,7 +158,8 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
             artifacts=[pb.ArtifactInfo(name=a.name, size=a.size, sha256=a.sha256) for a in meta.artifacts],
             row_bytes=fmt.payload_bytes, stored_bytes=meta.stored_bytes, live_versions=live,
             created_unix_ms=meta.created_unix_ms, source_form=meta.source_form,
-            max_batch_rows=self.max_batch_rows)
+            max_batch_rows=self.max_batch_rows,
+            shared_memory_socket=str(self.shared_memory.path) if self.shared_memory else "")
 
     def _row_bound(self, meta: TableMeta) -> int:
         fmt = meta.row_format()
@@ -321,8 +325,9 @@ def add_servicer(servicer: LutStoreServicer, server: grpc.Server) -> None:
             servicer.GetArtifact, request_deserializer=pb.GetArtifactRequest.FromString,
             response_serializer=pb.ArtifactChunk.SerializeToString),
         # Same-host fast path (lutstore/shm.py); refuses with FAILED_PRECONDITION unless --allow-shared-memory.
-        "BatchGetShared": shm.method_handler(
-            shm.SharedMemoryRows(servicer, getattr(servicer, "allow_shared_memory", False))),
+        "BatchGetShared": shm.method_handler(shm.SharedMemoryRows(
+            servicer.shared_memory, resolve=servicer._resolve, checked_ids=servicer.checked_ids,
+            rows=servicer.rows.rows, row_bound=servicer._row_bound, prefetch=servicer.prefetch, corrupt=CorruptRow)),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
@@ -365,14 +370,17 @@ def _validate(args: argparse.Namespace) -> None:
                         f"a server thread), got {args.max_sessions}")
     if args.max_concurrent_rpcs < 1:
         raise UserError(f"--max-concurrent-rpcs must be >= 1, got {args.max_concurrent_rpcs}")
+    if getattr(args, "allow_shared_memory", False) and not shm.is_loopback_host(args.host):
+        raise UserError(f"--allow-shared-memory serves same-host clients only: it needs a loopback --host, "
+                        f"not {args.host}")
 
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+LOOPBACK_HOSTS = shm.LOOPBACK_HOSTS
 
 
 def _warn_if_exposed(args: argparse.Namespace, tls: bool, token: str | None) -> None:
     """Off loopback, say plainly what is unprotected (the flags stay the user's choice)."""
-    if args.host in LOOPBACK_HOSTS:
+    if shm.is_loopback_host(args.host):
         return
     if not tls:
         log.warning("serving on %s without TLS: rows%s travel in plaintext (use --tls-cert/--tls-key)",
@@ -402,9 +410,19 @@ def _serve(args: argparse.Namespace, store: Store, credentials: grpc.ServerCrede
     cache = ByteLRU(int(args.cache_mb * (1 << 20)))
     catalog = Catalog(store, cache)
     max_sessions = args.max_sessions if getattr(args, "max_sessions", None) is not None else max(1, args.workers // 2)
+    shared_memory = shm.SegmentRegistry() if getattr(args, "allow_shared_memory", False) else None
+    try:
+        return _serve_with(args, store, credentials, token, cache, catalog, shared_memory, max_message, max_sessions)
+    finally:
+        if shared_memory is not None:
+            shared_memory.close()
+
+
+def _serve_with(args: argparse.Namespace, store: Store, credentials: grpc.ServerCredentials | None,
+                token: str | None, cache: ByteLRU, catalog: Catalog, shared_memory: shm.SegmentRegistry | None,
+                max_message: int, max_sessions: int) -> int:
     servicer = LutStoreServicer(catalog, RowSource(store, cache), args.max_batch_rows, max_message,
-                                max_sessions=max_sessions)
-    servicer.allow_shared_memory = getattr(args, "allow_shared_memory", False)
+                                max_sessions=max_sessions, shared_memory=shared_memory)
     metrics = Metrics()
     metrics.track_cache(cache.stats)
     # Interceptors cover every handler however it is registered; metrics is outermost so that

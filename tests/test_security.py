@@ -163,7 +163,8 @@ def test_binds_loopback_only_by_default(db_path: Path, serve) -> None:
 
 def test_read_only_surface(db_path: Path, serve) -> None:
     """No RPC writes or deletes: the service has exactly the six read RPCs, and nothing else is served.
-    (BatchGetShared writes only into the client's own /dev/shm segment, never stored data; tests/test_shm.py.)"""
+    (BatchGetShared writes only into a segment the client handed over itself, never stored data;
+    tests/test_shm.py.)"""
     write_table(db_path, "t", vocab_size=8)
     server = serve(db_path)
     assert [m.name for m in pb.DESCRIPTOR.services_by_name["LutStore"].methods] == [
@@ -221,6 +222,7 @@ def test_limits_on_message_size_batch_size_and_rpcs_in_flight(db_path: Path, ser
     (["--auth-token", "a", "--auth-token-file", "TOKENFILE"], "not both"),
     (["--auth-token-file", "EMPTY"], "is empty"),
     (["--metrics-port", "70000"], "--metrics-port must be in"),
+    (["--host", "0.0.0.0", "--allow-shared-memory"], "--allow-shared-memory serves same-host clients only"),
 ])
 def test_bad_security_flags_are_one_line_errors(db_path: Path, tmp_path: Path, certs, flags, message) -> None:
     write_table(db_path, "t", vocab_size=8)
