@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="answer BatchGetShared: write rows into a shared-memory segment that a client on this "
                           "host hands over as a file descriptor on a Unix socket (the same-host fast path; loopback "
                           "--host only; default: off)")
+    p.add_argument("--stalled-send-seconds", type=float, default=20.0,
+                   help="cancel a streaming call whose reader has taken no message for this long (frees its thread)")
     ops = p.add_argument_group("operations")
     ops.add_argument("--metrics-port", type=int, default=None,
                      help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (0: a free port, printed; "

@@ -18,11 +18,11 @@ from concurrent import futures
 from typing import Iterator
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lutstore import alloc, codec, wire
-from lutstore import logs, security, shm
+from lutstore import guard, health, logs, security, shm
 from lutstore.cache import ByteLRU
 from lutstore.errors import UserError
 from lutstore.metrics import Metrics
@@ -38,6 +38,8 @@ MESSAGE_TARGET_BYTES = 4 << 20  # rows per BatchGetResponse: a few MiB, well bel
 PREFETCH_THREADS = 8  # calls whose next message is read ahead at once; more wait their turn
 SLICED_BLOCK_BYTES = 32 << 20  # layer-sliced BatchGet: rows read (and held) at once per block
 ZSTD_FRAME_SLACK = 64  # a zstd frame of incompressible data is at most a few bytes longer
+REQUEST_SLACK_BYTES = 64 << 10  # a request's table name, layer_ends, ... beyond its token ids
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 ENCODINGS = {
     codec.Encoding.FP32: pb.ENCODING_FP32,
@@ -370,6 +372,8 @@ def _validate(args: argparse.Namespace) -> None:
                         f"a server thread), got {args.max_sessions}")
     if args.max_concurrent_rpcs < 1:
         raise UserError(f"--max-concurrent-rpcs must be >= 1, got {args.max_concurrent_rpcs}")
+    if getattr(args, "stalled_send_seconds", guard.STALLED_SEND_SECONDS) <= 0:
+        raise UserError(f"--stalled-send-seconds must be > 0, got {args.stalled_send_seconds}")
     if getattr(args, "allow_shared_memory", False) and not shm.is_loopback_host(args.host):
         raise UserError(f"--allow-shared-memory serves same-host clients only: it needs a loopback --host, "
                         f"not {args.host}")
@@ -388,6 +392,27 @@ def _warn_if_exposed(args: argparse.Namespace, tls: bool, token: str | None) -> 
     if not token:
         log.warning("serving on %s without --auth-token: anyone who can reach the port can read every table",
                     args.host)
+
+
+def _warn_if_metrics_exposed(args: argparse.Namespace) -> None:
+    """/metrics has no auth and names every table: off loopback, say so as for --host."""
+    if args.metrics_port is not None and not shm.is_loopback_host(args.metrics_host):
+        log.warning("metrics on %s without any auth: anyone who can reach port %d can read them, and they name "
+                    "every table (keep --metrics-host on loopback, or firewall the port)",
+                    args.metrics_host, args.metrics_port)
+
+
+def receive_limit(max_batch_rows: int, max_message: int) -> int:
+    """The largest request the server reads: max_batch_rows token ids (a varint is at most 5 bytes)
+    plus slack for the rest, so a request that would be refused anyway cannot take memory first."""
+    return min(max_message, 5 * max_batch_rows + REQUEST_SLACK_BYTES)
+
+
+def known_methods() -> list[str]:
+    """Every method this server answers (metrics label the rest "unknown")."""
+    services = [pb.DESCRIPTOR.services_by_name["LutStore"], health_pb2.DESCRIPTOR.services_by_name["Health"]]
+    names = [f"{s.full_name}/{m.name}" for s in services for m in s.methods]
+    return names + [f"{reflection.SERVICE_NAME}/ServerReflectionInfo"]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -423,30 +448,34 @@ def _serve_with(args: argparse.Namespace, store: Store, credentials: grpc.Server
                 max_message: int, max_sessions: int) -> int:
     servicer = LutStoreServicer(catalog, RowSource(store, cache), args.max_batch_rows, max_message,
                                 max_sessions=max_sessions, shared_memory=shared_memory)
-    metrics = Metrics()
+    metrics = Metrics(known_methods())
     metrics.track_cache(cache.stats)
     # Interceptors cover every handler however it is registered; metrics is outermost so that
-    # rejected calls are counted too.
-    interceptors: list[grpc.ServerInterceptor] = [metrics.interceptor()]
+    # rejected calls are counted too; the stream guard comes before the token check because
+    # health Watch needs no token.
+    interceptors: list[grpc.ServerInterceptor] = [
+        metrics.interceptor(),
+        guard.StreamGuard(guard.held_slots_for(args.workers),
+                          getattr(args, "stalled_send_seconds", guard.STALLED_SEND_SECONDS))]
     if token:
         interceptors.append(security.BearerTokenInterceptor(token))
     _warn_if_exposed(args, credentials is not None, token)
+    _warn_if_metrics_exposed(args)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="lutstore-rpc"),
         interceptors=interceptors,
         maximum_concurrent_rpcs=args.max_concurrent_rpcs,  # beyond it: RESOURCE_EXHAUSTED, not an unbounded queue
         options=[
             ("grpc.max_send_message_length", max_message),
-            ("grpc.max_receive_message_length", max_message),
+            ("grpc.max_receive_message_length", receive_limit(args.max_batch_rows, max_message)),
             ("grpc.max_concurrent_streams", args.max_concurrent_streams),
             ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
         ],
     )
     add_servicer(servicer, server)
-    health_servicer = health.HealthServicer()
+    health_servicer = health.HealthServicer(["", SERVICE_NAME])
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection([SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
 
     address = f"{args.host}:{args.port}"
     try:
