@@ -470,6 +470,10 @@ def _serve_with(args: argparse.Namespace, store: Store, credentials: grpc.Server
             ("grpc.max_receive_message_length", receive_limit(args.max_batch_rows, max_message)),
             ("grpc.max_concurrent_streams", args.max_concurrent_streams),
             ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+            # No BDP probing of what callers send: it grows our receive windows to megabytes, so 40 clients
+            # sending 7.6 MB requests (refused for their size anyway) had ~100 MiB buffered in the daemon.
+            # Requests are at most tens of KB (receive_limit); responses follow the client's windows.
+            ("grpc.http2.bdp_probe", 0),
         ],
     )
     add_servicer(servicer, server)
