@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="answer BatchGetShared: write rows into a shared-memory segment that a client on this "
                           "host hands over as a file descriptor on a Unix socket (the same-host fast path; loopback "
                           "--host only; default: off)")
+    p.add_argument("--max-response-mb", type=float, default=64,
+                   help="response bytes being built or sent at once, all calls together (bounds the daemon's memory "
+                        "beyond the cache; calls past it wait their turn)")
     p.add_argument("--stalled-send-seconds", type=float, default=20.0,
                    help="cancel a streaming call whose reader has taken no message for this long (frees its thread)")
     ops = p.add_argument_group("operations")

@@ -234,7 +234,7 @@ class SharedMemoryRows:
     given (the servicer's), so this module imports nothing of the server."""
 
     def __init__(self, registry: SegmentRegistry | None, resolve: Callable, checked_ids: Callable,
-                 rows: Callable, row_bound: Callable, prefetch, corrupt: type[Exception]):
+                 rows: Callable, row_bound: Callable, prefetch, corrupt: type[Exception], budget=None):
         self.registry = registry   # None: --allow-shared-memory not given
         self.resolve = resolve         # (table, version, context) -> TableMeta
         self.checked_ids = checked_ids  # (token_ids, meta, context) -> distinct ascending ids
@@ -242,6 +242,7 @@ class SharedMemoryRows:
         self.row_bound = row_bound     # meta -> the most bytes one stored row takes
         self.prefetch = prefetch       # an Executor: the next group is read while this one is written
         self.corrupt = corrupt         # the exception rows() raises for a damaged row
+        self.budget = budget           # guard.ByteBudget: the rows read at once count against it (None: no bound)
 
     def BatchGetShared(self, request: pb.BatchGetSharedRequest,
                        context: grpc.ServicerContext) -> pb.BatchGetSharedResponse:
@@ -268,9 +269,25 @@ class SharedMemoryRows:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                               f"shared memory: segment_bytes {request.segment_bytes} exceeds the segment's size "
                               f"({size} bytes)")
-            return self._write_rows(meta, ids, fd, request.segment_bytes, context)
+            # Two groups of rows are held at once (one written while the next is read): one take.
+            per_read = max(1, ROWS_PER_READ_BYTES // self.row_bound(meta))
+            held = self._take(min(len(ids), 2 * per_read) * self.row_bound(meta), context)
+            try:
+                return self._write_rows(meta, ids, fd, request.segment_bytes, context)
+            finally:
+                if self.budget is not None:
+                    self.budget.give(held)
         finally:
             os.close(fd)
+
+    def _take(self, n: int, context: grpc.ServicerContext) -> int:
+        if self.budget is None:
+            return 0
+        try:
+            return self.budget.take(n)
+        except Exception as e:   # guard.BudgetExhausted (this module imports nothing of the server)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later")
+            raise
 
     # ---- the copy -----------------------------------------------------------
 

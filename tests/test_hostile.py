@@ -300,6 +300,45 @@ def test_oversized_requests_are_refused_without_taking_memory(db_path: Path, ser
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT   # read, then refused for the id, not the size
 
 
+# ---- 6. The documented memory bound holds under load --------------------------------------
+
+CACHE_MB = 16
+RESPONSE_MB = 64          # --max-response-mb's default
+SLACK_MB = 96             # docs/operations.md: gRPC buffers of ~100 connections, requests, allocator slack
+
+
+def test_memory_stays_within_the_documented_bound_under_load(db_path: Path, serve) -> None:
+    """100 clients x 2 BatchGets of 4,096 ids (16 MiB answers each) against --cache-mb 16: the daemon's
+    peak resident memory (VmHWM) stays within idle + cache + 2 x --max-response-mb + 96 MiB."""
+    from lutstore.client import LutClient
+
+    write_table(db_path, "t", RowFormat(2, 4, 256, Encoding.FP16), vocab_size=4096, seed=3)   # 4 KiB rows
+    server = serve(db_path, "--cache-mb", str(CACHE_MB), "--workers", "16", verbose=0)
+    time.sleep(0.3)
+    idle = rss_mib(server.pid)
+    got: list[int] = []
+    failed: list[str] = []
+
+    def client() -> None:
+        try:
+            with LutClient(server.address, timeout=60) as c:
+                for _ in range(2):
+                    got.append(len(c.get_raw("t", range(4096))))
+        except Exception as e:   # noqa: BLE001  (reported below)
+            failed.append(repr(e)[:200])
+
+    threads = [threading.Thread(target=client) for _ in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    peak = status_kib(server.pid, "VmHWM") / 1024
+    bound = idle + CACHE_MB + 2 * RESPONSE_MB + SLACK_MB
+    print(f"\nidle {idle:.0f} MiB, peak {peak:.0f} MiB, bound {bound:.0f} MiB")
+    assert not failed and got == [4096] * 200, failed[:3]
+    assert peak <= bound, (idle, peak, bound)
+
+
 # ---- 7. Metrics exposed off loopback get the same warning as the gRPC port -----------------
 
 def test_metrics_host_off_loopback_warns(db_path: Path, serve) -> None:
