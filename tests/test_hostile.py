@@ -58,7 +58,6 @@ def code_of(call, *args, **kwargs) -> grpc.StatusCode:
 ATTACK = r"""
 import json, os, socket, sys
 import grpc
-from lutstore.shm_segment import HELLO, Segment
 from lutstore.v1 import lutstore_pb2 as pb, lutstore_pb2_grpc as pb_grpc
 address, victim, readable = sys.argv[1:4]
 out = {"uid": os.getuid()}
@@ -73,6 +72,8 @@ def shared(**fields):
     except grpc.RpcError as e:
         return e.code().name
 out["by_name"] = shared(segment_name=os.path.basename(victim))
+print(json.dumps(out), flush=True)   # what an old daemon (which opened /dev/shm/NAME) did, before anything newer
+from lutstore.shm_segment import HELLO, Segment
 try:
     open(victim, "r+b")
     out["open_victim"] = "opened"
@@ -102,7 +103,7 @@ def _nobody_python(env: dict[str, str]) -> str:
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     for exe in (sys.executable, f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"):
         try:
-            done = subprocess.run([exe, "-c", "import grpc, lutstore.shm_segment"], cwd="/tmp", env=env,
+            done = subprocess.run([exe, "-c", "import grpc, lutstore.v1.lutstore_pb2"], cwd="/tmp", env=env,
                                   capture_output=True, timeout=60, preexec_fn=_as_nobody)
         except OSError:
             continue
@@ -127,10 +128,12 @@ def test_another_user_cannot_have_the_daemon_write_a_file_it_cannot_write(db_pat
                    HOME="/tmp")
         done = subprocess.run([_nobody_python(env), "-c", ATTACK, server.address, str(victim), str(readable)],
                               cwd="/tmp", env=env, capture_output=True, text=True, timeout=60, preexec_fn=_as_nobody)
+        got = json.loads(done.stdout.splitlines()[-1]) if done.stdout else {}
+        assert got.get("uid") == NOBODY, done.stderr
+        assert got["by_name"] == "INVALID_ARGUMENT", got     # the daemon opens nothing by name
+        assert victim.read_bytes() == SENTINEL * 4096
         assert done.returncode == 0, done.stderr
-        got = json.loads(done.stdout)
-        assert got["uid"] == NOBODY and got["open_victim"] == "denied"
-        assert got["by_name"] == "INVALID_ARGUMENT"          # the daemon opens nothing by name
+        assert got["open_victim"] == "denied"
         assert got["read_only_fd"].startswith("ERR the descriptor is not open for writing")
         assert got["own_segment"] == "OK" and got["own_bytes_changed"]   # its own segment works
         assert victim.read_bytes() == SENTINEL * 4096 and readable.read_bytes() == SENTINEL * 4096
