@@ -2,11 +2,12 @@
 
 gRPC Python's synchronous server runs each RPC on one worker thread for as long
 as the RPC lasts. Two ways a caller, careless or hostile, could hold them all:
-- Streams the client keeps open at no cost to itself: a health Watch, a
-  reflection stream, a BatchGetStream session (any RPC whose requests stream,
-  or that waits for news). At most `held_slots` of them run at once (fewer
-  than the workers: the rest stay free for short calls such as Check,
-  ListTables, BatchGet); one more is refused at once with RESOURCE_EXHAUSTED.
+- Streams the client keeps open at no cost to itself: a reflection stream, a
+  BatchGetStream session (any RPC whose requests stream, or that waits for
+  news). At most `held_slots` of them run at once (fewer than the workers: the
+  rest stay free for short calls such as Check, ListTables, BatchGet); one
+  more is refused at once with RESOURCE_EXHAUSTED. Handlers that return their
+  thread at once and answer later (health Watch, see health.py) pass through.
 - A response stream whose reader stops reading (BatchGet, GetArtifact, every
   stream): once HTTP/2 flow control fills, the worker waits for the send. A
   send that has not completed after `stalled_send_seconds` cancels the call.
@@ -24,7 +25,7 @@ import grpc
 
 log = logging.getLogger(__name__)
 
-# Unary-response methods that still wait for news: held like request streams.
+# Methods that wait for news while holding a thread, unless their handler is non-blocking.
 WAITING_METHODS = frozenset({"/grpc.health.v1.Health/Watch"})
 STALLED_SEND_SECONDS = 20.0
 WATCHDOG_PERIOD_SECONDS = 0.25
@@ -45,6 +46,8 @@ class StreamGuard(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or not (handler.request_streaming or handler.response_streaming):
             return handler
+        if getattr(handler.unary_stream, "experimental_non_blocking", False):
+            return handler   # holds no thread, sends from elsewhere
         method = handler_call_details.method
         held = handler.request_streaming or method in WAITING_METHODS
         deser, ser = handler.request_deserializer, handler.response_serializer
@@ -57,9 +60,9 @@ class StreamGuard(grpc.ServerInterceptor):
     def _take(self, method: str, context: grpc.ServicerContext) -> None:
         if not self._free.acquire(blocking=False):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"all {self.held_slots} slots for long-lived streams (health Watch, reflection, "
-                          f"BatchGetStream) are in use; the rest of --workers is kept for short calls: "
-                          f"retry later, or use a unary call (Check, BatchGet)")
+                          f"all {self.held_slots} slots for long-lived streams (reflection, BatchGetStream) "
+                          f"are in use; the rest of --workers is kept for short calls: retry later, or use a "
+                          f"unary call (BatchGet)")
 
     def _streaming(self, method: str, held: bool, behavior):
         def handle(request_or_iterator, context):

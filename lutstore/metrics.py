@@ -121,6 +121,8 @@ class RpcInterceptor(grpc.ServerInterceptor):
         deser, ser = _tolerant(handler.request_deserializer), handler.response_serializer
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(self._unary(method, handler.unary_unary), deser, ser)
+        if handler.unary_stream and getattr(handler.unary_stream, "experimental_non_blocking", False):
+            return grpc.unary_stream_rpc_method_handler(self._non_blocking(method, handler.unary_stream), deser, ser)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(self._unary_stream(method, handler.unary_stream), deser, ser)
         if handler.stream_unary:
@@ -163,6 +165,19 @@ class RpcInterceptor(grpc.ServerInterceptor):
                 raise
             finally:
                 self._finish(method, context, started, failed)
+        return handle
+
+    def _non_blocking(self, method, behavior):
+        """A handler that returns its thread at once and answers later (health Watch): counted when the
+        RPC ends, and kept non-blocking (a wrapping generator would hold a thread per stream)."""
+        def handle(request, context, send_response_callback):
+            started = time.perf_counter()
+            self.m.in_flight.inc()
+            context.add_callback(lambda: self._finish(method, context, started, None))
+            if request is _UNPARSABLE:
+                _reject_unparsable(context, method)
+            return behavior(request, context, send_response_callback)
+        handle.experimental_non_blocking = True
         return handle
 
     def _unary_stream(self, method, behavior, seen: list | None = None):

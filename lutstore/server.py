@@ -526,7 +526,8 @@ def _serve_with(args: argparse.Namespace, store: Store, credentials: grpc.Server
         ],
     )
     add_servicer(servicer, server)
-    health_servicer = health.HealthServicer(["", SERVICE_NAME])
+    # Watches hold no thread and no RPC slot (health.py); at most --max-concurrent-rpcs of them.
+    health_servicer = health.HealthServicer(["", SERVICE_NAME], max_watches=args.max_concurrent_rpcs)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
 

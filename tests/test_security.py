@@ -4,6 +4,7 @@ message size, batch size and RPCs in flight. All traffic stays on 127.0.0.1."""
 
 from __future__ import annotations
 
+import queue
 import subprocess
 import sys
 import threading
@@ -195,11 +196,16 @@ def test_limits_on_message_size_batch_size_and_rpcs_in_flight(db_path: Path, ser
         with pytest.raises(grpc.RpcError) as err:
             list(stub.BatchGet(pb.BatchGetRequest(table="t", token_ids=[1] * 5001), timeout=10))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_batch_rows=5000" in err.value.details()
-        # Two long-lived health watches fill --max-concurrent-rpcs 2: the next RPC is refused, not queued.
-        health = health_pb2_grpc.HealthStub(channel)
-        watches = [health.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(2)]
-        for w in watches:
-            assert next(w).status == health_pb2.HealthCheckResponse.SERVING
+        # Two long-lived reflection streams fill --max-concurrent-rpcs 2: the next RPC is refused, not
+        # queued. (Health Watches hold no thread and are not counted here; tests/test_hostile.py.)
+        watches = []
+        for _ in range(2):
+            requests: queue.Queue = queue.Queue()
+            stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                iter(requests.get, None), timeout=30)
+            requests.put(reflection_pb2.ServerReflectionRequest(list_services=""))
+            assert next(stream).list_services_response.service
+            watches.append(stream)
         with pytest.raises(grpc.RpcError) as err:
             stub.ListTables(pb.ListTablesRequest(), timeout=10)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
