@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 HELLO = b"lutstore-segment v1\n"   # what a client sends with the descriptor
 SOCKET_NAME = "segments.sock"
+DIR_PREFIX = "lutstore-shm-"
 ROWS_PER_READ_BYTES = 4 << 20  # rows read from the RowSource at a time: bounds the memory a big call holds
 IOV_BATCH = 512  # buffers per pwritev call (the kernel's IOV_MAX is 1024)
 MAX_SEGMENTS = 1024            # descriptors held at once, all clients together
@@ -72,8 +73,9 @@ class SegmentRegistry:
     handing segments over takes no gRPC worker."""
 
     def __init__(self, parent: Path | None = None):
+        remove_stale_dirs(Path(parent or tempfile.gettempdir()))
         # A directory only we can write (0755): nobody can plant a socket of their own in our place.
-        self.dir = Path(tempfile.mkdtemp(prefix="lutstore-shm-", dir=parent))
+        self.dir = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir=parent))
         os.chmod(self.dir, 0o755)
         self.path = self.dir / SOCKET_NAME
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -193,6 +195,27 @@ class SegmentRegistry:
         conn.close()
         if held is not None and held.fd >= 0:
             os.close(held.fd)
+
+
+def remove_stale_dirs(parent: Path) -> list[Path]:
+    """Remove the socket directories of daemons that died without cleaning up (SIGKILL): ours (same
+    uid) whose socket nobody listens on any more. The removed ones."""
+    removed = []
+    for folder in parent.glob(DIR_PREFIX + "*"):
+        try:
+            if folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.geteuid():
+                continue
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(1.0)
+                probe.connect(str(folder / SOCKET_NAME))
+        except (ConnectionRefusedError, FileNotFoundError):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        except OSError:
+            continue   # alive, or not ours to judge
+    if removed:
+        log.info("removed %d stale shared-memory socket directories: %s", len(removed), removed)
+    return removed
 
 
 def _recv_fds(conn: socket.socket) -> tuple[bytes, list[int]]:

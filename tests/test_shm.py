@@ -312,3 +312,19 @@ def test_garbage_and_random_requests_are_refused_cleanly(db_path: Path, serve, s
                 assert e.code() not in never, (fields, e.code(), e.details())
     assert bytes(bystander.view) == bytes([SENTINEL]) * bystander.size
     assert server.proc.poll() is None
+
+
+def test_a_killed_daemons_socket_directory_is_removed_at_the_next_start(db_path: Path, serve) -> None:
+    import signal
+
+    write_table(db_path, "t", vocab_size=8)
+    first = serve(db_path, "--allow-shared-memory")
+    folder = Path(socket_of(first.address)).parent
+    os.kill(first.pid, signal.SIGKILL)
+    first.proc.wait(10)
+    assert folder.is_dir()          # SIGKILL: no clean-up
+    second = serve(db_path, "--allow-shared-memory")
+    assert not folder.exists()
+    live = Path(socket_of(second.address)).parent
+    assert live.is_dir() and live.stat().st_mode & 0o777 == 0o755
+    assert second.stop() == 0 and not live.exists()   # a clean stop removes its own
