@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 MMAP_THRESHOLD_BYTES = 32 << 20   # glibc's largest allowed value on 64-bit; serves messages up to 32 MiB from the heap
 TRIM_THRESHOLD_BYTES = 256 << 20  # free heap kept for reuse before any is returned to the kernel
 
@@ -54,3 +55,21 @@ def keep_freed_memory() -> bool:
         log.debug("malloc thresholds: mmap %d, trim %d bytes (%s)", MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES,
                   "set" if ok else "refused")
         return ok
+
+
+def limit_arenas(arenas: int) -> bool:
+    """At most `arenas` malloc arenas (glibc makes up to 8 per core, one per busy thread). Each arena
+    keeps up to TRIM_THRESHOLD_BYTES of freed memory, so with a thread per RPC the daemon's memory
+    grew with the number of threads, not with what it held (docs/operations.md: memory bound).
+    The daemon calls this at start; True if set. A no-op off glibc or when MALLOC_ARENA_MAX chooses."""
+    import os
+
+    if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    return mallopt(M_ARENA_MAX, arenas) == 1

@@ -82,8 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(visible in `ps`: prefer --auth-token-file)")
     sec.add_argument("--auth-token-file", type=Path, help="read the bearer token from this file")
     sec.add_argument("--allow-shared-memory", action="store_true",
-                     help="answer BatchGetShared: write rows into a POSIX shared-memory segment (/dev/shm) that a "
-                          "client on this host, running as this user, names (the same-host fast path; default: off)")
+                     help="answer BatchGetShared: write rows into a shared-memory segment that a client on this "
+                          "host hands over as a file descriptor on a Unix socket (the same-host fast path; loopback "
+                          "--host only; default: off)")
+    p.add_argument("--max-response-mb", type=float, default=64,
+                   help="response bytes being built or sent at once, all calls together (bounds the daemon's memory "
+                        "beyond the cache; calls past it wait their turn)")
+    p.add_argument("--stalled-send-seconds", type=float, default=20.0,
+                   help="cancel a streaming call whose reader has taken no message for this long (frees its thread)")
     ops = p.add_argument_group("operations")
     ops.add_argument("--metrics-port", type=int, default=None,
                      help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (0: a free port, printed; "

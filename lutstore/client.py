@@ -26,7 +26,7 @@ import grpc
 import numpy as np
 
 from lutstore import codec, security
-from lutstore import alloc, shm, wire
+from lutstore import alloc, shm_segment, wire
 from lutstore.errors import LutError
 from lutstore.session import AnswerError, RowSession, RowsAnswer
 from lutstore.v1 import lutstore_pb2 as pb
@@ -72,9 +72,9 @@ class LutClient:
         UNAVAILABLE call is retried; verify: check each row's CRC-32 on arrival; tls_ca: PEM file of the CA
         that signed the server's certificate (TLS; None: plaintext); auth_token: sent as
         `authorization: Bearer <token>` with every call. shared_memory: fetch rows through the same-host
-        BatchGetShared RPC (a /dev/shm segment, no socket; the server needs --allow-shared-memory): True
-        always (errors are raised), "auto" only for a loopback address and silently back to BatchGet when
-        the server refuses, False never."""
+        BatchGetShared RPC (a memfd segment handed to the server, no socket carries rows; the server needs
+        --allow-shared-memory): True always (errors are raised), "auto" only for a loopback address and
+        silently back to BatchGet when the server refuses, False never."""
         self.address = address
         self.timeout = timeout
         self.retries = retries
@@ -115,8 +115,8 @@ class LutClient:
         if shared_memory not in (True, False, "auto"):
             raise ValueError(f"shared_memory must be True, False or 'auto', got {shared_memory!r}")
         self._shared_memory: bool | str = shared_memory if shared_memory != "auto" or _is_loopback(address) else False
-        self._segments: list[shm.Segment] = []       # every segment this client created (unlinked at close)
-        self._free_segments: list[shm.Segment] = []  # one per concurrent call, reused
+        self._segments: list[shm_segment.Segment] = []       # every segment this client created (unlinked at close)
+        self._free_segments: list[shm_segment.Segment] = []  # one per concurrent call, reused
 
     # ---- plumbing ------------------------------------------------------
 
@@ -236,7 +236,7 @@ class LutClient:
 
     def _fetch_shared(self, name: str, ids: list[int], version: int,
                       on_row: Callable[[pb.TableInfo, int, memoryview], None], stable: bool) -> pb.TableInfo | None:
-        """_fetch over BatchGetShared: the server writes the rows into our /dev/shm segment and we
+        """_fetch over BatchGetShared: the server writes the rows into our memfd segment and we
         read them there. None (nothing delivered) when "auto" and the server refuses shared memory."""
         info = self.info(name, version)
         fmt = self.row_format(info)
@@ -247,13 +247,25 @@ class LutClient:
             call = self._batch_get_shared = self._calls.unary_unary(
                 BATCH_GET_SHARED_METHOD, request_serializer=pb.BatchGetSharedRequest.SerializeToString,
                 response_deserializer=pb.BatchGetSharedResponse.FromString, _registered_method=True)
-        segment = self._take_segment(min(len(ids), per_call) * bound)
+        try:
+            if not info.shared_memory_socket:
+                raise LutError(grpc.StatusCode.FAILED_PRECONDITION, f"shared memory: disabled on the server at "
+                               f"{self.address} (start it with --allow-shared-memory); use BatchGet")
+            segment = self._take_segment(min(len(ids), per_call) * bound, info.shared_memory_socket)
+        except (LutError, OSError) as e:
+            if self._shared_memory == "auto":
+                log.info("lutstore at %s refused shared memory (%s); using BatchGet", self.address, e)
+                self._shared_memory = False
+                return None
+            if isinstance(e, OSError):
+                raise LutError(grpc.StatusCode.FAILED_PRECONDITION, f"shared memory: {e}") from None
+            raise
         try:
             for start in range(0, len(ids), per_call):
                 batch = ids[start : start + per_call]
                 segment.reserve(len(batch) * bound)
                 req = pb.BatchGetSharedRequest(table=name, version=info.version, token_ids=batch,
-                                               segment_name=segment.name, segment_bytes=segment.size)
+                                               segment_handle=segment.handle, segment_bytes=segment.size)
                 try:
                     resp = self._with_retries(lambda: call(req, timeout=self.timeout))
                 except LutError as e:
@@ -278,14 +290,14 @@ class LutClient:
                 self._free_segments.append(segment)
         return info
 
-    def _take_segment(self, size: int) -> shm.Segment:
+    def _take_segment(self, size: int, socket_path: str) -> shm_segment.Segment:
         """A segment no other call is using (one per concurrent call), at least size bytes."""
         with self._pool_lock:
             if self._free_segments:
                 segment = self._free_segments.pop()
                 segment.reserve(size)
                 return segment
-        segment = shm.Segment(size)
+        segment = shm_segment.Segment(size, socket_path)
         with self._pool_lock:
             self._segments.append(segment)
         return segment

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -26,13 +26,17 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("lutstore.access")
 
 # Buckets from 100 us to 10 s: a hot one-row BatchGet is sub-millisecond.
+UNKNOWN_METHOD = "unknown"  # the label of every method the server does not have (one series, whatever the name)
 _LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class Metrics:
-    """One registry per server, so several servers in one process don't collide."""
+    """One registry per server, so several servers in one process don't collide. known_methods: the
+    "service/method" names the server has; any other name (a caller's typo, or 3,000 made-up 4 KB
+    names) is counted as UNKNOWN_METHOD, so /metrics cannot grow without bound. None: every name."""
 
-    def __init__(self) -> None:
+    def __init__(self, known_methods: Iterable[str] | None = None) -> None:
+        self.known_methods = frozenset(m.lstrip("/") for m in known_methods) if known_methods is not None else None
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("lutstore_requests", "RPCs answered, by method and status code", ["method", "code"],
@@ -114,9 +118,13 @@ class RpcInterceptor(grpc.ServerInterceptor):
         if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED itself
             return None
         method = handler_call_details.method.lstrip("/")
+        if self.m.known_methods is not None and method not in self.m.known_methods:
+            method = UNKNOWN_METHOD
         deser, ser = _tolerant(handler.request_deserializer), handler.response_serializer
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(self._unary(method, handler.unary_unary), deser, ser)
+        if handler.unary_stream and getattr(handler.unary_stream, "experimental_non_blocking", False):
+            return grpc.unary_stream_rpc_method_handler(self._non_blocking(method, handler.unary_stream), deser, ser)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(self._unary_stream(method, handler.unary_stream), deser, ser)
         if handler.stream_unary:
@@ -159,6 +167,19 @@ class RpcInterceptor(grpc.ServerInterceptor):
                 raise
             finally:
                 self._finish(method, context, started, failed)
+        return handle
+
+    def _non_blocking(self, method, behavior):
+        """A handler that returns its thread at once and answers later (health Watch): counted when the
+        RPC ends, and kept non-blocking (a wrapping generator would hold a thread per stream)."""
+        def handle(request, context, send_response_callback):
+            started = time.perf_counter()
+            self.m.in_flight.inc()
+            context.add_callback(lambda: self._finish(method, context, started, None))
+            if request is _UNPARSABLE:
+                _reject_unparsable(context, method)
+            return behavior(request, context, send_response_callback)
+        handle.experimental_non_blocking = True
         return handle
 
     def _unary_stream(self, method, behavior, seen: list | None = None):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import collections
 import hmac
 import logging
+import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +23,8 @@ log = logging.getLogger(__name__)
 AUTH_HEADER = "authorization"
 # Health checks stay open so that load balancers and orchestrators can probe.
 UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/",)
+REJECT_LOG_SECONDS = 10.0  # at most one "rejected" warning per this many seconds (with a count of the rest)
+LOGGED_METHOD_CHARS = 100  # a method name is logged this long at most (callers choose it)
 
 
 def read_token(token: str | None, token_file: Path | None) -> str | None:
@@ -100,6 +104,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
     def __init__(self, token: str, on_reject: Callable[[str], None] | None = None) -> None:
         self._expected = f"Bearer {token}".encode()
         self._on_reject = on_reject
+        self._log = _RateLimitedWarning(REJECT_LOG_SECONDS)
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
@@ -108,10 +113,36 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         presented = dict(handler_call_details.invocation_metadata or ()).get(AUTH_HEADER, "")
         if hmac.compare_digest(presented.encode(), self._expected):
             return continuation(handler_call_details)
-        log.warning("rejected unauthenticated call to %s", method)
+        self._log.warn(method)
         if self._on_reject:
             self._on_reject(method)
         return _rejecting_handler(continuation(handler_call_details))
+
+
+class _RateLimitedWarning:
+    """The first rejection is logged at once; later ones at most once per `seconds`, with how many
+    there were (a flood of calls with made-up 4 KB method names wrote 12 MB of log)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._lock = threading.Lock()
+        self._next_at = 0.0
+        self._suppressed = 0
+
+    def warn(self, method: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next_at:
+                self._suppressed += 1
+                return
+            self._next_at = now + self.seconds
+            suppressed, self._suppressed = self._suppressed, 0
+        shown = method[:LOGGED_METHOD_CHARS] + ("..." if len(method) > LOGGED_METHOD_CHARS else "")
+        if suppressed:
+            log.warning("rejected unauthenticated call to %s (and %d more in the last %.0f s)", shown, suppressed,
+                        self.seconds)
+        else:
+            log.warning("rejected unauthenticated call to %s", shown)
 
 
 def _rejecting_handler(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:

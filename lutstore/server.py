@@ -18,11 +18,11 @@ from concurrent import futures
 from typing import Iterator
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lutstore import alloc, codec, wire
-from lutstore import logs, security, shm
+from lutstore import guard, health, logs, security, shm
 from lutstore.cache import ByteLRU
 from lutstore.errors import UserError
 from lutstore.metrics import Metrics
@@ -38,7 +38,11 @@ SHUTDOWN_GRACE_SECONDS = 10.0
 MESSAGE_TARGET_BYTES = 4 << 20  # rows per BatchGetResponse: a few MiB, well below the limit
 PREFETCH_THREADS = 8  # calls whose next message is read ahead at once; more wait their turn
 SLICED_BLOCK_BYTES = 32 << 20  # layer-sliced BatchGet: rows read (and held) at once per block
+RESPONSE_BUDGET_BYTES = 64 << 20  # default of --max-response-mb
+SERVER_MALLOC_ARENAS = 2  # with alloc.py's thresholds each arena keeps freed memory: few arenas, a bound that holds
 ZSTD_FRAME_SLACK = 64  # a zstd frame of incompressible data is at most a few bytes longer
+REQUEST_SLACK_BYTES = 64 << 10  # a request's table name, layer_ends, ... beyond its token ids
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 ENCODINGS = {
     codec.Encoding.FP32: pb.ENCODING_FP32,
@@ -50,8 +54,13 @@ ENCODINGS = {
 
 class LutStoreServicer(pb_grpc.LutStoreServicer):
     def __init__(self, catalog: Catalog, rows: RowSource, max_batch_rows: int, max_message_bytes: int,
-                 prefetch_threads: int = PREFETCH_THREADS, max_sessions: int = 8):
+                 prefetch_threads: int = PREFETCH_THREADS, max_sessions: int = 8,
+                 shared_memory: shm.SegmentRegistry | None = None, budget: guard.ByteBudget | None = None):
+        """shared_memory: the segments clients hand over for BatchGetShared (None: the RPC is refused);
+        budget: bytes of responses being built or sent at once, all calls together."""
         self.catalog = catalog
+        self.budget = budget or guard.ByteBudget(RESPONSE_BUDGET_BYTES)
+        self.shared_memory = shared_memory
         self.max_sessions = max_sessions
         self._open_sessions = 0
         self._sessions_lock = threading.Lock()
@@ -93,7 +102,8 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
             artifacts=[pb.ArtifactInfo(name=a.name, size=a.size, sha256=a.sha256) for a in meta.artifacts],
             row_bytes=fmt.payload_bytes, stored_bytes=meta.stored_bytes, live_versions=live,
             created_unix_ms=meta.created_unix_ms, source_form=meta.source_form,
-            max_batch_rows=self.max_batch_rows)
+            max_batch_rows=self.max_batch_rows,
+            shared_memory_socket=str(self.shared_memory.path) if self.shared_memory else "")
 
     def _row_bound(self, meta: TableMeta) -> int:
         fmt = meta.row_format()
@@ -150,20 +160,47 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
                   1000 * (time.perf_counter() - started))
 
     def _whole(self, meta: TableMeta, ids: list[int], row_bound: int, context: grpc.ServicerContext) -> Iterator[bytes]:
-        """BatchGet's answer in whole stored rows, messages of a few MiB."""
+        """BatchGet's answer in whole stored rows, messages of a few MiB. Each message costs three times
+        its bytes of the response budget (the rows read, the joined message, gRPC's copy while it sends)
+        until it has been sent."""
         per_message = max(1, self.message_target // row_bound)
         groups = [ids[start : start + per_message] for start in range(0, len(ids), per_message)]
+        budget = self.budget
+        cost = [3 * len(group) * row_bound for group in groups]
         pending: futures.Future[bytes] | None = None
+        held = pending_held = 0
         try:
-            for k, group in enumerate(groups):
-                message = pending.result() if pending is not None else self._message(meta, group)
+            held = self._take(cost[0], context)
+            message = self._message(meta, groups[0])
+            for k in range(len(groups)):
                 # Read and encode message k+1 while gRPC sends message k (the multi-get and the CRC
-                # checks release the GIL): the cold path's reads no longer wait for the send.
-                pending = self.prefetch.submit(self._message, meta, groups[k + 1]) if k + 1 < len(groups) else None
+                # checks release the GIL), when the budget has room for it now.
+                if k + 1 < len(groups):
+                    pending_held = budget.try_take(cost[k + 1]) or 0
+                    pending = self.prefetch.submit(self._message, meta, groups[k + 1]) if pending_held else None
                 yield message
+                budget.give(held)
+                held = 0
+                if k + 1 < len(groups):
+                    if pending is not None:
+                        message, held, pending, pending_held = pending.result(), pending_held, None, 0
+                    else:
+                        held = self._take(cost[k + 1], context)
+                        message = self._message(meta, groups[k + 1])
         except CorruptRow as e:
             log.error("%s", e)
             context.abort(grpc.StatusCode.DATA_LOSS, str(e))
+        finally:
+            budget.give(held)
+            if pending is not None:   # abandoned mid-way: its bytes are free once it has finished
+                pending.add_done_callback(lambda _f, n=pending_held: budget.give(n))
+
+    def _take(self, n: int, context: grpc.ServicerContext) -> int:
+        try:
+            return self.budget.take(n)
+        except guard.BudgetExhausted as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later")
+            raise AssertionError("unreachable")
 
     def BatchGetStream(self, requests: Iterator[pb.BatchGetRequest], context: grpc.ServicerContext) -> Iterator[bytes]:
         """BatchGet for each request of the session, in order (serialised messages, as BatchGet's).
@@ -197,26 +234,35 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
         block_rows = max(1, SLICED_BLOCK_BYTES // fmt.payload_bytes)
         for start in range(0, len(ids), block_rows):
             block = ids[start : start + block_rows]
+            # The block's stored values and payloads, and a message with gRPC's copy of it: one take.
+            held = self._take(2 * len(block) * self._row_bound(meta) + 2 * self.message_target, context)
             try:
-                values = self.rows.rows(meta, block)
-            except CorruptRow as e:
-                log.error("%s", e)
-                context.abort(grpc.StatusCode.DATA_LOSS, str(e))
-            # RowSource hands out checked rows only; payload_of just strips the CRC (and unzips).
-            payloads = [codec.payload_of(fmt, v, verify=False) for v in values]
-            for begin, end in groups:
-                size = codec.slice_payload_bytes(fmt, begin, end) + codec.CRC_BYTES
-                per_message = max(1, self.message_target // size)
-                trailer = wire.response_trailer(meta.version, begin, end)
-                for first in range(0, len(block), per_message):
-                    parts: list = []
-                    for token, payload in zip(block[first : first + per_message], payloads[first : first + per_message]):
-                        pieces = codec.slice_parts(fmt, payload, begin, end)
-                        parts.append(wire.row_header(token, size))
-                        parts += pieces
-                        parts.append(codec.crc_of_parts(pieces))
-                    parts.append(trailer)
-                    yield b"".join(parts)
+                yield from self._sliced_block(meta, fmt, block, groups, context)
+            finally:
+                self.budget.give(held)
+
+    def _sliced_block(self, meta: TableMeta, fmt, block: list[int], groups, context) -> Iterator[bytes]:
+        """One block of _sliced: its rows' slices, layer group by layer group."""
+        try:
+            values = self.rows.rows(meta, block)
+        except CorruptRow as e:
+            log.error("%s", e)
+            context.abort(grpc.StatusCode.DATA_LOSS, str(e))
+        # RowSource hands out checked rows only; payload_of just strips the CRC (and unzips).
+        payloads = [codec.payload_of(fmt, v, verify=False) for v in values]
+        for begin, end in groups:
+            size = codec.slice_payload_bytes(fmt, begin, end) + codec.CRC_BYTES
+            per_message = max(1, self.message_target // size)
+            trailer = wire.response_trailer(meta.version, begin, end)
+            for first in range(0, len(block), per_message):
+                parts: list = []
+                for token, payload in zip(block[first : first + per_message], payloads[first : first + per_message]):
+                    pieces = codec.slice_parts(fmt, payload, begin, end)
+                    parts.append(wire.row_header(token, size))
+                    parts += pieces
+                    parts.append(codec.crc_of_parts(pieces))
+                parts.append(trailer)
+                yield b"".join(parts)
 
     def GetArtifact(self, request: pb.GetArtifactRequest, context: grpc.ServicerContext) -> Iterator[pb.ArtifactChunk]:
         meta = self._resolve(request.table, request.version, context)
@@ -233,7 +279,11 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
                 view = memoryview(chunk)
                 for start in range(0, max(len(view), 1), piece):
                     data = view[start : start + piece]
-                    yield pb.ArtifactChunk(offset=offset, data=bytes(data))
+                    held = self._take(3 * len(data), context)   # the chunk's bytes, the message, gRPC's copy
+                    try:
+                        yield pb.ArtifactChunk(offset=offset, data=bytes(data))
+                    finally:
+                        self.budget.give(held)
                     offset += len(data)
         except StoreError as e:
             context.abort(grpc.StatusCode.DATA_LOSS, str(e))
@@ -259,8 +309,10 @@ def add_servicer(servicer: LutStoreServicer, server: grpc.Server) -> None:
             servicer.GetArtifact, request_deserializer=pb.GetArtifactRequest.FromString,
             response_serializer=pb.ArtifactChunk.SerializeToString),
         # Same-host fast path (lutstore/shm.py); refuses with FAILED_PRECONDITION unless --allow-shared-memory.
-        "BatchGetShared": shm.method_handler(
-            shm.SharedMemoryRows(servicer, getattr(servicer, "allow_shared_memory", False))),
+        "BatchGetShared": shm.method_handler(shm.SharedMemoryRows(
+            servicer.shared_memory, resolve=servicer._resolve, checked_ids=servicer.checked_ids,
+            rows=servicer.rows.rows, row_bound=servicer._row_bound, prefetch=servicer.prefetch, corrupt=CorruptRow,
+            budget=servicer.budget)),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
@@ -286,14 +338,21 @@ def _validate(args: argparse.Namespace) -> None:
                         f"a server thread), got {args.max_sessions}")
     if args.max_concurrent_rpcs < 1:
         raise UserError(f"--max-concurrent-rpcs must be >= 1, got {args.max_concurrent_rpcs}")
+    if getattr(args, "max_response_mb", 64) <= 0:
+        raise UserError(f"--max-response-mb must be > 0, got {args.max_response_mb}")
+    if getattr(args, "stalled_send_seconds", guard.STALLED_SEND_SECONDS) <= 0:
+        raise UserError(f"--stalled-send-seconds must be > 0, got {args.stalled_send_seconds}")
+    if getattr(args, "allow_shared_memory", False) and not shm.is_loopback_host(args.host):
+        raise UserError(f"--allow-shared-memory serves same-host clients only: it needs a loopback --host, "
+                        f"not {args.host}")
 
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+LOOPBACK_HOSTS = shm.LOOPBACK_HOSTS
 
 
 def _warn_if_exposed(args: argparse.Namespace, tls: bool, token: str | None) -> None:
     """Off loopback, say plainly what is unprotected (the flags stay the user's choice)."""
-    if args.host in LOOPBACK_HOSTS:
+    if shm.is_loopback_host(args.host):
         return
     if not tls:
         log.warning("serving on %s without TLS: rows%s travel in plaintext (use --tls-cert/--tls-key)",
@@ -301,6 +360,27 @@ def _warn_if_exposed(args: argparse.Namespace, tls: bool, token: str | None) -> 
     if not token:
         log.warning("serving on %s without --auth-token: anyone who can reach the port can read every table",
                     args.host)
+
+
+def _warn_if_metrics_exposed(args: argparse.Namespace) -> None:
+    """/metrics has no auth and names every table: off loopback, say so as for --host."""
+    if args.metrics_port is not None and not shm.is_loopback_host(args.metrics_host):
+        log.warning("metrics on %s without any auth: anyone who can reach port %d can read them, and they name "
+                    "every table (keep --metrics-host on loopback, or firewall the port)",
+                    args.metrics_host, args.metrics_port)
+
+
+def receive_limit(max_batch_rows: int, max_message: int) -> int:
+    """The largest request the server reads: max_batch_rows token ids (a varint is at most 5 bytes)
+    plus slack for the rest, so a request that would be refused anyway cannot take memory first."""
+    return min(max_message, 5 * max_batch_rows + REQUEST_SLACK_BYTES)
+
+
+def known_methods() -> list[str]:
+    """Every method this server answers (metrics label the rest "unknown")."""
+    services = [pb.DESCRIPTOR.services_by_name["LutStore"], health_pb2.DESCRIPTOR.services_by_name["Health"]]
+    names = [f"{s.full_name}/{m.name}" for s in services for m in s.methods]
+    return names + [f"{reflection.SERVICE_NAME}/ServerReflectionInfo"]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -319,37 +399,59 @@ def main(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace, store: Store, credentials: grpc.ServerCredentials | None,
            token: str | None) -> int:
+    alloc.limit_arenas(SERVER_MALLOC_ARENAS)   # before the worker threads exist (alloc.py)
     max_message = int(args.max_message_mb * (1 << 20))
     cache = ByteLRU(int(args.cache_mb * (1 << 20)))
     catalog = Catalog(store, cache)
-    metrics = Metrics()
     max_sessions = args.max_sessions if getattr(args, "max_sessions", None) is not None else max(1, args.workers // 2)
+    shared_memory = shm.SegmentRegistry() if getattr(args, "allow_shared_memory", False) else None
+    try:
+        return _serve_with(args, store, credentials, token, cache, catalog, shared_memory, max_message, max_sessions)
+    finally:
+        if shared_memory is not None:
+            shared_memory.close()
+
+
+def _serve_with(args: argparse.Namespace, store: Store, credentials: grpc.ServerCredentials | None,
+                token: str | None, cache: ByteLRU, catalog: Catalog, shared_memory: shm.SegmentRegistry | None,
+                max_message: int, max_sessions: int) -> int:
+    metrics = Metrics(known_methods())
     rows = RowSource(store, cache, on_corrupt=lambda meta, ids: metrics.corrupt_rows.labels(meta.name).inc(len(ids)))
-    servicer = LutStoreServicer(catalog, rows, args.max_batch_rows, max_message, max_sessions=max_sessions)
-    servicer.allow_shared_memory = getattr(args, "allow_shared_memory", False)
+    servicer = LutStoreServicer(catalog, rows, args.max_batch_rows, max_message,
+                                max_sessions=max_sessions, shared_memory=shared_memory,
+                                budget=guard.ByteBudget(int(getattr(args, "max_response_mb", 64) * (1 << 20))))
     metrics.track_cache(cache.stats)
     # Interceptors cover every handler however it is registered; metrics is outermost so that
-    # rejected calls are counted too.
-    interceptors: list[grpc.ServerInterceptor] = [metrics.interceptor()]
+    # rejected calls are counted too; the stream guard comes before the token check because
+    # health Watch needs no token.
+    interceptors: list[grpc.ServerInterceptor] = [
+        metrics.interceptor(),
+        guard.StreamGuard(guard.held_slots_for(args.workers),
+                          getattr(args, "stalled_send_seconds", guard.STALLED_SEND_SECONDS))]
     if token:
         interceptors.append(security.BearerTokenInterceptor(token))
     _warn_if_exposed(args, credentials is not None, token)
+    _warn_if_metrics_exposed(args)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="lutstore-rpc"),
         interceptors=interceptors,
         maximum_concurrent_rpcs=args.max_concurrent_rpcs,  # beyond it: RESOURCE_EXHAUSTED, not an unbounded queue
         options=[
             ("grpc.max_send_message_length", max_message),
-            ("grpc.max_receive_message_length", max_message),
+            ("grpc.max_receive_message_length", receive_limit(args.max_batch_rows, max_message)),
             ("grpc.max_concurrent_streams", args.max_concurrent_streams),
             ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+            # No BDP probing of what callers send: it grows our receive windows to megabytes, so 40 clients
+            # sending 7.6 MB requests (refused for their size anyway) had ~100 MiB buffered in the daemon.
+            # Requests are at most tens of KB (receive_limit); responses follow the client's windows.
+            ("grpc.http2.bdp_probe", 0),
         ],
     )
     add_servicer(servicer, server)
-    health_servicer = health.HealthServicer()
+    # Watches hold no thread and no RPC slot (health.py); at most --max-concurrent-rpcs of them.
+    health_servicer = health.HealthServicer(["", SERVICE_NAME], max_watches=args.max_concurrent_rpcs)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection([SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
 
     address = f"{args.host}:{args.port}"
     try:
@@ -399,6 +501,7 @@ def _serve(args: argparse.Namespace, store: Store, credentials: grpc.ServerCrede
     if metrics_http is not None:
         metrics_http.shutdown()
     s = cache.stats()
-    log.info("stopped; cache %d hits, %d misses, %d entries, %d bytes", s.hits, s.misses, s.entries, s.bytes)
+    log.info("stopped; cache %d hits, %d misses, %d entries, %d bytes; response budget peak %d of %d bytes",
+             s.hits, s.misses, s.entries, s.bytes, servicer.budget.peak, servicer.budget.limit)
     return 0
 

@@ -1,30 +1,42 @@
-"""BatchGetShared: the same-host fast path of BatchGet (see lutstore.proto).
+"""BatchGetShared, the same-host fast path of BatchGet (see lutstore.proto): the server's side.
 
-A client on the server's host creates a POSIX shared-memory segment
-(/dev/shm/NAME, owned by its uid, which must be the server's) and names it;
-the server writes the stored values of the requested rows into it back to
-back and answers with offsets. No socket carries the rows and gRPC copies
-nothing: one kernel copy here (pwritev), one on the client. Off unless `lutstore serve
---allow-shared-memory` (a same-host, same-uid client could read the rows over
-BatchGet anyway; the flag keeps the default surface minimal).
+A client creates a shared-memory segment (a memfd) and hands its file
+descriptor to the server over a Unix-domain socket (SCM_RIGHTS); the server
+keeps the descriptor while that socket stays open and answers an unguessable
+handle. BatchGetShared names the handle; the server writes the stored values
+of the requested rows into the segment back to back and answers with
+offsets. No socket carries the rows and gRPC copies nothing: one kernel copy
+here (pwritev), one on the client. Off unless `lutstore serve
+--allow-shared-memory` (loopback hosts only).
 
-Safety: the name must be a plain file name under /dev/shm (no separators, no
-symlink followed), the file a regular file owned by our uid, segment_bytes
-within its size; every row's bytes are checked to fit in segment_bytes before
-anything is written, so nothing is written outside [0, segment_bytes).
+Who may have the server write: only a caller who holds a writable descriptor
+of the segment, that is, who could write it itself. The server never opens a
+path by name (it did, /dev/shm/NAME, and checked only the file's owner: any
+local user could have a root daemon write into a root-only file). A handed
+descriptor must be open for writing (F_GETFL) and a regular file (fstat);
+segment_bytes must lie within its size at the time of the call, and every
+row's bytes are checked to fit in segment_bytes before anything is written.
 Rows come from the servicer's RowSource, so the hot-row LRU and the checksum
 checks stay in one place.
 """
 
 from __future__ import annotations
 
+import array
+import fcntl
 import logging
-import mmap
 import os
 import secrets
+import selectors
+import shutil
+import socket
 import stat
-import weakref
+import struct
+import tempfile
+import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import grpc
 
@@ -32,109 +44,307 @@ from lutstore.v1 import lutstore_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-SHM_DIR = Path("/dev/shm")
+HELLO = b"lutstore-segment v1\n"   # what a client sends with the descriptor
+SOCKET_NAME = "segments.sock"
+DIR_PREFIX = "lutstore-shm-"
 ROWS_PER_READ_BYTES = 4 << 20  # rows read from the RowSource at a time: bounds the memory a big call holds
-MAX_NAME_CHARS = 255
 IOV_BATCH = 512  # buffers per pwritev call (the kernel's IOV_MAX is 1024)
+MAX_SEGMENTS = 1024            # descriptors held at once, all clients together
+MAX_SEGMENTS_PER_UID = 64      # ... and per peer uid (SO_PEERCRED), so one user cannot take them all
+MAX_FDS_PER_MESSAGE = 4        # more in one message are closed unread
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def is_loopback_host(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+@dataclass
+class _Held:
+    fd: int
+    uid: int
+    pid: int
+    handle: str = ""
+
+
+class SegmentRegistry:
+    """The segments clients handed over on the Unix socket: handle -> descriptor, for as long as
+    the client's connection stays open. One thread multiplexes every connection (selectors), so
+    handing segments over takes no gRPC worker."""
+
+    def __init__(self, parent: Path | None = None):
+        remove_stale_dirs(Path(parent or tempfile.gettempdir()))
+        # A directory only we can write (0755): nobody can plant a socket of their own in our place.
+        self.dir = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir=parent))
+        os.chmod(self.dir, 0o755)
+        self.path = self.dir / SOCKET_NAME
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(self.path))
+        os.chmod(self.path, 0o666)  # any local user may hand over a segment they can write
+        self._listener.listen(64)
+        self._listener.setblocking(False)
+        self._lock = threading.Lock()
+        self._by_handle: dict[str, _Held] = {}
+        self._conns: dict[socket.socket, _Held] = {}
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._wake_r, self._wake_w = os.pipe()
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="lutstore-shm", daemon=True)
+        self._thread.start()
+
+    # ---- for BatchGetShared -------------------------------------------------------------------
+
+    def open(self, handle: str) -> int | None:
+        """A duplicate of the handle's descriptor (the caller closes it; the client may hang up
+        meanwhile), or None for an unknown handle."""
+        with self._lock:
+            held = self._by_handle.get(handle)
+            return os.dup(held.fd) if held is not None else None
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._conns)
+
+    def close(self) -> None:
+        self._stopped = True
+        os.write(self._wake_w, b"x")
+        self._thread.join(5)
+        for conn in list(self._conns):
+            self._drop(conn)
+        self._selector.close()
+        self._listener.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # ---- the socket -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopped:
+            for key, _ in self._selector.select():
+                if key.fileobj is self._listener:
+                    self._accept()
+                elif key.fileobj == self._wake_r:
+                    continue
+                else:
+                    try:
+                        self._readable(key.fileobj)
+                    except Exception:  # one client's trouble must not stop the others
+                        log.exception("shared memory: handling a client connection failed")
+                        self._drop(key.fileobj)
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                              struct.calcsize("3i")))
+        with self._lock:
+            total = len(self._conns)
+            mine = sum(1 for h in self._conns.values() if h.uid == uid)
+        if total >= MAX_SEGMENTS or mine >= MAX_SEGMENTS_PER_UID:
+            limit = "MAX_SEGMENTS" if total >= MAX_SEGMENTS else "MAX_SEGMENTS_PER_UID"
+            log.warning("shared memory: refused a segment from pid %d uid %d (%s reached)", pid, uid, limit)
+            _reply(conn, f"ERR too many segments held ({limit}); close some or use BatchGet")
+            conn.close()
+            return
+        conn.setblocking(False)
+        with self._lock:
+            self._conns[conn] = _Held(fd=-1, uid=uid, pid=pid)
+        self._selector.register(conn, selectors.EVENT_READ)
+
+    def _readable(self, conn: socket.socket) -> None:
+        held = self._conns[conn]
+        if held.handle:  # anything after the hand-over (EOF included) ends it
+            self._drop(conn)
+            return
+        try:
+            data, fds = _recv_fds(conn)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data and not fds:
+            self._drop(conn)
+            return
+        problem = _check(data, fds)
+        if problem:
+            for fd in fds:
+                os.close(fd)
+            log.warning("shared memory: refused a segment from pid %d uid %d: %s", held.pid, held.uid, problem)
+            _reply(conn, f"ERR {problem}")
+            self._drop(conn)
+            return
+        handle = secrets.token_hex(16)
+        with self._lock:
+            held.fd, held.handle = fds[0], handle
+            self._by_handle[handle] = held
+        log.info("shared memory: segment of %d bytes from pid %d uid %d", os.fstat(held.fd).st_size, held.pid, held.uid)
+        _reply(conn, f"OK {handle}")
+
+    def _drop(self, conn) -> None:
+        with self._lock:
+            held = self._conns.pop(conn, None)
+            if held is not None and held.handle:
+                self._by_handle.pop(held.handle, None)
+        try:
+            self._selector.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        conn.close()
+        if held is not None and held.fd >= 0:
+            os.close(held.fd)
+
+
+def remove_stale_dirs(parent: Path) -> list[Path]:
+    """Remove the socket directories of daemons that died without cleaning up (SIGKILL): ours (same
+    uid) whose socket nobody listens on any more. The removed ones."""
+    removed = []
+    for folder in parent.glob(DIR_PREFIX + "*"):
+        try:
+            if folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.geteuid():
+                continue
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(1.0)
+                probe.connect(str(folder / SOCKET_NAME))
+        except (ConnectionRefusedError, FileNotFoundError):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        except OSError:
+            continue   # alive, or not ours to judge
+    if removed:
+        log.info("removed %d stale shared-memory socket directories: %s", len(removed), removed)
+    return removed
+
+
+def _recv_fds(conn: socket.socket) -> tuple[bytes, list[int]]:
+    fds = array.array("i")
+    data, ancdata, _flags, _addr = conn.recvmsg(len(HELLO) + 16, socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * fds.itemsize),
+                                                socket.MSG_CMSG_CLOEXEC)
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds)
+
+
+def _check(data: bytes, fds: list[int]) -> str | None:
+    """Why a hand-over is refused, or None."""
+    if data != HELLO:
+        return f"expected {HELLO!r} with the descriptor"
+    if len(fds) != 1:
+        return f"expected one file descriptor, got {len(fds)}"
+    mode = fcntl.fcntl(fds[0], fcntl.F_GETFL) & os.O_ACCMODE
+    if mode not in (os.O_RDWR, os.O_WRONLY):
+        return "the descriptor is not open for writing"
+    if not stat.S_ISREG(os.fstat(fds[0]).st_mode):
+        return "the descriptor is not a regular file or memfd"
+    return None
+
+
+def _reply(conn: socket.socket, line: str) -> None:
+    try:
+        conn.setblocking(True)
+        conn.settimeout(1.0)
+        conn.sendall(line.encode() + b"\n")
+        conn.setblocking(False)
+    except OSError:
+        pass
 
 
 class SharedMemoryRows:
-    """The BatchGetShared handler; validates like BatchGet and delegates row reads to servicer.rows."""
+    """The BatchGetShared handler; validates like BatchGet and reads rows through the functions it is
+    given (the servicer's), so this module imports nothing of the server."""
 
-    def __init__(self, servicer, enabled: bool, shm_dir: Path = SHM_DIR):
-        self.servicer = servicer  # server.LutStoreServicer: _resolve, rows, max_batch_rows, _row_bound
-        self.enabled = enabled
-        self.shm_dir = shm_dir
+    def __init__(self, registry: SegmentRegistry | None, resolve: Callable, checked_ids: Callable,
+                 rows: Callable, row_bound: Callable, prefetch, corrupt: type[Exception], budget=None):
+        self.registry = registry   # None: --allow-shared-memory not given
+        self.resolve = resolve         # (table, version, context) -> TableMeta
+        self.checked_ids = checked_ids  # (token_ids, meta, context) -> distinct ascending ids
+        self.rows = rows               # (meta, ids) -> stored values
+        self.row_bound = row_bound     # meta -> the most bytes one stored row takes
+        self.prefetch = prefetch       # an Executor: the next group is read while this one is written
+        self.corrupt = corrupt         # the exception rows() raises for a damaged row
+        self.budget = budget           # guard.ByteBudget: the rows read at once count against it (None: no bound)
 
     def BatchGetShared(self, request: pb.BatchGetSharedRequest,
                        context: grpc.ServicerContext) -> pb.BatchGetSharedResponse:
-        if not self.enabled:
+        if self.registry is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           "shared memory: disabled on this server (start it with --allow-shared-memory); "
                           "use BatchGet")
-        from lutstore.server import CorruptRow  # server imports this module
-
-        svc = self.servicer
-        meta = svc._resolve(request.table, request.version, context)
-        ids = self.servicer.checked_ids(request.token_ids, meta, context)
-        fd = self._open_segment(request.segment_name, request.segment_bytes, context)
+        if request.segment_name:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "shared memory: segment_name is no longer accepted (the server opens no file by name); "
+                          "hand the segment's descriptor to TableInfo.shared_memory_socket and send segment_handle")
+        meta = self.resolve(request.table, request.version, context)
+        ids = self.checked_ids(request.token_ids, meta, context)
+        if request.segment_bytes == 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "shared memory: segment_bytes is 0")
+        fd = self.registry.open(request.segment_handle) if request.segment_handle else None
+        if fd is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "shared memory: no segment with this segment_handle (its socket closed, or it never "
+                          "existed); hand the segment over again or use BatchGet")
         try:
-            return self._write_rows(meta, ids, fd, request.segment_bytes, context, CorruptRow)
+            size = os.fstat(fd).st_size
+            if request.segment_bytes > size:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"shared memory: segment_bytes {request.segment_bytes} exceeds the segment's size "
+                              f"({size} bytes)")
+            # Two groups of rows are held at once (one written while the next is read): one take.
+            per_read = max(1, ROWS_PER_READ_BYTES // self.row_bound(meta))
+            held = self._take(min(len(ids), 2 * per_read) * self.row_bound(meta), context)
+            try:
+                return self._write_rows(meta, ids, fd, request.segment_bytes, context)
+            finally:
+                if self.budget is not None:
+                    self.budget.give(held)
         finally:
             os.close(fd)
 
-    # ---- validation -------------------------------------------------------
-
-    def _open_segment(self, name: str, size: int, context: grpc.ServicerContext) -> int:
-        """An O_RDWR descriptor of /dev/shm/name after checking name, owner, type and size."""
-        if not name or "/" in name or "\\" in name or "\0" in name or name in (".", "..") \
-                or len(name) > MAX_NAME_CHARS:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"shared memory: segment_name {name[:64]!r} is not a plain file name under {self.shm_dir} "
-                          f"(no path separators, not '.' or '..', at most {MAX_NAME_CHARS} characters)")
-        if size == 0:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "shared memory: segment_bytes is 0")
-        path = self.shm_dir / name
+    def _take(self, n: int, context: grpc.ServicerContext) -> int:
+        if self.budget is None:
+            return 0
         try:
-            # O_NOFOLLOW: a symlink planted under /dev/shm must not redirect our writes.
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError as e:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"shared memory: cannot open segment {str(path)!r}: {e.strerror} (the server must run "
-                          f"on this host, as the same user; else use BatchGet)")
-        try:
-            st = os.fstat(fd)
-            problem = None
-            if not stat.S_ISREG(st.st_mode):
-                problem = "not a regular file"
-            elif st.st_uid != os.geteuid():
-                problem = f"owned by uid {st.st_uid}, not by the server's uid {os.geteuid()}"
-            if problem:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"shared memory: segment {str(path)!r} is {problem}; use BatchGet")
-            if size > st.st_size:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"shared memory: segment_bytes {size} exceeds the size of segment {str(path)!r} "
-                              f"({st.st_size} bytes)")
-        except BaseException:
-            os.close(fd)
+            return self.budget.take(n)
+        except Exception as e:   # guard.BudgetExhausted (this module imports nothing of the server)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later")
             raise
-        return fd
 
     # ---- the copy -----------------------------------------------------------
 
-    def _write_rows(self, meta, ids: list[int], fd: int, size: int, context: grpc.ServicerContext,
-                    corrupt: type[Exception]) -> pb.BatchGetSharedResponse:
-        svc = self.servicer
+    def _write_rows(self, meta, ids: list[int], fd: int, size: int,
+                    context: grpc.ServicerContext) -> pb.BatchGetSharedResponse:
         fixed = meta.row_format().stored_bytes  # 0 for zstd: lengths vary
         if fixed and len(ids) * fixed > size:
             self._too_small(meta, len(ids), len(ids) * fixed, size, context)
         offsets: list[int] = []
         lengths: list[int] = []
-        per_read = max(1, ROWS_PER_READ_BYTES // svc._row_bound(meta))
+        per_read = max(1, ROWS_PER_READ_BYTES // self.row_bound(meta))
         position = 0
         starts = range(0, len(ids), per_read)
         pending = None
         try:
             for k, start in enumerate(starts):
                 group = ids[start : start + per_read]
-                values = pending.result() if pending is not None else svc.rows.rows(meta, group)
+                values = pending.result() if pending is not None else self.rows(meta, group)
                 # Read the next group while this one is written (multi-get, CRC and pwritev release
                 # the GIL), as BatchGet reads message k+1 while gRPC sends message k.
                 nxt = start + per_read
-                pending = svc.prefetch.submit(svc.rows.rows, meta, ids[nxt : nxt + per_read]) \
+                pending = self.prefetch.submit(self.rows, meta, ids[nxt : nxt + per_read]) \
                     if k + 1 < len(starts) else None
                 group_bytes = sum(len(v) for v in values)
                 if position + group_bytes > size:  # zstd rows only: count what the whole batch needs, then refuse
                     need = position + group_bytes + sum(len(v) for s in range(start + per_read, len(ids), per_read)
-                                                        for v in svc.rows.rows(meta, ids[s : s + per_read]))
+                                                        for v in self.rows(meta, ids[s : s + per_read]))
                     self._too_small(meta, len(ids), need, size, context)
                 for value in values:
                     offsets.append(position)
                     lengths.append(len(value))
                     position += len(value)
                 _pwrite_all(fd, values, offsets[start])
-        except corrupt as e:
+        except self.corrupt as e:
             log.error("%s", e)
             context.abort(grpc.StatusCode.DATA_LOSS, str(e))
         except OSError as e:  # /dev/shm full, ...
@@ -172,44 +382,3 @@ def method_handler(rows: SharedMemoryRows) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(
         rows.BatchGetShared, request_deserializer=pb.BatchGetSharedRequest.FromString,
         response_serializer=pb.BatchGetSharedResponse.SerializeToString)
-
-
-# ---- the client's side ------------------------------------------------------------------------
-
-class Segment:
-    """A client's POSIX shared-memory segment: /dev/shm/lutstore-<pid>-<random>, mode 0600,
-    reused across calls, grown when a call needs more, unlinked by close() (or at garbage
-    collection / exit if close is never called)."""
-
-    def __init__(self, size: int, shm_dir: Path = SHM_DIR):
-        self.name = f"lutstore-{os.getpid()}-{secrets.token_hex(8)}"
-        self.path = shm_dir / self.name
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self._fd = fd
-        self._finalizer = weakref.finalize(self, _unlink, self.path, fd)
-        self.size = 0
-        self.view: memoryview | None = None
-        self.reserve(size)
-
-    def reserve(self, size: int) -> None:
-        """Make the segment at least size bytes (doubling, in whole pages); the old view stays
-        valid for whoever holds it, a new one is mapped."""
-        if size <= self.size:
-            return
-        size = max(size, 2 * self.size)
-        size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
-        os.ftruncate(self._fd, size)
-        # A fresh mapping; the old one is unmapped once nothing refers to it.
-        self.view = memoryview(mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE))
-        self.size = size
-
-    def close(self) -> None:
-        self.view = None
-        self._finalizer()
-
-
-def _unlink(path: Path, fd: int) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    finally:
-        os.close(fd)

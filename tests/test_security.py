@@ -4,6 +4,7 @@ message size, batch size and RPCs in flight. All traffic stays on 127.0.0.1."""
 
 from __future__ import annotations
 
+import queue
 import subprocess
 import sys
 import threading
@@ -163,7 +164,8 @@ def test_binds_loopback_only_by_default(db_path: Path, serve) -> None:
 
 def test_read_only_surface(db_path: Path, serve) -> None:
     """No RPC writes or deletes: the service has exactly the six read RPCs, and nothing else is served.
-    (BatchGetShared writes only into the client's own /dev/shm segment, never stored data; tests/test_shm.py.)"""
+    (BatchGetShared writes only into a segment the client handed over itself, never stored data;
+    tests/test_shm.py.)"""
     write_table(db_path, "t", vocab_size=8)
     server = serve(db_path)
     assert [m.name for m in pb.DESCRIPTOR.services_by_name["LutStore"].methods] == [
@@ -194,11 +196,16 @@ def test_limits_on_message_size_batch_size_and_rpcs_in_flight(db_path: Path, ser
         with pytest.raises(grpc.RpcError) as err:
             list(stub.BatchGet(pb.BatchGetRequest(table="t", token_ids=[1] * 5001), timeout=10))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_batch_rows=5000" in err.value.details()
-        # Two long-lived health watches fill --max-concurrent-rpcs 2: the next RPC is refused, not queued.
-        health = health_pb2_grpc.HealthStub(channel)
-        watches = [health.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(2)]
-        for w in watches:
-            assert next(w).status == health_pb2.HealthCheckResponse.SERVING
+        # Two long-lived reflection streams fill --max-concurrent-rpcs 2: the next RPC is refused, not
+        # queued. (Health Watches hold no thread and are not counted here; tests/test_hostile.py.)
+        watches = []
+        for _ in range(2):
+            requests: queue.Queue = queue.Queue()
+            stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                iter(requests.get, None), timeout=30)
+            requests.put(reflection_pb2.ServerReflectionRequest(list_services=""))
+            assert next(stream).list_services_response.service
+            watches.append(stream)
         with pytest.raises(grpc.RpcError) as err:
             stub.ListTables(pb.ListTablesRequest(), timeout=10)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -221,6 +228,7 @@ def test_limits_on_message_size_batch_size_and_rpcs_in_flight(db_path: Path, ser
     (["--auth-token", "a", "--auth-token-file", "TOKENFILE"], "not both"),
     (["--auth-token-file", "EMPTY"], "is empty"),
     (["--metrics-port", "70000"], "--metrics-port must be in"),
+    (["--host", "0.0.0.0", "--allow-shared-memory"], "--allow-shared-memory serves same-host clients only"),
 ])
 def test_bad_security_flags_are_one_line_errors(db_path: Path, tmp_path: Path, certs, flags, message) -> None:
     write_table(db_path, "t", vocab_size=8)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-import secrets
+import socket
+import time
 from pathlib import Path
 
 import grpc
@@ -12,30 +13,35 @@ import pytest
 from rocksdict import Options, Rdict
 
 from conftest import write_table
-from lutstore import shm
 from lutstore.client import LutClient, LutError
 from lutstore.codec import Encoding, RowFormat
+from lutstore.shm_segment import HELLO, Segment, SegmentRefused
 from lutstore.store import row_key
 from lutstore.v1 import lutstore_pb2 as pb
+from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 
 SENTINEL = 0xAB
 
 
-@pytest.fixture
-def shm_file():
-    """Factory: shm_file(size) -> name of a fresh /dev/shm file filled with SENTINEL bytes; removed at teardown."""
-    made: list[Path] = []
+def socket_of(address: str) -> str:
+    with grpc.insecure_channel(address) as channel:
+        return pb_grpc.LutStoreStub(channel).GetTableInfo(pb.GetTableInfoRequest(table="t"), timeout=10).shared_memory_socket
 
-    def make(size: int) -> str:
-        name = f"lutstore-test-{secrets.token_hex(6)}"
-        path = shm.SHM_DIR / name
-        path.write_bytes(bytes([SENTINEL]) * size)
-        made.append(path)
-        return name
+
+@pytest.fixture
+def segment():
+    """Factory: segment(server, size) -> a Segment handed to the server, filled with SENTINEL; closed at teardown."""
+    made: list[Segment] = []
+
+    def make(server, size: int) -> Segment:
+        seg = Segment(size, socket_of(server.address))
+        seg.view[:] = bytes([SENTINEL]) * seg.size
+        made.append(seg)
+        return seg
 
     yield make
-    for path in made:
-        path.unlink(missing_ok=True)
+    for seg in made:
+        seg.close()
 
 
 def shared_call(address: str, request: pb.BatchGetSharedRequest) -> pb.BatchGetSharedResponse:
@@ -50,6 +56,26 @@ def status_of(address: str, **fields) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as err:
         shared_call(address, pb.BatchGetSharedRequest(**fields))
     return err.value.code(), err.value.details()
+
+
+def held_segments(pid: int) -> int:
+    """memfd segments the daemon holds open (its /proc/PID/fd links)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:lutstore-segment")
+        except OSError:
+            pass
+    return count
+
+
+def hand_over(path: str, data: bytes, fds: list[int]) -> str:
+    """One raw hand-over on the server's socket; its reply line."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(10)
+        conn.connect(path)
+        socket.send_fds(conn, [data], fds)
+        return conn.recv(512).decode()
 
 
 @pytest.mark.parametrize("fmt", [RowFormat(2, 4, 16, Encoding.FP16), RowFormat(2, 3, 32, Encoding.INT8),
@@ -69,124 +95,151 @@ def test_rows_over_shared_memory_equal_rows_over_batch_get(db_path: Path, serve,
         # A bigger call after a smaller one grows the reused segment.
         np.testing.assert_array_equal(fast.get_rows("t", range(96)), plain.get_rows("t", range(96)))
         assert len(fast._segments) == 1 and fast._shared_memory is True
-        segment = fast._segments[0].path
-        assert segment.exists() and segment.stat().st_mode & 0o777 == 0o600
-    assert not segment.exists()  # unlinked at close
+        segment = fast._segments[0]
+        assert held_segments(server.pid) == 1   # the daemon holds the descriptor the client handed over
+    assert segment.released
+    deadline = time.monotonic() + 10
+    while held_segments(server.pid):          # ... and lets it go once the client's socket closes
+        assert time.monotonic() < deadline, "the daemon kept the segment after the client closed it"
+        time.sleep(0.05)
 
 
-def test_server_writes_exactly_the_rows_and_nothing_past_segment_bytes(db_path: Path, serve, shm_file) -> None:
+def test_server_writes_exactly_the_rows_and_nothing_past_segment_bytes(db_path: Path, serve, segment) -> None:
     fmt = RowFormat(2, 4, 16, Encoding.FP16, zstd=True)  # rows of different lengths
     meta, _, values = write_table(db_path, "t", fmt, vocab_size=32, seed=6)
     server = serve(db_path, "--allow-shared-memory")
     ids = [9, 2, 30, 2]
     need = sum(len(values[t]) for t in set(ids))
-    name = shm_file(need + 100)
-    path = shm.SHM_DIR / name
+    seg = segment(server, need + 100)
 
-    code, message = status_of(server.address, table="t", token_ids=ids, segment_name=name, segment_bytes=need - 1)
+    code, message = status_of(server.address, table="t", token_ids=ids, segment_handle=seg.handle,
+                              segment_bytes=need - 1)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and f"need {need} bytes" in message, message
-    assert path.read_bytes() == bytes([SENTINEL]) * (need + 100)  # refused before writing anything
+    assert bytes(seg.view) == bytes([SENTINEL]) * seg.size  # refused before writing anything
 
-    resp = shared_call(server.address, pb.BatchGetSharedRequest(table="t", token_ids=ids, segment_name=name,
+    resp = shared_call(server.address, pb.BatchGetSharedRequest(table="t", token_ids=ids, segment_handle=seg.handle,
                                                                 segment_bytes=need))
-    data = path.read_bytes()
+    data = bytes(seg.view)
     assert resp.version == meta.version and list(resp.token_ids) == [2, 9, 30] and resp.bytes_written == need
     assert list(resp.offsets) == [0, len(values[2]), len(values[2]) + len(values[9])]
     for t, offset, length in zip(resp.token_ids, resp.offsets, resp.lengths):
         assert data[offset : offset + length] == values[t]
-    assert data[need:] == bytes([SENTINEL]) * 100
+    assert data[need:] == bytes([SENTINEL]) * (seg.size - need)
 
 
-def test_fixed_size_rows_one_byte_short_names_the_size(db_path: Path, serve, shm_file) -> None:
+def test_fixed_size_rows_one_byte_short_names_the_size(db_path: Path, serve, segment) -> None:
     fmt = RowFormat(2, 4, 16, Encoding.FP16)
     write_table(db_path, "t", fmt, vocab_size=16)
     server = serve(db_path, "--allow-shared-memory")
     need = 3 * fmt.stored_bytes
-    name = shm_file(need)
-    code, message = status_of(server.address, table="t", token_ids=[1, 2, 3], segment_name=name, segment_bytes=need - 1)
+    seg = segment(server, need)
+    code, message = status_of(server.address, table="t", token_ids=[1, 2, 3], segment_handle=seg.handle,
+                              segment_bytes=need - 1)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and f"need {need} bytes" in message
-    assert (shm.SHM_DIR / name).read_bytes() == bytes([SENTINEL]) * need
+    assert bytes(seg.view) == bytes([SENTINEL]) * seg.size
 
 
-def test_disabled_by_default_and_auto_falls_back(db_path: Path, serve, shm_file) -> None:
+def test_disabled_by_default_and_auto_falls_back(db_path: Path, serve) -> None:
     _, _, values = write_table(db_path, "t", vocab_size=16)
     server = serve(db_path)  # no --allow-shared-memory
-    name = shm_file(1 << 16)
-    code, message = status_of(server.address, table="t", token_ids=[1], segment_name=name, segment_bytes=1 << 16)
+    assert socket_of(server.address) == ""   # nothing to hand a segment to
+    code, message = status_of(server.address, table="t", token_ids=[1], segment_handle="0" * 32, segment_bytes=1 << 16)
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "--allow-shared-memory" in message
-    assert (shm.SHM_DIR / name).read_bytes() == bytes([SENTINEL]) * (1 << 16)
 
     with LutClient(server.address, shared_memory="auto") as client:
         assert client.get_raw("t", [4, 1]) == {1: values[1], 4: values[4]}
         assert client._shared_memory is False  # refused once: BatchGet from then on
         assert client.get_raw("t", [5]) == {5: values[5]}
-        segments = [s.path for s in client._segments]
-    assert segments and not any(p.exists() for p in segments)
+        assert not client._segments
     with LutClient(server.address, shared_memory=True) as client:
         with pytest.raises(LutError) as err:
             client.get_raw("t", [1])
-        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "--allow-shared-memory" in err.value.message
     with LutClient("10.0.0.1:1", shared_memory="auto") as remote:
         assert remote._shared_memory is False  # auto: loopback addresses only
 
 
-def test_bad_segments_are_refused(db_path: Path, serve, shm_file, tmp_path: Path) -> None:
+def test_bad_segments_are_refused(db_path: Path, serve, segment, tmp_path: Path) -> None:
     write_table(db_path, "t", vocab_size=16)
     server = serve(db_path, "--allow-shared-memory")
-    good = shm_file(4096)
+    seg = segment(server, 4096)
     base = dict(table="t", token_ids=[1])
-    for bad in ("", ".", "..", "../" + good, f"sub/{good}", "x" * 300, "a\\b"):
-        code, message = status_of(server.address, **base, segment_name=bad, segment_bytes=4096)
-        assert code == grpc.StatusCode.INVALID_ARGUMENT and "segment_name" in message, (bad, message)
-    code, message = status_of(server.address, **base, segment_name=good, segment_bytes=0)
+    # The server opens nothing by name any more, whatever the name.
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"\0" * 4096)
+    for name in (victim.name, str(victim), "../" + victim.name, "x"):
+        code, message = status_of(server.address, **base, segment_name=name, segment_bytes=4096)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "segment_name is no longer accepted" in message
+    assert victim.read_bytes() == b"\0" * 4096
+    code, message = status_of(server.address, **base, segment_handle=seg.handle, segment_bytes=0)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "segment_bytes is 0" in message
-    code, message = status_of(server.address, **base, segment_name=good, segment_bytes=4097)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "4096 bytes" in message
-    code, message = status_of(server.address, **base, segment_name=f"lutstore-missing-{secrets.token_hex(6)}",
-                              segment_bytes=4096)
-    assert code == grpc.StatusCode.FAILED_PRECONDITION and "cannot open segment" in message
+    code, message = status_of(server.address, **base, segment_handle=seg.handle, segment_bytes=seg.size + 1)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and f"{seg.size} bytes" in message
+    for handle in ("", "0" * 32, seg.handle + "0", seg.handle[:-1]):
+        code, message = status_of(server.address, **base, segment_handle=handle, segment_bytes=4096)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "no segment with this segment_handle" in message
 
-    # A symlink under /dev/shm is not followed, whatever it points at.
-    target = tmp_path / "victim"
-    target.write_bytes(b"\0" * 4096)
-    link = shm.SHM_DIR / f"lutstore-test-link-{secrets.token_hex(6)}"
-    link.symlink_to(target)
+    # What the socket refuses: no descriptor, a read-only one, one that is not a file, two, a wrong greeting.
+    path = socket_of(server.address)
+    with open(victim, "rb") as read_only:
+        assert hand_over(path, HELLO, [read_only.fileno()]).startswith("ERR the descriptor is not open for writing")
+    r, w = os.pipe()
     try:
-        code, message = status_of(server.address, **base, segment_name=link.name, segment_bytes=4096)
-        assert code == grpc.StatusCode.FAILED_PRECONDITION
-        assert target.read_bytes() == b"\0" * 4096
+        assert hand_over(path, HELLO, [w]).startswith("ERR the descriptor is not a regular file")
+        assert hand_over(path, HELLO, []).startswith("ERR expected one file descriptor")
+        with open(victim, "r+b") as f:
+            assert hand_over(path, HELLO, [f.fileno(), f.fileno()]).startswith("ERR expected one file descriptor")
+            assert hand_over(path, b"hello\n", [f.fileno()]).startswith("ERR expected")
     finally:
-        link.unlink()
-    folder = shm.SHM_DIR / f"lutstore-test-dir-{secrets.token_hex(6)}"
-    folder.mkdir()
+        os.close(r)
+        os.close(w)
+    with pytest.raises(SegmentRefused):
+        _refused_segment(path)
+    assert victim.read_bytes() == b"\0" * 4096
+    # A closed segment's handle is gone.
+    handle = seg.handle
+    seg.close()
+    deadline = time.monotonic() + 10
+    while True:
+        code, message = status_of(server.address, **base, segment_handle=handle, segment_bytes=4096)
+        if code == grpc.StatusCode.FAILED_PRECONDITION:
+            break
+        assert time.monotonic() < deadline, (code, message)
+        time.sleep(0.05)
+
+
+def _refused_segment(path: str) -> None:
+    """A segment whose greeting the server does not accept raises SegmentRefused naming the reason."""
+    import lutstore.shm_segment as seg_mod
+    saved = seg_mod.HELLO
+    seg_mod.HELLO = b"lutstore-segment v0\n"
     try:
-        code, _ = status_of(server.address, **base, segment_name=folder.name, segment_bytes=4096)
-        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        Segment(4096, path)
     finally:
-        folder.rmdir()
+        seg_mod.HELLO = saved
 
 
-def test_batch_get_errors_apply_to_the_shared_path(db_path: Path, serve, shm_file) -> None:
+def test_batch_get_errors_apply_to_the_shared_path(db_path: Path, serve, segment) -> None:
     write_table(db_path, "t", vocab_size=16)
     server = serve(db_path, "--allow-shared-memory", "--max-batch-rows", "4")
-    name = shm_file(1 << 16)
-    seg = dict(segment_name=name, segment_bytes=1 << 16)
-    code, _ = status_of(server.address, table="nope", token_ids=[1], **seg)
+    seg = segment(server, 1 << 16)
+    fields = dict(segment_handle=seg.handle, segment_bytes=1 << 16)
+    code, _ = status_of(server.address, table="nope", token_ids=[1], **fields)
     assert code == grpc.StatusCode.NOT_FOUND
-    code, message = status_of(server.address, table="t", token_ids=[], **seg)
+    code, message = status_of(server.address, table="t", token_ids=[], **fields)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "empty batch" in message
-    code, message = status_of(server.address, table="t", token_ids=[1, 2, 3, 4, 5], **seg)
+    code, message = status_of(server.address, table="t", token_ids=[1, 2, 3, 4, 5], **fields)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_batch_rows=4" in message
-    code, message = status_of(server.address, table="t", token_ids=[16], **seg)
+    code, message = status_of(server.address, table="t", token_ids=[16], **fields)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "vocab_size 16" in message
-    code, _ = status_of(server.address, table="t", version=9, token_ids=[1], **seg)
+    code, _ = status_of(server.address, table="t", version=9, token_ids=[1], **fields)
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     # The client splits at max_batch_rows as it does for BatchGet.
     with LutClient(server.address, shared_memory=True) as client:
         assert sorted(client.get_raw("t", range(16))) == list(range(16))
 
 
-def test_corrupt_row_is_data_loss(db_path: Path, serve, shm_file) -> None:
+def test_corrupt_row_is_data_loss(db_path: Path, serve, segment) -> None:
     fmt = RowFormat(2, 4, 16, Encoding.FP16)
     meta, _, values = write_table(db_path, "t", fmt, vocab_size=8)
     bad = bytearray(values[3])
@@ -195,8 +248,9 @@ def test_corrupt_row_is_data_loss(db_path: Path, serve, shm_file) -> None:
     db[row_key(meta.table_id, 3)] = bytes(bad)
     db.close()
     server = serve(db_path, "--allow-shared-memory")
-    name = shm_file(1 << 16)
-    code, message = status_of(server.address, table="t", token_ids=[3], segment_name=name, segment_bytes=1 << 16)
+    seg = segment(server, 1 << 16)
+    code, message = status_of(server.address, table="t", token_ids=[3], segment_handle=seg.handle,
+                              segment_bytes=1 << 16)
     assert code == grpc.StatusCode.DATA_LOSS and "row 3" in message
 
 
@@ -228,7 +282,7 @@ def test_remote_table_runs_over_shared_memory(db_path: Path, serve) -> None:
     assert any("LutStore/BatchGetStream OK" in line for line in server.output)                   # the step
 
 
-def test_garbage_and_random_requests_are_refused_cleanly(db_path: Path, serve, shm_file) -> None:
+def test_garbage_and_random_requests_are_refused_cleanly(db_path: Path, serve, segment) -> None:
     """Unparsable bytes -> INVALID_ARGUMENT; random fields -> a contract status, never UNKNOWN/INTERNAL;
     the daemon stays up and writes nothing into a segment it was not asked to."""
     import random
@@ -238,8 +292,8 @@ def test_garbage_and_random_requests_are_refused_cleanly(db_path: Path, serve, s
     never = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
     rng = random.Random(7)
-    bystander = shm_file(4096)
-    good = shm_file(1 << 16)
+    bystander = segment(server, 4096)
+    good = segment(server, 1 << 16)
     with grpc.insecure_channel(server.address) as channel:
         raw = channel.unary_unary("/lutstore.v1.LutStore/BatchGetShared")
         for blob in (b"\xff", b"\x0a\xff\xff\xff\xff\x0f", b"\x1a\x05\x01", bytes([0x0b]) * 9):
@@ -249,11 +303,28 @@ def test_garbage_and_random_requests_are_refused_cleanly(db_path: Path, serve, s
         for _ in range(60):
             fields = dict(table=rng.choice(["t", "", "x"]), version=rng.choice([0, 1, 2, 2**32 - 1]),
                           token_ids=[rng.choice([0, 5, 15, 16, 2**32 - 1]) for _ in range(rng.randint(0, 5))],
-                          segment_name=rng.choice([good, "", "..", "a/b", "nope", good + "x"]),
+                          segment_handle=rng.choice([good.handle, "", "..", "a/b", "nope", good.handle + "x"]),
+                          segment_name=rng.choice(["", "", "", bystander.handle, "x"]),
                           segment_bytes=rng.choice([0, 1, 100, 1 << 16, (1 << 16) + 1, 2**64 - 1]))
             try:
                 shared_call(server.address, pb.BatchGetSharedRequest(**fields))
             except grpc.RpcError as e:
                 assert e.code() not in never, (fields, e.code(), e.details())
-    assert (shm.SHM_DIR / bystander).read_bytes() == bytes([SENTINEL]) * 4096
+    assert bytes(bystander.view) == bytes([SENTINEL]) * bystander.size
     assert server.proc.poll() is None
+
+
+def test_a_killed_daemons_socket_directory_is_removed_at_the_next_start(db_path: Path, serve) -> None:
+    import signal
+
+    write_table(db_path, "t", vocab_size=8)
+    first = serve(db_path, "--allow-shared-memory")
+    folder = Path(socket_of(first.address)).parent
+    os.kill(first.pid, signal.SIGKILL)
+    first.proc.wait(10)
+    assert folder.is_dir()          # SIGKILL: no clean-up
+    second = serve(db_path, "--allow-shared-memory")
+    assert not folder.exists()
+    live = Path(socket_of(second.address)).parent
+    assert live.is_dir() and live.stat().st_mode & 0o777 == 0o755
+    assert second.stop() == 0 and not live.exists()   # a clean stop removes its own

@@ -56,7 +56,7 @@ class ArtifactInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class TableInfo(_message.Message):
-    __slots__ = ("name", "version", "vocab_size", "num_layers", "num_experts", "hidden_size", "encoding", "compression", "fingerprint", "artifacts", "row_bytes", "stored_bytes", "live_versions", "created_unix_ms", "source_form", "max_batch_rows")
+    __slots__ = ("name", "version", "vocab_size", "num_layers", "num_experts", "hidden_size", "encoding", "compression", "fingerprint", "artifacts", "row_bytes", "stored_bytes", "live_versions", "created_unix_ms", "source_form", "max_batch_rows", "shared_memory_socket")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class TableInfo(_message.Message):
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FORM_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_SOCKET_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     vocab_size: int
@@ -89,7 +90,8 @@ class TableInfo(_message.Message):
     created_unix_ms: int
     source_form: str
     max_batch_rows: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., hidden_size: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., fingerprint: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[ArtifactInfo, _Mapping]]] = ..., row_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., live_versions: _Optional[_Iterable[int]] = ..., created_unix_ms: _Optional[int] = ..., source_form: _Optional[str] = ..., max_batch_rows: _Optional[int] = ...) -> None: ...
+    shared_memory_socket: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., hidden_size: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., fingerprint: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[ArtifactInfo, _Mapping]]] = ..., row_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., live_versions: _Optional[_Iterable[int]] = ..., created_unix_ms: _Optional[int] = ..., source_form: _Optional[str] = ..., max_batch_rows: _Optional[int] = ..., shared_memory_socket: _Optional[str] = ...) -> None: ...
 
 class BatchGetRequest(_message.Message):
     __slots__ = ("table", "version", "token_ids", "layer_ends")
@@ -124,18 +126,20 @@ class BatchGetResponse(_message.Message):
     def __init__(self, rows: _Optional[_Iterable[_Union[Row, _Mapping]]] = ..., version: _Optional[int] = ..., layer_begin: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
 
 class BatchGetSharedRequest(_message.Message):
-    __slots__ = ("table", "version", "token_ids", "segment_name", "segment_bytes")
+    __slots__ = ("table", "version", "token_ids", "segment_name", "segment_bytes", "segment_handle")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_NAME_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
     table: str
     version: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     segment_name: str
     segment_bytes: int
-    def __init__(self, table: _Optional[str] = ..., version: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., segment_name: _Optional[str] = ..., segment_bytes: _Optional[int] = ...) -> None: ...
+    segment_handle: str
+    def __init__(self, table: _Optional[str] = ..., version: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., segment_name: _Optional[str] = ..., segment_bytes: _Optional[int] = ..., segment_handle: _Optional[str] = ...) -> None: ...
 
 class BatchGetSharedResponse(_message.Message):
     __slots__ = ("version", "token_ids", "offsets", "lengths", "bytes_written")

@@ -119,21 +119,26 @@ class LutStoreServicer:
 
     def BatchGetShared(self, request, context):
         """Optional same-host fast path of BatchGet (as Triton's system shared
-        memory): the client creates a POSIX shared-memory segment (/dev/shm/NAME,
-        owned by the server's uid) and names it; the server writes the stored
-        values (body || crc32, exactly BatchGet's Row.data bytes) of the distinct
-        requested ids into it back to back, in ascending token-id order, starting
-        at offset 0, and answers where each one is. It writes nothing outside
-        [0, segment_bytes) of that segment and nothing anywhere else: like every
-        RPC here it changes no stored data. Off unless the server runs with
-        `lutstore serve --allow-shared-memory`.
+        memory): the client creates a shared-memory segment (a memfd, or a file it
+        can write) and hands its file descriptor to the server over the Unix
+        socket TableInfo.shared_memory_socket names (SCM_RIGHTS, with the bytes
+        "lutstore-segment v1\n"); the server answers one line, "OK <handle>\n"
+        or "ERR <reason>\n", and keeps the descriptor until that socket closes.
+        A BatchGetShared request names the segment by that handle; the server
+        writes the stored values (body || crc32, exactly BatchGet's Row.data
+        bytes) of the distinct requested ids into it back to back, in ascending
+        token-id order, starting at offset 0, and answers where each one is. It
+        writes nothing outside [0, segment_bytes) of that segment and nothing
+        anywhere else: like every RPC here it changes no stored data. The server
+        never opens a segment by name, so only a caller who could write the
+        segment itself can have the server write it. Off unless the server runs
+        with `lutstore serve --allow-shared-memory` (loopback hosts only).
         Errors: as BatchGet, plus FAILED_PRECONDITION (shared memory disabled on
-        this server; the segment does not exist, is not a regular file owned by
-        the server's uid, or cannot be opened: use BatchGet instead) and
-        INVALID_ARGUMENT (a segment name with a path separator or not a plain
-        file name; segment_bytes 0 or larger than the file; rows that do not fit
-        in segment_bytes: the message names the bytes needed). On DATA_LOSS the
-        segment's contents are undefined.
+        this server; no segment with this handle: the socket closed, or it never
+        existed: use BatchGet instead) and INVALID_ARGUMENT (segment_name given:
+        no longer accepted; segment_bytes 0 or larger than the segment; rows
+        that do not fit in segment_bytes: the message names the bytes needed).
+        On DATA_LOSS the segment's contents are undefined.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
