@@ -7,6 +7,7 @@ the work, so `lutstore SUBCOMMAND --help` is the reference a newcomer reads.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -171,10 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     verbose = args.verbose + getattr(args, "sub_verbose", 0)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # serve has its own graceful SIGTERM handling; the others clean up on the way out
+    with contextlib.nullcontext() if args.command == "serve" else interrupts.sigterm_raises():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from lutstore import interrupts
     from lutstore.errors import UserError
 
-    if args.command != "serve":   # serve has its own graceful SIGTERM handling
-        interrupts.raise_on_sigterm()
     try:
         from lutstore.dbpath import check_db
         args.db = check_db(args.db, create=args.command == "ingest")

@@ -1,6 +1,6 @@
 """SIGTERM and Ctrl-C in the command-line tools: one line, a clean exit, no traceback.
 
-- `raise_on_sigterm()` turns SIGTERM into a `Terminated` exception, so `with`
+- `sigterm_raises()` turns SIGTERM into a `Terminated` exception, so `with`
   blocks and `finally` clauses run (an ingest removes its staging files)
   instead of the process vanishing with rc -15.
 - `deferred()` holds SIGTERM and SIGINT back over a step that must not be cut
@@ -42,10 +42,17 @@ def _on_sigint(signum, frame) -> None:
     raise KeyboardInterrupt()
 
 
-def raise_on_sigterm() -> None:
-    """From now on SIGTERM raises Terminated in the main thread."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Inside the block SIGTERM raises Terminated in the main thread; the previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
