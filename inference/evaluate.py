@@ -6,24 +6,35 @@
 Prints one JSON line {"tokens": T, "nll": mean NLL (nats) over T-1 predictions,
 "ppl": exp(nll)}. --logprobs-out writes float32 [T-1]: log p(ids[i+1] | ids[:i+1]).
 Run it against a quantised table and against the original to see what the
-quantisation costs.
+quantisation costs. A long text (--windows) shows a progress bar on stderr when
+that is a terminal (--quiet: none).
+
+The backbone is cached in $LUTSTORE_CACHE/<fingerprint>/ (default
+~/.cache/lutstore/<fingerprint>/), as for inference.generate.
 """
 
 from __future__ import annotations
+
+import sys
+
+if __name__ == "__main__":   # before torch loads: a Ctrl-C during the import is one line, not a traceback
+    from lutstore.interrupts import quiet_keyboard_interrupt
+    quiet_keyboard_interrupt("evaluate")
 
 import argparse
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from inference.generate import add_remote_args, cli_main, client_options
+from inference.generate import add_remote_args, cli_main, connect
 from inference.lut import InProcessTable, LutSource
 from inference.model import Transformer
+from lutstore.address import parse_addresses
+from lutstore.cli import HelpFormatter, add_verbose
 from lutstore.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -41,12 +52,40 @@ def token_logprobs(model: Transformer, source: LutSource | None, ids: list[int])
     return logp.gather(-1, idx[0, 1:, None])[:, 0].cpu().numpy().astype(np.float32)
 
 
+def score_windows(model: Transformer, source: LutSource | None, ids: list[int], context: int,
+                  progress: bool = True) -> np.ndarray:
+    """token_logprobs over consecutive windows of at most `context` tokens (stride context-1: a window's
+    first token was the previous window's last prediction); a progress bar in predictions on stderr
+    when progress and stderr is a terminal."""
+    from tqdm import tqdm
+
+    stride = context - 1
+    parts = []
+    with tqdm(total=len(ids) - 1, unit="tok", desc="scoring", file=sys.stderr, dynamic_ncols=True,
+              disable=not (progress and sys.stderr.isatty())) as bar:
+        for s in range(0, len(ids) - 1, stride):
+            parts.append(token_logprobs(model, source, ids[s:s + context]))
+            bar.update(len(parts[-1]))
+    return np.concatenate(parts)
+
+
 def summary(logprobs: np.ndarray) -> dict:
     nll = float(-logprobs.astype(np.float64).mean())
     return {"tokens": int(len(logprobs) + 1), "nll": nll, "ppl": math.exp(nll)}
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
 def read_token_ids(path: Path) -> list[int]:
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(NPY_MAGIC))
+    except OSError as e:
+        raise UserError(f"cannot read --token-ids {path}: {e.strerror}") from None
+    if magic != NPY_MAGIC:
+        raise UserError(f"--token-ids {path} is not a .npy file; save the ids with "
+                        f"numpy.save(path, np.asarray(ids, dtype=np.int64)), or score text with --text-file")
     try:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -58,7 +97,7 @@ def read_token_ids(path: Path) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m inference.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_remote_args(p)
     p.add_argument("--checkpoint", type=Path, help="run a local train- or rep-form checkpoint folder in-process (no daemon)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -69,9 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", action="store_true",
                    help="score a longer text in consecutive context-length windows (stride context-1, so every "
                         "token is predicted once, from at most a window of context)")
-    p.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (0: all)")
+    p.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (default: 0, all)")
     p.add_argument("--logprobs-out", type=Path, help="write float32 [T-1] per-token log-probs here (.npy)")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
+    add_verbose(p)
     return p
 
 
@@ -84,10 +124,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from inference.backbone import check_device, load_checkpoint, open_remote, resolve_dtype
+    from inference.backbone import check_device, load_checkpoint, resolve_dtype
 
     if bool(args.lut_addr) == bool(args.checkpoint):
         raise UserError("give exactly one of --lut-addr (a daemon) or --checkpoint (a local folder)")
+    if args.lut_addr:
+        parse_addresses(args.lut_addr)
     device = check_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     remote = None
@@ -95,8 +137,7 @@ def run(args: argparse.Namespace) -> dict:
         backbone, table = load_checkpoint(args.checkpoint, device, dtype)
         source = None if table is None else InProcessTable(table, device)
     else:
-        remote = open_remote(args.lut_addr, args.table, args.version, device, dtype, args.lut_cache_mb,
-                             args.backbone, args.retry_seconds, **client_options(args))
+        remote = connect("evaluate", args, device, dtype)
         backbone, source = remote.backbone, remote.source
     try:
         if args.text_file:
@@ -124,9 +165,7 @@ def run(args: argparse.Namespace) -> dict:
                 raise UserError(f"{len(ids)} tokens exceed the model's context of {context}; pass --truncate "
                                 f"to score the first {context}, or --windows to score all of them")
             ids = ids[:context]
-        stride = context - 1   # a window's first token was the previous window's last prediction
-        logprobs = np.concatenate([token_logprobs(backbone.model, source, ids[s:s + context])
-                                   for s in range(0, len(ids) - 1, stride)])
+        logprobs = score_windows(backbone.model, source, ids, context, progress=not args.quiet)
     finally:
         if remote is not None:
             remote.close()

@@ -8,15 +8,25 @@ is known (the prompt at once, each sampled token right after sampling) and
 kept in a byte-budgeted device cache. A long prompt is prefilled in chunks
 (--prefill-chunk), every chunk's rows announced up front in chunk order, so
 chunk k computes while the rows of chunk k+1 are still arriving. Text streams
-to stdout; one line of statistics goes to stderr at the end.
+to stdout (with several prompts, each sequence under a header that names its
+prompt); one line of statistics goes to stderr at the end.
+
+The backbone is cached in $LUTSTORE_CACHE/<fingerprint>/ (default
+~/.cache/lutstore/<fingerprint>/; $XDG_CACHE_HOME is honoured): fetched once per
+table version, checked against the table's sha256s at every start.
 """
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":   # before torch loads: a Ctrl-C during the import is one line, not a traceback
+    from lutstore.interrupts import quiet_keyboard_interrupt
+    quiet_keyboard_interrupt("generate")
+
 import argparse
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +37,9 @@ import torch
 from inference.lut import LutSource, LutStats
 from inference.model import Transformer
 from inference.sampling import SamplingConfig, sample
-from lutstore.errors import UserError
+from lutstore.address import parse_addresses, why_unreachable
+from lutstore.cli import HelpFormatter, add_verbose
+from lutstore.errors import LutError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -205,21 +217,25 @@ class TextStream:
 
 def add_remote_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by generate and evaluate for reaching a daemon."""
-    p.add_argument("--lut-addr", help="lutstore daemon address host:port (or h1:p,h2:p for replicas)")
+    p.add_argument("--lut-addr", help="lutstore daemon address host:port, e.g. 127.0.0.1:50051 "
+                                      "(or h1:p,h2:p for replicas)")
     p.add_argument("--table", help="table name (default: the only table the daemon serves)")
-    p.add_argument("--version", type=int, default=0, help="table version (default 0: the latest)")
+    p.add_argument("--version", type=int, default=0, help="table version (default: 0, the latest)")
     p.add_argument("--backbone", type=Path,
-                   help="use this local backbone folder instead of fetching it (checked against the table's sha256s)")
-    p.add_argument("--lut-cache-mb", type=float, default=256, help="device memory budget of the row cache (MiB; default 256)")
-    p.add_argument("--retry-seconds", type=float, default=10.0, help="how long to retry an unreachable daemon (default 10)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+                   help="use this local backbone folder instead of the fetched one (checked against the table's "
+                        "sha256s; default: fetched once into $LUTSTORE_CACHE/<fingerprint>, else "
+                        "~/.cache/lutstore/<fingerprint>)")
+    p.add_argument("--lut-cache-mb", type=float, default=256, help="device memory budget of the row cache (MiB)")
+    p.add_argument("--retry-seconds", type=float, default=10.0, help="how long to retry an unreachable daemon")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default float32, as the official loader)")
     p.add_argument("--tls-ca", type=Path, help="PEM CA certificate: connect with TLS, trusting this CA (default plaintext)")
     p.add_argument("--auth-token", help="bearer token the daemon asks for (visible in `ps`: prefer --auth-token-file)")
     p.add_argument("--auth-token-file", type=Path, help="read the bearer token from this file")
     p.add_argument("--shared-memory", choices=["auto", "on", "off"], default="auto",
                    help="same-host fast path (daemon started with --allow-shared-memory): auto uses it for loopback "
-                        "addresses when the daemon allows it, else plain BatchGet (default auto)")
+                        "addresses when the daemon allows it, else plain BatchGet; on fails at start unless the "
+                        "daemon allows it")
 
 
 def client_options(args: argparse.Namespace) -> dict:
@@ -231,18 +247,53 @@ def client_options(args: argparse.Namespace) -> dict:
             "shared_memory": shared_memory}
 
 
+def connect(prog: str, args: argparse.Namespace, device: str, dtype: torch.dtype):
+    """open_remote for the flags of add_remote_args: the address checked at once, a line on stderr
+    while an unreachable daemon is retried, and --shared-memory on checked against the daemon."""
+    from inference.backbone import open_remote
+
+    addresses = parse_addresses(args.lut_addr)
+    reason = why_unreachable(addresses)
+    if reason:
+        print(f"{prog}: connecting to {args.lut_addr} ({reason}; retrying for {args.retry_seconds:g} s)",
+              file=sys.stderr, flush=True)
+    remote = open_remote(args.lut_addr, args.table, args.version, device, dtype, args.lut_cache_mb,
+                         args.backbone, args.retry_seconds, **client_options(args))
+    if args.shared_memory == "on":
+        try:   # one row through BatchGetShared: "on" means fail now, not quietly fall back later
+            remote.client.get_payloads(remote.info.name, [0], remote.info.version)
+        except LutError as e:
+            remote.close()
+            raise UserError(f"--shared-memory on: the daemon at {args.lut_addr} refused it ({e.message}); "
+                            f"start it with --allow-shared-memory on this host, or use --shared-memory auto") from None
+        except BaseException:
+            remote.close()
+            raise
+    return remote
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def sequence_header(i: int, prompt_texts: list[str]) -> str:
+    """The line above sequence i of a batch: which prompt it continues (prompts repeat under --batch-size)."""
+    k = i % len(prompt_texts)
+    return f"--- sequence {i} (prompt {k}: {_short(prompt_texts[k])})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m inference.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_remote_args(p)
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for several prompts)")
     p.add_argument("--prompt-file", type=Path, action="append", default=[], help="a file whose whole text is one prompt")
     p.add_argument("--bos", action="store_true", help="prepend the model's bos_token_id to each prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default: 0, all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1, all)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: a fresh one)")
     p.add_argument("--batch-size", type=int, default=0,
                    help="sequences decoded together: the prompts repeated cyclically (default: one per prompt)")
     p.add_argument("--truncate", action="store_true", help="keep a too-long prompt's last tokens instead of failing")
@@ -250,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt tokens per prefill forward, so a chunk computes while the next chunk's rows "
                         f"arrive (0: the whole prompt in one forward; default {DEFAULT_PREFILL_CHUNK})")
     p.add_argument("--json", action="store_true", help="print one JSON object (ids, texts, stats) instead of streaming")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
+    add_verbose(p)
     return p
 
 
@@ -274,10 +325,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from inference.backbone import check_device, open_remote, resolve_dtype
+    from inference.backbone import check_device, resolve_dtype
 
     if not args.lut_addr:
-        raise UserError("--lut-addr is required (the address of a `lutstore serve` daemon)")
+        raise UserError("--lut-addr is required (the address of a `lutstore serve` daemon, e.g. 127.0.0.1:50051)")
+    parse_addresses(args.lut_addr)
     try:
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
         sampling.validate()
@@ -300,8 +352,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size {batch_size} is smaller than the {len(texts)} prompts given")
     device = check_device(args.device)
 
-    remote = open_remote(args.lut_addr, args.table, args.version, device, resolve_dtype(args.dtype, device),
-                         args.lut_cache_mb, args.backbone, args.retry_seconds, **client_options(args))
+    remote = connect("generate", args, device, resolve_dtype(args.dtype, device))
     try:
         bb = remote.backbone
         if bb.tokenizer is None:
@@ -316,6 +367,8 @@ def run(args: argparse.Namespace) -> int:
             prompts.append(fit_context(ids, args.max_new_tokens, bb.args.max_position_embeddings, args.truncate))
         prompts = [prompts[i % len(prompts)] for i in range(batch_size)]
         stream = None if args.json else TextStream(bb.tokenizer)
+        if stream is not None and batch_size > 1:
+            print(sequence_header(0, texts), flush=True)   # sequence 0 streams under its header
         result = generate(bb.model, remote.source, prompts, args.max_new_tokens, sampling, args.seed,
                           bb.args.eos_token_id, on_step=stream, prefill_chunk=args.prefill_chunk)
     finally:
@@ -328,7 +381,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print()
         for i, text in enumerate(texts_out[1:], start=1):
-            print(f"--- sequence {i}: {text}")
+            print(sequence_header(i, texts))
+            print(text)
     print(result.stats_line(), file=sys.stderr)
     return 0
 

@@ -1,4 +1,4 @@
-"""`lutstore` command line: ingest | serve | info | verify | drop.
+"""`lutstore` command line: ingest | serve | info | verify | get | drop.
 
 Each subcommand parses its flags here and delegates to the module that owns
 the work, so `lutstore SUBCOMMAND --help` is the reference a newcomer reads.
@@ -7,9 +7,11 @@ the work, so `lutstore SUBCOMMAND --help` is the reference a newcomer reads.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 
@@ -32,18 +34,53 @@ def default_cache_dir() -> Path:
     return Path(base) / "lutstore"
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks and shows every option's default in --help (unless its
+    help already says what the default is, or there is none worth showing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text.lower() or not action.option_strings or default in (None, False, argparse.SUPPRESS)
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._CountAction))):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def add_verbose(p: argparse.ArgumentParser, dest: str = "verbose") -> None:
+    p.add_argument("-v", "--verbose", action="count", default=0, dest=dest,
+                   help="-v info, -vv debug logging (default: warnings only)")
+
+
 def _add_db(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--db", type=Path, default=default_db_path(),
-                   help="RocksDB directory (default: $LUTSTORE_DB or ~/.local/share/lutstore/db; now %(default)s)")
+    # A str, not a Path: Path() folds "redis-cluster://h:p" into "redis-cluster:/h:p" (see lutstore.dbpath).
+    p.add_argument("--db", default=str(default_db_path()),
+                   help="database folder (default: $LUTSTORE_DB, else ~/.local/share/lutstore/db; now %(default)s)")
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("lutstore")
+    except metadata.PackageNotFoundError:  # running from a checkout that was never installed
+        from lutstore import __version__
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lutstore", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
+    parser = argparse.ArgumentParser(prog="lutstore", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"lutstore {_version()}")
+    add_verbose(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("ingest", help="turn a MoLE checkpoint folder (train or rep form) into a table")
+    def command(name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=textwrap.fill(description or help, 79),
+                           formatter_class=HelpFormatter)
+        add_verbose(p, dest="sub_verbose")   # `lutstore serve -v` as well as `lutstore -v serve`
+        return p
+
+    p = command("ingest", "turn a MoLE checkpoint folder (train or rep form) into a table")
     p.add_argument("checkpoint", type=Path, help="HF-format MoLE checkpoint folder (config.json + weights)")
     _add_db(p)
     p.add_argument("--name", help="table name (default: the checkpoint folder's name)")
@@ -54,15 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-tokens", type=int, default=0,
                    help="tokens per computation chunk; bounds peak memory (default: about 64 MiB of rows)")
     p.add_argument("--keep-versions", type=int, default=0,
-                   help="after ingest, drop all but the newest K versions of this table (0: keep all)")
+                   help="after ingest, drop all but the newest K versions of this table, naming each one "
+                        "dropped (default: 0, keep all)")
+    p.add_argument("--force", action="store_true",
+                   help="add a new version even when the latest one already holds this very checkpoint "
+                        "(same fingerprint); without it such an ingest adds nothing")
+    p.add_argument("--allow-no-tokenizer", action="store_true",
+                   help="ingest a checkpoint that has no tokenizer.json (rows and backbone only: evaluate "
+                        "--token-ids and the clients work, generate cannot encode text)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--nice", type=int, default=10,
                    help="lower this process's CPU priority by N so a daemon on the same host keeps its "
                         "latency (default: 10; 0 to keep it)")
 
-    p = sub.add_parser("serve", help="serve the tables of a database over gRPC")
+    p = command("serve", "serve the tables of a database over gRPC")
     _add_db(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=50051, help="port (0: pick a free one and print it)")
     p.add_argument("--cache-mb", type=float, default=1024, help="RAM budget of the hot-row LRU (MiB)")
     p.add_argument("--max-batch-rows", type=int, default=4096, help="most token ids in one BatchGet")
@@ -74,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "answered RESOURCE_EXHAUSTED and clients fall back to BatchGet calls (default: workers / 2)")
     p.add_argument("--refresh-seconds", type=float, default=1.0, help="how often to look for newly ingested tables")
     p.add_argument("--max-concurrent-rpcs", type=int, default=256,
-                   help="most RPCs in flight over all connections; more are answered RESOURCE_EXHAUSTED (default 256)")
+                   help="most RPCs in flight over all connections; more are answered RESOURCE_EXHAUSTED")
     sec = p.add_argument_group("security (defaults: loopback only, plaintext, no token)")
     sec.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS (needs --tls-key)")
     sec.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
@@ -94,15 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     ops.add_argument("--metrics-port", type=int, default=None,
                      help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (0: a free port, printed; "
                           "default: off)")
-    ops.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint (default: loopback)")
+    ops.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint (loopback)")
     ops.add_argument("--log-format", choices=["text", "json"], default="text",
-                     help="text, or one JSON object per line for log shippers (default text)")
+                     help="text, or one JSON object per line for log shippers")
 
-    p = sub.add_parser("info", help="list tables: shapes, sizes, encodings, versions")
+    p = command("info", "list tables: shapes, sizes, encodings, versions")
     _add_db(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("verify", help="check every stored row and artifact (checksum, readable on disk); exit 1 if any is bad")
+    p = command("verify", "check every stored row and artifact (checksum, readable on disk); exit 1 if any is bad")
     _add_db(p)
     p.add_argument("--table", help="only this table (default: all)")
     p.add_argument("--version", type=int, default=0, help="only this version (default: all live versions)")
@@ -110,34 +154,71 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one JSON object on stdout: {ok, rows, bad_rows, bad_artifacts, tables: [{table, version, rows, "
                         "bad: [{token, problem}], bad_artifacts: [{artifact, problem}]}]} (exit status as without it)")
 
-    p = sub.add_parser("drop", help="delete one version of a table")
+    p = command("get", "print stored rows of a table: shape, encoding, checksum verdict, a few values",
+                "Print rows of a table straight from the database (read-only; works while `lutstore serve` "
+                "runs): shape and encoding, then for each token its checksum verdict, stored size, min / max / "
+                "mean and the first values of layer 0, expert 0. Exit 1 if a row is missing or corrupt.")
     _add_db(p)
-    p.add_argument("table")
-    p.add_argument("--version", type=int, required=True)
+    p.add_argument("table", help="table name (`lutstore info` lists them)")
+    p.add_argument("tokens", type=int, nargs="+", metavar="TOKEN", help="token ids to print")
+    p.add_argument("--version", type=int, default=0, help="table version (default: 0, the latest)")
+    p.add_argument("--json", action="store_true", help="one JSON object: shape, encoding, and each row's summary")
+
+    p = command("drop", "delete one version of a table",
+                "Delete one version of a table: invisible at once, its disk space given back. Servers stop "
+                "serving it at their next refresh; clients pinned to it are told it is gone.")
+    _add_db(p)
+    p.add_argument("table", help="table name (`lutstore info` lists its live versions)")
+    p.add_argument("--version", type=int, required=True, help="the version to delete (>= 1; required, so that "
+                                                              "a bare `drop TABLE` never deletes the latest by accident)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lutstore import interrupts
+
     args = build_parser().parse_args(argv)
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    verbose = args.verbose + getattr(args, "sub_verbose", 0)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # serve has its own graceful SIGTERM handling; the others clean up on the way out
+    with contextlib.nullcontext() if args.command == "serve" else interrupts.sigterm_raises():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from lutstore import interrupts
     from lutstore.errors import UserError
 
     try:
+        from lutstore.dbpath import check_db
+        args.db = check_db(args.db, create=args.command == "ingest")
         if args.command == "ingest":
             from lutstore import ingest
             return ingest.main(args)
         if args.command == "serve":
             from lutstore import server
             return server.main(args)
+        if args.command == "get":
+            from lutstore import rowview
+            return rowview.get(args)
         from lutstore import admin
         return getattr(admin, args.command)(args)
     except UserError as e:
         print(f"lutstore {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"lutstore {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"lutstore {args.command}: interrupted{_note(e)}", file=sys.stderr)
+        return interrupts.EXIT_SIGINT
+    except interrupts.Terminated as e:
+        print(f"lutstore {args.command}: terminated (SIGTERM){_note(e)}", file=sys.stderr)
+        return interrupts.EXIT_SIGTERM
+
+
+def _note(e: BaseException) -> str:
+    """What an interrupted command left behind, where it said (an ingest does)."""
+    note = getattr(e, "ingest_note", None)
+    return f"; {note}" if note else ""
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import numpy as np
 
 from lutstore import codec, security
 from lutstore import alloc, shm_segment, wire
+from lutstore.address import parse_addresses
 from lutstore.errors import LutError
 from lutstore.session import AnswerError, RowSession, RowsAnswer
 from lutstore.v1 import lutstore_pb2 as pb
@@ -75,6 +76,7 @@ class LutClient:
         BatchGetShared RPC (a memfd segment handed to the server, no socket carries rows; the server needs
         --allow-shared-memory): True always (errors are raised), "auto" only for a loopback address and
         silently back to BatchGet when the server refuses, False never."""
+        parse_addresses(address)  # a malformed address is one clear AddressError now, not 10 s of retries
         self.address = address
         self.timeout = timeout
         self.retries = retries

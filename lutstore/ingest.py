@@ -27,6 +27,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ import zstandard
 from lutstore.checkpoint import EMBED, TABLE, Checkpoint
 from lutstore.codec import CRC_BYTES, Encoding, RowFormat, encode_rows
 from lutstore.errors import UserError
+from lutstore.interrupts import Terminated, deferred
 from lutstore.store import Store, TableMeta, TableWriter
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,27 @@ SPACE_MARGIN_BYTES = 4 << 20        # RocksDB's own files (WAL, manifest, option
 SKIP_SPACE_CHECK_ENV = "LUTSTORE_INGEST_SKIP_SPACE_CHECK"
 
 
+class AlreadyIngested(UserError):
+    """The latest version of the table already holds this very checkpoint (same fingerprint); nothing was added."""
+
+    def __init__(self, meta: TableMeta):
+        self.meta = meta
+        super().__init__(f"table {meta.name!r} v{meta.version} already holds this checkpoint as "
+                         f"{meta.encoding}{'+zstd' if meta.zstd else ''} (same fingerprint {meta.fingerprint[:16]}); "
+                         f"nothing added (--force adds a new version anyway)")
+
+
 # ---- validation --------------------------------------------------------------
+
+def _check_tokenizer(ckpt: Checkpoint, allowed: bool) -> None:
+    # Refused up front: without tokenizer.json, `generate` fails only later, far from the cause,
+    # after a possibly long ingest. Rows-only tables are legitimate (evaluate --token-ids, clients),
+    # so the flag lets them through.
+    if not allowed and not (ckpt.path / "tokenizer.json").is_file():
+        raise UserError(f"{ckpt.path} has no tokenizer.json, so `generate` could not encode text with this table; "
+                        f"copy the model's tokenizer files into the folder, or pass --allow-no-tokenizer "
+                        f"to ingest the rows and backbone only")
+
 
 def _device(name: str) -> torch.device:
     try:
@@ -190,17 +212,22 @@ def _write_backbone(ckpt: Checkpoint, names: list[str], dest: Path) -> None:
 
 def ingest_checkpoint(ckpt_dir: str | Path, db_path: str | Path, name: str | None = None, encoding: str = "fp16",
                       zstd: bool = False, device: str = "cpu", chunk_tokens: int = 0, progress: bool = True,
-                      keep_versions: int = 0) -> TableMeta:
+                      keep_versions: int = 0, force: bool = False, allow_no_tokenizer: bool = False,
+                      say: Callable[[str], None] | None = None) -> TableMeta:
     """Ingest one checkpoint as a new version of table `name` (default: the folder's name).
 
-    Raises UserError (nothing written) for bad input or too little disk space.
+    Raises UserError (nothing written) for bad input or too little disk space, and AlreadyIngested
+    when the latest version already has this checkpoint's fingerprint (unless force).
+    say(line) reports versions dropped by keep_versions (default: logged at info level).
     Returns the committed version's TableMeta.
     """
+    say = say or log.info
     ckpt_dir, db_path = Path(ckpt_dir), Path(db_path)
     if keep_versions < 0:
         raise UserError(f"--keep-versions must be >= 0, got {keep_versions}")
     name = name or ckpt_dir.resolve().name
     ckpt = Checkpoint.open(ckpt_dir)
+    _check_tokenizer(ckpt, allow_no_tokenizer)
     fmt = _row_format(ckpt, encoding, zstd)
     dev = _device(device)
     vocab = ckpt.config.vocab_size
@@ -211,13 +238,22 @@ def ingest_checkpoint(ckpt_dir: str | Path, db_path: str | Path, name: str | Non
     compute = _TrainRows(ckpt, dev) if ckpt.form == "train" else _RepRows(ckpt)
 
     started = time.monotonic()
+    meta = duplicate = None
     try:
         with Store.open(db_path, "primary", create=True) as store:
             with store.begin_table(name, fmt, vocab, ckpt.form) as writer:
                 _write_rows(writer, compute, fmt, vocab, chunk, progress)
                 _add_artifacts(writer, ckpt, backbone, db_path)
-                meta = writer.commit()
-            _keep_newest(store, name, keep_versions)
+                duplicate = None if force else _same_as_latest(store, name, writer)
+                if duplicate is None:
+                    with deferred():  # a SIGTERM / Ctrl-C now waits for the commit to finish or fail
+                        meta = writer.commit()
+                # else: leaving the block aborts the writer and removes its staging files
+            _keep_newest(store, name, keep_versions, say)
+    except (KeyboardInterrupt, Terminated) as e:
+        e.ingest_note = (f"{meta.name} v{meta.version} had been added" if meta is not None else
+                         "the ingest was aborted: nothing was added and its staging files were removed")
+        raise
     except UserError:
         raise
     except Exception as e:
@@ -227,6 +263,8 @@ def ingest_checkpoint(ckpt_dir: str | Path, db_path: str | Path, name: str | Non
         raise
     finally:
         ckpt.close()
+    if duplicate is not None:
+        raise AlreadyIngested(duplicate)
     seconds = time.monotonic() - started
     log.info("ingested %s v%d: %d rows, %d bytes in %.2fs (%.1f MB/s)", meta.name, meta.version, vocab,
              meta.stored_bytes, seconds, meta.stored_bytes / 1e6 / max(seconds, 1e-9))
@@ -269,13 +307,28 @@ def _add_artifacts(writer: TableWriter, ckpt: Checkpoint, backbone: list[str], d
         writer.add_artifact(f.name, f.read_bytes())
 
 
-def _keep_newest(store: Store, name: str, keep: int) -> None:
+def _same_as_latest(store: Store, name: str, writer: TableWriter) -> TableMeta | None:
+    """The latest live version of `name` if it has the fingerprint this writer would commit."""
+    latest = [m for m in store.tables() if m.name == name]
+    if not latest:
+        return None
+    # Same fingerprint function commit() uses (shape, encoding, every row's CRC, every artifact's sha256).
+    return latest[-1] if latest[-1].fingerprint == writer._fingerprint(b"") else None
+
+
+def _keep_newest(store: Store, name: str, keep: int, say: Callable[[str], None]) -> list[int]:
+    """Drop all but the newest `keep` versions of `name`, naming each; the versions dropped."""
     if keep <= 0:
-        return
+        return []
     versions = sorted(m.version for m in store.tables() if m.name == name)
+    dropped = []
     for v in versions[:-keep]:
-        store.drop(name, v)
-        log.info("dropped %s v%d (--keep-versions %d)", name, v, keep)
+        meta = store.resolve(name, v)
+        with deferred():  # a drop is manifest first, then rows: not cut in between
+            store.drop(name, v)
+        dropped.append(v)
+        say(f"dropped {name} v{v} ({meta.stored_bytes / 1e6:.1f} MB, --keep-versions {keep})")
+    return dropped
 
 
 def main(args: argparse.Namespace) -> int:
@@ -284,11 +337,19 @@ def main(args: argparse.Namespace) -> int:
         # Ingest is a batch job; a daemon serving on the same host keeps its latency.
         os.nice(args.nice)
     started = time.monotonic()
-    meta = ingest_checkpoint(args.checkpoint, args.db, name=args.name, encoding=args.encoding, zstd=args.zstd,
-                             device=args.device, chunk_tokens=args.chunk_tokens, progress=not args.no_progress,
-                             keep_versions=args.keep_versions)
+    later: list[str] = []   # what --keep-versions dropped, printed after the "ingested" line
+    try:
+        meta = ingest_checkpoint(args.checkpoint, args.db, name=args.name, encoding=args.encoding, zstd=args.zstd,
+                                 device=args.device, chunk_tokens=args.chunk_tokens, progress=not args.no_progress,
+                                 keep_versions=args.keep_versions, force=args.force,
+                                 allow_no_tokenizer=args.allow_no_tokenizer, say=later.append)
+    except AlreadyIngested as e:   # not a failure: the table already is what was asked for
+        print(e, *later, sep="\n", flush=True)
+        return 0
     seconds = time.monotonic() - started
     print(f"ingested {meta.name} v{meta.version} ({meta.source_form} form, {meta.encoding}{'+zstd' if meta.zstd else ''}): "
           f"{meta.vocab_size} rows, {meta.stored_bytes} bytes in {seconds:.2f}s "
           f"({meta.stored_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s) into {args.db}", flush=True)
+    for line in later:
+        print(line, flush=True)
     return 0

@@ -366,7 +366,7 @@ mount -t tmpfs -o size=8m tmpfs {mnt} || exit 99
 LUTSTORE_INGEST_SKIP_SPACE_CHECK=1 {py} -m lutstore.cli ingest {big} --db {mnt}/db --name t --encoding fp32 --no-progress 2>{out}/3.err; echo $? >{out}/3.rc
 {py} -c "from lutstore.store import Store; s = Store.open('{mnt}/db', 'secondary'); print([(m.name, m.version, m.vocab_size) for m in s.tables()])" >{out}/tables 2>&1
 ls -A {mnt}/db/staging >{out}/staging
-{py} -m lutstore.cli ingest {small} --db {mnt}/db --name t --no-progress >{out}/4.out 2>{out}/4.err; echo $? >{out}/4.rc
+{py} -m lutstore.cli ingest {small} --db {mnt}/db --name t --no-progress --force >{out}/4.out 2>{out}/4.err; echo $? >{out}/4.rc
 """
     r = subprocess.run(["unshare", "-r", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -2,8 +2,19 @@
 'use strict';
 // List a lutstore daemon's tables, show one table's info, and fetch a few rows.
 //   node examples/get_rows.js --addr 127.0.0.1:50051 --table tiny 0 5 5 17
+const path = require('node:path');
 const { parseArgs } = require('node:util');
-const { LutClient } = require('../lib');
+
+// Without `npm ci` the gRPC packages are missing: say so in one line, not a stack trace.
+let LutClient;
+try {
+  ({ LutClient } = require('../lib'));
+} catch (err) {
+  if (err.code !== 'MODULE_NOT_FOUND') throw err;
+  const missing = (err.message.match(/'([^']+)'/) || [])[1] || 'a package';
+  console.error(`error: ${missing} is not installed; run \`npm ci\` in ${path.resolve(__dirname, '..')} first`);
+  process.exit(1);
+}
 
 const USAGE = `usage: node examples/get_rows.js [--addr HOST:PORT] [--table NAME] [--version N] [TOKEN_ID ...]
 

@@ -1,0 +1,89 @@
+"""SIGTERM and Ctrl-C in the command-line tools: one line, a clean exit, no traceback.
+
+- `sigterm_raises()` turns SIGTERM into a `Terminated` exception, so `with`
+  blocks and `finally` clauses run (an ingest removes its staging files)
+  instead of the process vanishing with rc -15.
+- `deferred()` holds SIGTERM and SIGINT back over a step that must not be cut
+  in half (an ingest's commit), then delivers them.
+- `quiet_keyboard_interrupt(prog)` prints "PROG: interrupted" instead of a
+  traceback for a Ctrl-C that lands before main() runs (while torch imports).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+EXIT_SIGTERM = 128 + signal.SIGTERM   # what a shell reports for a process ended by SIGTERM
+EXIT_SIGINT = 128 + signal.SIGINT
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived. A BaseException, like KeyboardInterrupt, so `except Exception` lets it through."""
+
+
+_held: list[int] | None = None   # signals that arrived inside deferred(); None outside it
+
+
+def _on_sigterm(signum, frame) -> None:
+    if _held is not None:
+        _held.append(signum)
+        return
+    raise Terminated()
+
+
+def _on_sigint(signum, frame) -> None:
+    if _held is not None:
+        _held.append(signum)
+        return
+    raise KeyboardInterrupt()
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Inside the block SIGTERM raises Terminated in the main thread; the previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """SIGTERM and SIGINT that arrive inside the block are raised when it ends, not in its middle."""
+    global _held
+    if threading.current_thread() is not threading.main_thread() or _held is not None:
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    _held = []
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        yield
+    finally:
+        held, _held = _held, None
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if held:
+            raise Terminated() if signal.SIGTERM in held else KeyboardInterrupt()
+
+
+def quiet_keyboard_interrupt(prog: str) -> None:
+    """An uncaught KeyboardInterrupt (e.g. during `import torch`) prints one line, not a traceback."""
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb) -> None:
+        if issubclass(exc_type, KeyboardInterrupt):
+            print(f"{prog}: interrupted", file=sys.stderr)
+        else:
+            previous(exc_type, exc, tb)
+
+    sys.excepthook = hook

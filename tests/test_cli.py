@@ -1,0 +1,355 @@
+"""The first hour of a new user (issue 17): the real commands, run as subprocesses.
+
+Each test is one rough edge that a newcomer met: what the command must say
+(one line, no traceback) and what it must leave behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ckpt_factory import make_checkpoint
+from conftest import REPO, start_server, write_table
+from rocksdict import Options, Rdict
+
+from lutstore import __version__
+from lutstore.address import AddressError, parse_addresses
+from lutstore.client import LutClient
+from lutstore.codec import decode_row
+from lutstore.dbpath import is_cluster_url
+from lutstore.store import Store, row_key
+
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+def run(*argv: str, cwd: Path = REPO, timeout: float = 180, env: dict | None = None,
+        **kw) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` (argv[0] is the module), captured as text."""
+    return subprocess.run([sys.executable, "-m", *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**ENV, **(env or {})}, **kw)
+
+
+def lutstore(*argv: str, **kw) -> subprocess.CompletedProcess:
+    return run("lutstore.cli", *argv, **kw)
+
+
+def one_line_error(r: subprocess.CompletedProcess, prefix: str) -> str:
+    """The single stderr line of a refused command (rc 2), checked to be one line and no traceback."""
+    err = r.stderr.strip()
+    assert r.returncode == 2, (r.returncode, r.stdout, err)
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and err.startswith(prefix), err
+    return err
+
+
+def versions(db: Path) -> list[tuple[str, int]]:
+    with Store.open(db, "secondary") as store:
+        return [(m.name, m.version) for m in store.tables()]
+
+
+# ---- 1. --db that is not a database folder -----------------------------------------------
+
+def test_db_that_is_a_file_a_url_or_a_foreign_folder_is_refused(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "m", vocab=32)
+    a_file = tmp_path / "f"
+    a_file.touch()
+    err = one_line_error(lutstore("ingest", str(ckpt), "--db", str(a_file), "--no-progress"), "lutstore ingest: error:")
+    assert "is a file" in err
+    assert "is a file" in one_line_error(lutstore("info", "--db", str(a_file)), "lutstore info: error:")
+
+    mine = tmp_path / "my-files"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    err = one_line_error(lutstore("ingest", str(ckpt), "--db", str(mine), "--no-progress"), "lutstore ingest: error:")
+    assert "not a lutstore database" in err and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+    work = tmp_path / "cwd"
+    work.mkdir()
+    for url, needle in (("redis-cluster://127.0.0.1:7000", "redis-cluster backend is not available"),
+                        ("http://127.0.0.1/db", "looks like a URL")):
+        for argv in (["ingest", str(ckpt), "--no-progress"], ["info"], ["serve", "--port", "0"]):
+            r = lutstore(argv[0], "--db", url, *argv[1:], cwd=work)
+            assert needle in one_line_error(r, f"lutstore {argv[0]}: error:")
+    assert list(work.iterdir()) == [], "a URL must not become a local folder"
+    assert is_cluster_url("redis-cluster://h:1,h:2") and not is_cluster_url(str(tmp_path / "db"))
+
+    # An empty folder, or an existing database, is fine.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert lutstore("ingest", str(ckpt), "--db", str(empty), "--no-progress").returncode == 0
+    assert versions(empty) == [("m", 1)]
+
+
+# ---- 2. -v after the subcommand; 8. --version, defaults and help ----------------------------
+
+def test_verbose_after_the_subcommand(tmp_path):
+    db = tmp_path / "db"
+    write_table(db, "t")
+    r = lutstore("info", "-vv", "--db", str(db))
+    assert r.returncode == 0 and "t v1" in r.stdout, r.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "lutstore.cli", "serve", "-v", "--db", str(db), "--port", "0"],
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "lutstore: serving" in line:
+                break
+        assert any(" INFO " in line for line in lines), "".join(lines)   # -v took effect
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
+def test_version_and_defaults_in_help():
+    r = lutstore("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"lutstore {__version__}"
+    serve = lutstore("serve", "--help").stdout
+    for flag, default in (("--port", "50051"), ("--cache-mb", "1024"), ("--workers", "16"),
+                          ("--max-batch-rows", "4096"), ("--refresh-seconds", "1.0")):
+        text = " ".join(serve.split(flag + " ", 2)[-1].split())   # that option's help, whitespace folded
+        assert re.match(rf"\S+ .*?\(default: {re.escape(default)}\)", text), (flag, text[:200])
+    drop = lutstore("drop", "--help").stdout
+    assert "table name" in drop and "the version to delete" in drop
+    for module, needle in (("inference.generate", "(default: 256)"), ("inference.evaluate", "(default: 10.0)")):
+        out = " ".join(run(module, "--help").stdout.split())
+        assert needle in out and "~/.cache/lutstore" in out and "$LUTSTORE_CACHE" in out
+
+
+# ---- 8. lutstore get -------------------------------------------------------------------------
+
+def test_get_prints_rows_and_names_a_corrupt_one(tmp_path):
+    db = tmp_path / "db"
+    meta, rows, values = write_table(db, "t", vocab_size=32)
+    r = lutstore("get", "t", "0", "7", "--db", str(db), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["shape"] == list(meta.row_format().shape) and doc["encoding"] == "fp16"
+    for got, token in zip(doc["rows"], (0, 7)):
+        want = decode_row(meta.row_format(), values[token])
+        assert got["token"] == token and got["checksum"] == "ok" and got["stored_bytes"] == len(values[token])
+        assert np.allclose(got["head"], want[0, 0, :len(got["head"])]) and np.isclose(got["max"], want.max())
+    text = lutstore("get", "t", "7", "--db", str(db))
+    assert text.returncode == 0 and "token 7: checksum OK" in text.stdout and "fp16" in text.stdout
+
+    bad = bytearray(values[7])
+    bad[3] ^= 0xFF
+    raw = Rdict(str(db), Options(raw_mode=True))
+    raw[row_key(meta.table_id, 7)] = bytes(bad)
+    raw.close()
+    r = lutstore("get", "t", "6", "7", "--db", str(db))
+    assert r.returncode == 1 and "token 6: checksum OK" in r.stdout and "token 7: checksum BAD" in r.stdout
+    assert "vocabulary 0..31" in one_line_error(lutstore("get", "t", "32", "--db", str(db)), "lutstore get: error:")
+    assert "no table named 'x'" in one_line_error(lutstore("get", "x", "1", "--db", str(db)), "lutstore get: error:")
+
+
+# ---- 6. what ingest says -------------------------------------------------------------------
+
+def test_ingest_says_what_it_did(tmp_path):
+    db = tmp_path / "db"
+    ckpt = make_checkpoint(tmp_path / "m", vocab=32)
+    bare = make_checkpoint(tmp_path / "bare", vocab=32, seed=5)
+    (bare / "tokenizer.json").unlink()
+
+    err = one_line_error(lutstore("ingest", str(bare), "--db", str(db), "--no-progress"), "lutstore ingest: error:")
+    assert "no tokenizer.json" in err and "--allow-no-tokenizer" in err and not db.exists()
+    assert lutstore("ingest", str(bare), "--db", str(db), "--no-progress", "--allow-no-tokenizer").returncode == 0
+
+    first = lutstore("ingest", str(ckpt), "--db", str(db), "--name", "t", "--no-progress")
+    assert first.returncode == 0 and "ingested t v1" in first.stdout, first.stderr
+    again = lutstore("ingest", str(ckpt), "--db", str(db), "--name", "t", "--no-progress")
+    assert again.returncode == 0 and "already holds this checkpoint" in again.stdout and "--force" in again.stdout
+    assert versions(db) == [("bare", 1), ("t", 1)] and not any((db / "staging").iterdir())
+    # Another encoding is another table content: a new version, no --force needed.
+    assert "ingested t v2" in lutstore("ingest", str(ckpt), "--db", str(db), "--name", "t", "--no-progress",
+                                       "--encoding", "int8").stdout
+    forced = lutstore("ingest", str(ckpt), "--db", str(db), "--name", "t", "--no-progress", "--encoding", "int8",
+                      "--force", "--keep-versions", "1")
+    assert forced.returncode == 0, forced.stderr
+    lines = forced.stdout.strip().splitlines()
+    assert lines[0].startswith("ingested t v3") and lines[1:] == [l for l in lines[1:] if l.startswith("dropped t v")]
+    assert [l.split()[2] for l in lines[1:]] == ["v1", "v2"]
+    assert versions(db) == [("bare", 1), ("t", 3)]
+
+
+# ---- 5. SIGTERM during ingest, Ctrl-C while torch loads ---------------------------------------
+
+def test_sigterm_during_ingest_aborts_cleanly(tmp_path):
+    db = tmp_path / "db"
+    small = make_checkpoint(tmp_path / "small", vocab=32)
+    big = make_checkpoint(tmp_path / "big", vocab=8192, hidden=16, intermediate=32, seed=3)
+    assert lutstore("ingest", str(small), "--db", str(db), "--name", "t", "--no-progress").returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "lutstore.cli", "ingest", str(big), "--db", str(db), "--name", "t",
+                             "--chunk-tokens", "2"], cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    staging = db / "staging"
+    deadline = time.monotonic() + 60
+    while not (staging.is_dir() and any(staging.iterdir())):   # rows are being written
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    last = err.decode().replace("\r", "\n").strip().splitlines()[-1]
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()[-2000:]
+    assert last.startswith("lutstore ingest: terminated (SIGTERM)") and "nothing was added" in last, last
+    assert "Traceback" not in err.decode()
+    assert list(staging.iterdir()) == [], "SIGTERM left staging files"
+    assert versions(db) == [("t", 1)]
+
+
+@pytest.mark.parametrize("module", ["inference.generate", "inference.evaluate"])
+def test_ctrl_c_while_torch_loads_is_one_line(module, tmp_path):
+    argv = ["--lut-addr", "127.0.0.1:1", "--retry-seconds", "30"]
+    argv += ["--prompt", "x"] if module.endswith("generate") else ["--token-ids", str(tmp_path / "ids.npy")]
+    proc = subprocess.Popen([sys.executable, "-m", module, *argv], cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 60
+    while "libtorch" not in maps.read_text():   # torch's shared libraries are loading: its import is under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err and err.strip().splitlines()[-1].endswith("interrupted"), err
+    assert proc.returncode != 0
+
+
+def test_token_ids_that_are_not_npy(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "m", vocab=32)
+    ids = tmp_path / "ids.txt"
+    ids.write_text("1 2 3\n")
+    err = one_line_error(run("inference.evaluate", "--checkpoint", str(ckpt), "--token-ids", str(ids)),
+                         "evaluate: error:")
+    assert "is not a .npy file" in err and "allow_pickle" not in err
+    np.save(tmp_path / "ids.npy", np.arange(1, 9))
+    r = run("inference.evaluate", "--checkpoint", str(ckpt), "--token-ids", str(tmp_path / "ids.npy"))
+    assert r.returncode == 0 and json.loads(r.stdout)["tokens"] == 8, r.stderr
+
+
+# ---- 3. addresses --------------------------------------------------------------------------
+
+def test_addresses_are_checked_at_once():
+    assert parse_addresses("127.0.0.1:50051") == ["127.0.0.1:50051"]
+    assert parse_addresses(" a:1, [::1]:2 ,localhost:3") == ["a:1", "[::1]:2", "localhost:3"]
+    for bad, needle in (("127.0.0.1", "has no port"), ("http://127.0.0.1:50051", "is a URL"), ("", "empty"),
+                        ("a:1,,b:2", "empty entry"), ("h:99999", "1..65535"), ("h:x", "not a number"),
+                        ("::1:5", "brackets"), ("grpc://h:1", "without 'grpc://'")):
+        with pytest.raises(AddressError, match=re.escape(needle)):
+            parse_addresses(bad)
+    with pytest.raises(ValueError, match="has no port"):   # the client checks too, before any connection
+        LutClient("127.0.0.1")
+
+    for addr, needle in (("127.0.0.1", "has no port"), ("http://127.0.0.1:50051", "is a URL")):
+        err = one_line_error(run("inference.generate", "--lut-addr", addr, "--retry-seconds", "60", "--prompt", "x",
+                                 timeout=30), "generate: error:")
+        assert needle in err and "unavailable" not in err
+
+    r = run("inference.generate", "--lut-addr", "127.0.0.1:1", "--retry-seconds", "1", "--prompt", "x")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 2, r.stderr
+    assert lines[0].startswith("generate: connecting to 127.0.0.1:1 (") and "retrying for 1 s)" in lines[0]
+    assert lines[1].startswith("generate: error: UNAVAILABLE")
+
+
+# ---- 4. generate's batch output, 5. --shared-memory on ----------------------------------------
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    ckpt = make_checkpoint(root / "ckpt", vocab=128, layers=2, experts=4, hidden=32, heads=4, seed=7)
+    db = root / "db"
+    assert lutstore("ingest", str(ckpt), "--db", str(db), "--name", "m", "--no-progress").returncode == 0
+    server = start_server(db)
+    yield {"db": db, "addr": server.address, "cache": root / "cache", "ckpt": ckpt}
+    server.stop()
+
+
+def generate(served, *argv: str) -> subprocess.CompletedProcess:
+    return run("inference.generate", "--lut-addr", served["addr"], "--max-new-tokens", "4", *argv,
+               env={"LUTSTORE_CACHE": str(served["cache"])})
+
+
+def test_generate_batch_output_names_each_prompt(served):
+    prompts = ["the water of", "one two"]
+    r = generate(served, "--prompt", prompts[0], "--prompt", prompts[1], "--batch-size", "3")
+    assert r.returncode == 0, r.stderr
+    headers = [line for line in r.stdout.splitlines() if line.startswith("--- sequence")]
+    assert headers == ["--- sequence 0 (prompt 0: 'the water of')", "--- sequence 1 (prompt 1: 'one two')",
+                       "--- sequence 2 (prompt 0: 'the water of')"], r.stdout
+    as_json = generate(served, "--prompt", prompts[0], "--prompt", prompts[1], "--json")
+    doc = json.loads(as_json.stdout)
+    assert len(doc["sequences"]) == 2 and "--- sequence" not in as_json.stdout
+    single = generate(served, "--prompt", prompts[0])
+    assert single.returncode == 0 and "--- sequence" not in single.stdout   # one prompt: just its text
+
+
+def test_shared_memory_on_fails_when_the_daemon_does_not_allow_it(served):
+    err = one_line_error(generate(served, "--prompt", "the", "--shared-memory", "on"), "generate: error:")
+    assert "--shared-memory on" in err and "--allow-shared-memory" in err
+    allowing = start_server(served["db"], "--allow-shared-memory")
+    try:
+        r = run("inference.generate", "--lut-addr", allowing.address, "--max-new-tokens", "2", "--prompt", "the",
+                "--shared-memory", "on", env={"LUTSTORE_CACHE": str(served["cache"])})
+        assert r.returncode == 0, r.stderr
+    finally:
+        allowing.stop()
+
+
+# ---- 8. evaluate's progress bar ------------------------------------------------------------
+
+def _stderr_through_a_terminal(argv: list[str]) -> tuple[int, str]:
+    """Run with stderr on a pseudo-terminal (so isatty() is true); its exit code and what it wrote there."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))   # a 100-column terminal
+    proc = subprocess.Popen([sys.executable, "-m", *argv], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=follower)
+    os.close(follower)
+    seen = bytearray()
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:   # EIO: the child closed its end
+            break
+        if not chunk:
+            break
+        seen.extend(chunk)
+    os.close(leader)
+    proc.stdout.read()
+    return proc.wait(60), seen.decode(errors="replace")
+
+
+def test_evaluate_progress_bar_on_a_terminal_only(served, tmp_path):
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.random.default_rng(0).integers(0, 128, 600))   # > 2 windows of the 256-token context
+    argv = ["inference.evaluate", "--checkpoint", str(served["ckpt"]), "--token-ids", str(ids), "--windows"]
+    rc, tty_err = _stderr_through_a_terminal(argv)
+    assert rc == 0 and "scoring" in tty_err and "599/599" in tty_err, tty_err
+    rc, quiet_err = _stderr_through_a_terminal([*argv, "--quiet"])
+    assert rc == 0 and "scoring" not in quiet_err, quiet_err
+    piped = run(*argv)
+    assert piped.returncode == 0 and "scoring" not in piped.stderr and json.loads(piped.stdout)["tokens"] == 600
+
+
+# ---- 7. the Node example without its packages -------------------------------------------------
+
+@pytest.mark.skipif(not shutil.which("node"), reason="node is not installed")
+def test_node_example_without_npm_ci_says_so(tmp_path):
+    """A copy of clients/node without node_modules: one line that says to run `npm ci`, no stack trace."""
+    copy = tmp_path / "node"
+    shutil.copytree(REPO / "clients" / "node", copy, ignore=shutil.ignore_patterns("node_modules"))
+    r = subprocess.run(["node", "examples/get_rows.js", "--addr", "127.0.0.1:1"], cwd=copy, capture_output=True,
+                       text=True, timeout=60)
+    err = r.stderr.strip()
+    assert r.returncode == 1 and len(err.splitlines()) == 1 and "npm ci" in err and str(copy) in err, err
