@@ -44,6 +44,7 @@ ENCODINGS = {
     codec.Encoding.FP16: pb.ENCODING_FP16,
     codec.Encoding.BF16: pb.ENCODING_BF16,
     codec.Encoding.INT8: pb.ENCODING_INT8,
+    codec.Encoding.NF4: pb.ENCODING_NF4,
 }
 
 
@@ -69,6 +70,7 @@ class RowSource:
         missing = [i for i, v in enumerate(values) if v is None]
         if missing:
             fetched = self.store.get_values(meta, [token_ids[i] for i in missing])
+            fixed = meta.row_format().stored_bytes   # None for zstd rows (their length varies)
             verified = []
             for i, value in zip(missing, fetched):
                 token = token_ids[i]
@@ -76,6 +78,8 @@ class RowSource:
                     raise CorruptRow(meta, token, "missing from the database")
                 try:
                     codec.check(value)
+                    if fixed is not None and len(value) != fixed:   # a row with a valid CRC but cut or padded
+                        raise codec.ChecksumError(f"stored row is {len(value)} bytes, expected {fixed}")
                 except codec.ChecksumError as e:
                     raise CorruptRow(meta, token, str(e)) from None
                 values[i] = value
@@ -155,7 +159,7 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
             artifacts=[pb.ArtifactInfo(name=a.name, size=a.size, sha256=a.sha256) for a in meta.artifacts],
             row_bytes=fmt.payload_bytes, stored_bytes=meta.stored_bytes, live_versions=live,
             created_unix_ms=meta.created_unix_ms, source_form=meta.source_form,
-            max_batch_rows=self.max_batch_rows)
+            max_batch_rows=self.max_batch_rows, block_size=fmt.block_size)
 
     def _row_bound(self, meta: TableMeta) -> int:
         fmt = meta.row_format()

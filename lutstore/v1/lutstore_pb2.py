@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1alutstore/v1/lutstore.proto\x12\x0blutstore.v1\"\x13\n\x11ListTablesRequest\"<\n\x12ListTablesResponse\x12&\n\x06tables\x18\x01 \x03(\x0b\x32\x16.lutstore.v1.TableInfo\"5\n\x13GetTableInfoRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\":\n\x0c\x41rtifactInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x9d\x03\n\tTableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\'\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32\x15.lutstore.v1.Encoding\x12-\n\x0b\x63ompression\x18\x08 \x01(\x0e\x32\x18.lutstore.v1.Compression\x12\x13\n\x0b\x66ingerprint\x18\t \x01(\t\x12,\n\tartifacts\x18\n \x03(\x0b\x32\x19.lutstore.v1.ArtifactInfo\x12\x11\n\trow_bytes\x18\x0b \x01(\x04\x12\x14\n\x0cstored_bytes\x18\x0c \x01(\x04\x12\x15\n\rlive_versions\x18\r \x03(\r\x12\x17\n\x0f\x63reated_unix_ms\x18\x0e \x01(\x03\x12\x13\n\x0bsource_form\x18\x0f \x01(\t\x12\x16\n\x0emax_batch_rows\x18\x10 \x01(\r\"X\n\x0f\x42\x61tchGetRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x12\n\nlayer_ends\x18\x04 \x03(\r\"%\n\x03Row\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"k\n\x10\x42\x61tchGetResponse\x12\x1e\n\x04rows\x18\x01 \x03(\x0b\x32\x10.lutstore.v1.Row\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x13\n\x0blayer_begin\x18\x03 \x01(\r\x12\x11\n\tlayer_end\x18\x04 \x01(\r\"w\n\x15\x42\x61tchGetSharedRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x14\n\x0csegment_name\x18\x04 \x01(\t\x12\x15\n\rsegment_bytes\x18\x05 \x01(\x04\"u\n\x16\x42\x61tchGetSharedResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0f\n\x07offsets\x18\x03 \x03(\x04\x12\x0f\n\x07lengths\x18\x04 \x03(\x04\x12\x15\n\rbytes_written\x18\x05 \x01(\x04\"B\n\x12GetArtifactRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\"-\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c*p\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_FP32\x10\x01\x12\x11\n\rENCODING_FP16\x10\x02\x12\x11\n\rENCODING_BF16\x10\x03\x12\x11\n\rENCODING_INT8\x10\x04*9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\x32\xea\x03\n\x08LutStore\x12M\n\nListTables\x12\x1e.lutstore.v1.ListTablesRequest\x1a\x1f.lutstore.v1.ListTablesResponse\x12H\n\x0cGetTableInfo\x12 .lutstore.v1.GetTableInfoRequest\x1a\x16.lutstore.v1.TableInfo\x12I\n\x08\x42\x61tchGet\x12\x1c.lutstore.v1.BatchGetRequest\x1a\x1d.lutstore.v1.BatchGetResponse0\x01\x12Q\n\x0e\x42\x61tchGetStream\x12\x1c.lutstore.v1.BatchGetRequest\x1a\x1d.lutstore.v1.BatchGetResponse(\x01\x30\x01\x12Y\n\x0e\x42\x61tchGetShared\x12\".lutstore.v1.BatchGetSharedRequest\x1a#.lutstore.v1.BatchGetSharedResponse\x12L\n\x0bGetArtifact\x12\x1f.lutstore.v1.GetArtifactRequest\x1a\x1a.lutstore.v1.ArtifactChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1alutstore/v1/lutstore.proto\x12\x0blutstore.v1\"\x13\n\x11ListTablesRequest\"<\n\x12ListTablesResponse\x12&\n\x06tables\x18\x01 \x03(\x0b\x32\x16.lutstore.v1.TableInfo\"5\n\x13GetTableInfoRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\":\n\x0c\x41rtifactInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\xb1\x03\n\tTableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\'\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32\x15.lutstore.v1.Encoding\x12-\n\x0b\x63ompression\x18\x08 \x01(\x0e\x32\x18.lutstore.v1.Compression\x12\x13\n\x0b\x66ingerprint\x18\t \x01(\t\x12,\n\tartifacts\x18\n \x03(\x0b\x32\x19.lutstore.v1.ArtifactInfo\x12\x11\n\trow_bytes\x18\x0b \x01(\x04\x12\x14\n\x0cstored_bytes\x18\x0c \x01(\x04\x12\x15\n\rlive_versions\x18\r \x03(\r\x12\x17\n\x0f\x63reated_unix_ms\x18\x0e \x01(\x03\x12\x13\n\x0bsource_form\x18\x0f \x01(\t\x12\x16\n\x0emax_batch_rows\x18\x10 \x01(\r\x12\x12\n\nblock_size\x18\x11 \x01(\r\"X\n\x0f\x42\x61tchGetRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x12\n\nlayer_ends\x18\x04 \x03(\r\"%\n\x03Row\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"k\n\x10\x42\x61tchGetResponse\x12\x1e\n\x04rows\x18\x01 \x03(\x0b\x32\x10.lutstore.v1.Row\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x13\n\x0blayer_begin\x18\x03 \x01(\r\x12\x11\n\tlayer_end\x18\x04 \x01(\r\"w\n\x15\x42\x61tchGetSharedRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x14\n\x0csegment_name\x18\x04 \x01(\t\x12\x15\n\rsegment_bytes\x18\x05 \x01(\x04\"u\n\x16\x42\x61tchGetSharedResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0f\n\x07offsets\x18\x03 \x03(\x04\x12\x0f\n\x07lengths\x18\x04 \x03(\x04\x12\x15\n\rbytes_written\x18\x05 \x01(\x04\"B\n\x12GetArtifactRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\"-\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c*\x82\x01\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_FP32\x10\x01\x12\x11\n\rENCODING_FP16\x10\x02\x12\x11\n\rENCODING_BF16\x10\x03\x12\x11\n\rENCODING_INT8\x10\x04\x12\x10\n\x0c\x45NCODING_NF4\x10\x05*9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\x32\xea\x03\n\x08LutStore\x12M\n\nListTables\x12\x1e.lutstore.v1.ListTablesRequest\x1a\x1f.lutstore.v1.ListTablesResponse\x12H\n\x0cGetTableInfo\x12 .lutstore.v1.GetTableInfoRequest\x1a\x16.lutstore.v1.TableInfo\x12I\n\x08\x42\x61tchGet\x12\x1c.lutstore.v1.BatchGetRequest\x1a\x1d.lutstore.v1.BatchGetResponse0\x01\x12Q\n\x0e\x42\x61tchGetStream\x12\x1c.lutstore.v1.BatchGetRequest\x1a\x1d.lutstore.v1.BatchGetResponse(\x01\x30\x01\x12Y\n\x0e\x42\x61tchGetShared\x12\".lutstore.v1.BatchGetSharedRequest\x1a#.lutstore.v1.BatchGetSharedResponse\x12L\n\x0bGetArtifact\x12\x1f.lutstore.v1.GetArtifactRequest\x1a\x1a.lutstore.v1.ArtifactChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lutstore.v1.lutstore_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENCODING']._serialized_start=1250
-  _globals['_ENCODING']._serialized_end=1362
-  _globals['_COMPRESSION']._serialized_start=1364
-  _globals['_COMPRESSION']._serialized_end=1421
+  _globals['_ENCODING']._serialized_start=1271
+  _globals['_ENCODING']._serialized_end=1401
+  _globals['_COMPRESSION']._serialized_start=1403
+  _globals['_COMPRESSION']._serialized_end=1460
   _globals['_LISTTABLESREQUEST']._serialized_start=43
   _globals['_LISTTABLESREQUEST']._serialized_end=62
   _globals['_LISTTABLESRESPONSE']._serialized_start=64
@@ -44,21 +44,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ARTIFACTINFO']._serialized_start=181
   _globals['_ARTIFACTINFO']._serialized_end=239
   _globals['_TABLEINFO']._serialized_start=242
-  _globals['_TABLEINFO']._serialized_end=655
-  _globals['_BATCHGETREQUEST']._serialized_start=657
-  _globals['_BATCHGETREQUEST']._serialized_end=745
-  _globals['_ROW']._serialized_start=747
-  _globals['_ROW']._serialized_end=784
-  _globals['_BATCHGETRESPONSE']._serialized_start=786
-  _globals['_BATCHGETRESPONSE']._serialized_end=893
-  _globals['_BATCHGETSHAREDREQUEST']._serialized_start=895
-  _globals['_BATCHGETSHAREDREQUEST']._serialized_end=1014
-  _globals['_BATCHGETSHAREDRESPONSE']._serialized_start=1016
-  _globals['_BATCHGETSHAREDRESPONSE']._serialized_end=1133
-  _globals['_GETARTIFACTREQUEST']._serialized_start=1135
-  _globals['_GETARTIFACTREQUEST']._serialized_end=1201
-  _globals['_ARTIFACTCHUNK']._serialized_start=1203
-  _globals['_ARTIFACTCHUNK']._serialized_end=1248
-  _globals['_LUTSTORE']._serialized_start=1424
-  _globals['_LUTSTORE']._serialized_end=1914
+  _globals['_TABLEINFO']._serialized_end=675
+  _globals['_BATCHGETREQUEST']._serialized_start=677
+  _globals['_BATCHGETREQUEST']._serialized_end=765
+  _globals['_ROW']._serialized_start=767
+  _globals['_ROW']._serialized_end=804
+  _globals['_BATCHGETRESPONSE']._serialized_start=806
+  _globals['_BATCHGETRESPONSE']._serialized_end=913
+  _globals['_BATCHGETSHAREDREQUEST']._serialized_start=915
+  _globals['_BATCHGETSHAREDREQUEST']._serialized_end=1034
+  _globals['_BATCHGETSHAREDRESPONSE']._serialized_start=1036
+  _globals['_BATCHGETSHAREDRESPONSE']._serialized_end=1153
+  _globals['_GETARTIFACTREQUEST']._serialized_start=1155
+  _globals['_GETARTIFACTREQUEST']._serialized_end=1221
+  _globals['_ARTIFACTCHUNK']._serialized_start=1223
+  _globals['_ARTIFACTCHUNK']._serialized_end=1268
+  _globals['_LUTSTORE']._serialized_start=1463
+  _globals['_LUTSTORE']._serialized_end=1953
 # @@protoc_insertion_point(module_scope)
