@@ -14,7 +14,10 @@ Error bounds (relative to max|x| of each layer x expert vector, per value):
 from __future__ import annotations
 
 import enum
+import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 try:  # the same CRC-32, ~10x faster (ISA-L); rows are checked on every read from RocksDB
     from isal.isal_zlib import crc32
 except ImportError:  # pragma: no cover - isal is a dependency; keep working without it
@@ -113,9 +116,10 @@ def encode_payloads(fmt: RowFormat, rows: np.ndarray) -> np.ndarray:
     n = rows.shape[0]
     if fmt.encoding is Encoding.NF4:
         # fp16 or fp32 in, block by block in cache-sized pieces (nf4.encode checks finiteness)
-        return nf4.encode(rows.reshape(n, fmt.num_layers, -1), fmt.block_size).reshape(n, -1)
+        return _in_parallel(lambda part: nf4.encode(part.reshape(len(part), fmt.num_layers, -1),
+                                                    fmt.block_size).reshape(len(part), -1), rows)
     if fmt.encoding is Encoding.INT8:
-        return _encode_int8(fmt, rows)
+        return _in_parallel(lambda part: _encode_int8(fmt, part), rows)
     if rows.dtype == np.float16 and fmt.encoding is Encoding.FP16:
         # fp16 in, fp16 out (an official rep checkpoint): no round trip through fp32.
         if not np.isfinite(rows).all():
@@ -131,6 +135,24 @@ def encode_payloads(fmt: RowFormat, rows: np.ndarray) -> np.ndarray:
             raise ValueError("rows exceed the fp16 range (65504); use --encoding fp32, bf16 or int8")
         return rows32.astype("<f2").reshape(n, -1).view(np.uint8)
     return _bf16_bits(rows32).astype("<u2").reshape(n, -1).view(np.uint8)  # BF16
+
+
+ENCODE_THREADS = min(2, os.cpu_count() or 1)
+PARALLEL_MIN_VALUES = 1 << 20   # below this a chunk is encoded in the calling thread
+_pool: ThreadPoolExecutor | None = None
+
+
+def _in_parallel(encode: Callable[[np.ndarray], np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """encode(rows) with the rows split over ENCODE_THREADS threads: int8 and nf4 encoding are
+    numpy/torch passes that release the GIL, and on an idle 2-core host ingest is bound by them."""
+    global _pool
+    if ENCODE_THREADS < 2 or rows.size < PARALLEL_MIN_VALUES or len(rows) < 2:
+        return encode(rows)
+    if _pool is None:
+        _pool = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="lutstore-encode")
+    parts = np.array_split(np.arange(len(rows)), ENCODE_THREADS)
+    futures = [_pool.submit(encode, rows[p[0]:p[-1] + 1]) for p in parts if len(p)]
+    return np.concatenate([f.result() for f in futures])
 
 
 INT8_PIECE_VALUES = 1 << 16  # values encoded per step: the temporaries stay in the CPU's cache

@@ -178,3 +178,17 @@ def test_nf4_row_of_the_wrong_length_is_data_loss(db_path, serve, capsys) -> Non
             assert err.value.code == grpc.StatusCode.DATA_LOSS and "row 5" in str(err.value)
             assert "stored row is 42 bytes, expected 44" in str(err.value) and "\n" not in str(err.value)
         np.testing.assert_array_equal(client.get_rows("q", [4, 6]), decode_rows(fmt, [values[4], values[6]]))
+
+
+@pytest.mark.parametrize("encoding", [Encoding.NF4, Encoding.INT8])
+def test_threaded_encoding_gives_the_same_bytes(encoding: Encoding, monkeypatch) -> None:
+    """A chunk big enough to be split over threads encodes to the bytes of one thread."""
+    from lutstore import codec
+
+    fmt = RowFormat(4, 8, 128, encoding)
+    x = (np.random.default_rng(5).standard_normal((300, *fmt.shape)) * 0.02).astype(np.float16)
+    assert x.size >= codec.PARALLEL_MIN_VALUES
+    monkeypatch.setattr(codec, "ENCODE_THREADS", 2)
+    threaded = encode_payloads(fmt, x)
+    monkeypatch.setattr(codec, "ENCODE_THREADS", 1)
+    assert np.array_equal(threaded, encode_payloads(fmt, x))
