@@ -13,7 +13,8 @@ Encoding (deterministic): s = fp16(absmax) of the block; y = x / s in float32 (s
 a block of zeros stays zeros, and decodes to zeros); q = the number of code book midpoints
 (CODE[k] + CODE[k+1]) / 2, computed in float32, that are < y: the nearest code, a tie (y exactly
 on a midpoint) going to the LOWER code. |y| may exceed 1 by fp16's rounding of absmax: it maps to
-code 0 or 15, still the nearest.
+code 0 or 15, still the nearest. Blocks whose absmax is below fp16's normal range (6.1e-5) get a
+coarser (subnormal) scale, and below 3e-8 scale 0 (zeros back): ERROR_BOUND holds above that range.
 
 Speed: a midpoint binary search (np.searchsorted) ran at 40 ns a value. Instead a uniform grid of
 GRID cells over [-1, 1] (each cell narrower than the closest two midpoints, so it holds at most
