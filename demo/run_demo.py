@@ -1,10 +1,10 @@
 """`make demo`: lutstore end to end on a CPU, in a few minutes.
 
     1. train a tiny MoLE model on Shakespeare (inference.train), unless cached
-    2. `lutstore ingest` it twice: an fp16 table and an int8 table
+    2. `lutstore ingest` it three times: an fp16, an int8 and an nf4 table
     3. `lutstore serve --port 0` in the background, on loopback
     4. `python -m inference.generate` on a few prompts, streaming text
-    5. `python -m inference.evaluate` on the held-out plays, for both tables
+    5. `python -m inference.evaluate` on the held-out plays, for all three tables
     6. the OpenAI-compatible endpoint (inference.serve): two concurrent streaming requests
     7. stop the daemon with SIGTERM and check that it exits 0
 
@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 from lutstore.daemon import Daemon, DaemonError  # noqa: E402  (after REPO: this file runs as a script)
-TABLES = {"fp16": "shakespeare", "int8": "shakespeare-int8"}   # encoding -> table name
+TABLES = {"fp16": "shakespeare", "int8": "shakespeare-int8", "nf4": "shakespeare-nf4"}   # encoding -> table name
 PROMPTS = ["ROMEO.\n", "To be, or not to be,", "KING.\nMy lord, the"]
 
 
@@ -71,7 +71,7 @@ def ensure_model(model_dir: Path, minutes: float, retrain: bool) -> dict:
 
 
 def ensure_tables(model_dir: Path, db: Path) -> None:
-    """Ingest fp16 and int8 tables unless this very checkpoint is already in the DB."""
+    """Ingest fp16, int8 and nf4 tables unless this very checkpoint is already in the DB."""
     stamp = db.parent / "ingested.json"
     digest = checkpoint_digest(model_dir)
     wanted = {"checkpoint_sha256": digest, "tables": TABLES}
@@ -81,7 +81,7 @@ def ensure_tables(model_dir: Path, db: Path) -> None:
         if set(TABLES.values()) <= names:
             say(f"2. tables {', '.join(TABLES.values())} already hold this checkpoint; skipping ingest")
             return
-    say(f"2. ingesting the checkpoint into {db} as fp16 and int8 tables")
+    say(f"2. ingesting the checkpoint into {db} as fp16, int8 and nf4 tables")
     stamp.unlink(missing_ok=True)
     for encoding, name in TABLES.items():
         run(lutstore("ingest", str(model_dir), "--db", str(db), "--name", name, "--encoding", encoding,
@@ -168,7 +168,7 @@ def serve_endpoint(address: str, tokens: int = 16) -> None:
 
 
 def evaluate(address: str, heldout: Path, max_tokens: int) -> dict[str, dict]:
-    say(f"5. scoring the held-out plays ({heldout.name}, first {max_tokens} tokens) with both tables")
+    say(f"5. scoring the held-out plays ({heldout.name}, first {max_tokens} tokens) with each table")
     results = {}
     for encoding, name in TABLES.items():
         out = run([sys.executable, "-m", "inference.evaluate", "--lut-addr", address, "--table", name,
@@ -196,10 +196,12 @@ def report(training: dict, scores: dict[str, dict], unigram: float) -> None:
     n = scores["fp16"]["tokens"]
     rows = [("unigram (the text's own token frequencies)", unigram),
             ("MoLE via lutstore, fp16 table", scores["fp16"]["ppl"]),
-            ("MoLE via lutstore, int8 table", scores["int8"]["ppl"])]
+            ("MoLE via lutstore, int8 table", scores["int8"]["ppl"]),
+            ("MoLE via lutstore, nf4 table (4-bit, blocks of 64)", scores["nf4"]["ppl"])]
     print(f"  text: {works}, {n} tokens never seen in training")
     for label, value in rows:
-        print(f"  {label:<46} {value:8.2f}")
+        vs = f"  ({100 * (value / scores['fp16']['ppl'] - 1):+.2f}% vs fp16)" if "int8" in label or "nf4" in label else ""
+        print(f"  {label:<52} {value:8.2f}{vs}")
     print(f"  model: {training['backbone_params'] / 1e6:.2f}M backbone parameters, LUT of "
           f"{training['lut_values'] / 1e6:.1f}M values ({training['lut_over_backbone']}x the backbone), "
           f"trained {training['steps']} steps in {training['train_seconds']:.0f}s "

@@ -121,9 +121,12 @@ class InProcessTable(LutSource):
     def from_client(cls, client, table: str, version: int = 0, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> InProcessTable:
         """Download every row of a served table (for comparisons and benchmarks), kept in dtype
-        (default float32)."""
+        (default float32; an nf4 table without a dtype stays nf4: inference.nf4.Nf4Table)."""
         table_name = table
         info = client.info(table, version)
+        if dtype is None and client.row_format(info).encoding is Encoding.NF4:
+            from inference.nf4 import Nf4Table   # (imports this module)
+            return Nf4Table.from_client(client, table, int(info.version), device)
         row_bytes = max(1, int(info.row_bytes))
         # calls of at most ~64 MiB, so each finishes well within the client's deadline
         step = max(1, min(int(info.max_batch_rows) or 1024, (64 << 20) // row_bytes))
@@ -312,6 +315,8 @@ class RemoteTable(LutSource):
         self.info = client.info(table, version)
         self.name, self.version = self.info.name, int(self.info.version)   # pin: rows never change under us
         self.fmt: RowFormat = client.row_format(self.info)
+        if self.fmt.encoding is Encoding.NF4:   # to come: keep nf4 rows in the slab, inference.nf4.dequantize_nf4 per layer
+            raise ValueError(f"RemoteTable does not read nf4 tables yet ({table!r}); use InProcessTable.from_client")
         self.vocab_size = int(self.info.vocab_size)
         self.num_layers, self.num_experts, self.hidden_size = self.fmt.shape
         self.max_batch_rows = int(self.info.max_batch_rows) or 4096

@@ -48,7 +48,7 @@ def info(args: argparse.Namespace) -> int:
     for m in tables:
         fmt = m.row_format()
         print(f"{m.name} v{m.version}  [{m.vocab_size} x {m.num_layers} x {m.num_experts} x {m.hidden_size}]  "
-              f"{m.encoding}{'+zstd' if m.zstd else ''}  row {fmt.payload_bytes} B  stored {_size(m.stored_bytes)}  "
+              f"{m.encoding}{f' (block {m.block_size})' if m.block_size else ''}{'+zstd' if m.zstd else ''}  row {fmt.payload_bytes} B  stored {_size(m.stored_bytes)}  "
               f"from {m.source_form}  fingerprint {m.fingerprint[:16]}")
         for a in m.artifacts:
             print(f"    {a.name}  {_size(a.size)}  sha256 {a.sha256[:16]}")

@@ -84,9 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path, help="HF-format MoLE checkpoint folder (config.json + weights)")
     _add_db(p)
     p.add_argument("--name", help="table name (default: the checkpoint folder's name)")
-    p.add_argument("--encoding", choices=["fp32", "fp16", "bf16", "int8"], default="fp16",
-                   help="row encoding (default: fp16, as the official reparameterisation)")
-    p.add_argument("--zstd", action="store_true", help="zstd-compress each row")
+    p.add_argument("--encoding", choices=["fp32", "fp16", "bf16", "int8", "nf4"], default="fp16",
+                   help="row encoding (default: fp16, as the official reparameterisation); nf4: 4-bit "
+                        "NormalFloat codes + one fp16 scale per block, 0.27x of fp16's bytes")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="nf4 only: values per block, each with its own scale; must be even and divide "
+                        "hidden_size (default: 64, as QLoRA)")
+    p.add_argument("--zstd", action="store_true",
+                   help="zstd-compress each row (not with nf4: its codes do not compress)")
     p.add_argument("--device", default="cpu", help="where train-form experts are computed: cpu or cuda")
     p.add_argument("--chunk-tokens", type=int, default=0,
                    help="tokens per computation chunk; bounds peak memory (default: about 64 MiB of rows)")

@@ -46,6 +46,7 @@ ENCODINGS = {
     pb.ENCODING_FP16: codec.Encoding.FP16,
     pb.ENCODING_BF16: codec.Encoding.BF16,
     pb.ENCODING_INT8: codec.Encoding.INT8,
+    pb.ENCODING_NF4: codec.Encoding.NF4,
 }
 
 
@@ -163,7 +164,7 @@ class LutClient:
     @staticmethod
     def row_format(info: pb.TableInfo) -> codec.RowFormat:
         return codec.RowFormat(info.num_layers, info.num_experts, info.hidden_size, ENCODINGS[info.encoding],
-                               info.compression == pb.COMPRESSION_ZSTD)
+                               info.compression == pb.COMPRESSION_ZSTD, info.block_size)
 
     # ---- rows --------------------------------------------------------------
 

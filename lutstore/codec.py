@@ -7,13 +7,17 @@ chunk of rows at once (vectorised), decoders on one stored value or a batch.
 
 Error bounds (relative to max|x| of each layer x expert vector, per value):
   fp32: exact; fp16: 2^-11 relative to |x| (plus subnormal floor 2^-24);
-  bf16: 2^-8 relative to |x|; int8: 0.5/127 of the vector's max|x|.
+  bf16: 2^-8 relative to |x|; int8: 0.5/127 of the vector's max|x|;
+  nf4: half the widest code book gap (0.152) of the block's absmax (see lutstore/nf4.py).
 """
 
 from __future__ import annotations
 
 import enum
+import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 try:  # the same CRC-32, ~10x faster (ISA-L); rows are checked on every read from RocksDB
     from isal.isal_zlib import crc32
 except ImportError:  # pragma: no cover - isal is a dependency; keep working without it
@@ -22,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import zstandard
+
+from lutstore import nf4
 
 CRC_BYTES = 4
 _CRC = struct.Struct("<I")
@@ -36,17 +42,30 @@ class Encoding(str, enum.Enum):
     FP16 = "fp16"
     BF16 = "bf16"
     INT8 = "int8"
+    NF4 = "nf4"
 
 
 @dataclass(frozen=True)
 class RowFormat:
-    """Everything needed to encode or decode the rows of one table."""
+    """Everything needed to encode or decode the rows of one table.
+
+    block_size: values per NF4 block (one scale each); 0 for the other encodings (set so
+    whatever was passed), nf4.DEFAULT_BLOCK_SIZE when an NF4 format is made without one."""
 
     num_layers: int
     num_experts: int
     hidden_size: int
     encoding: Encoding = Encoding.FP16
     zstd: bool = False
+    block_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.encoding is not Encoding.NF4:
+            object.__setattr__(self, "block_size", 0)
+            return
+        block = self.block_size or nf4.DEFAULT_BLOCK_SIZE
+        object.__setattr__(self, "block_size", block)
+        nf4.check_block_size(block, self.hidden_size)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -67,7 +86,14 @@ class RowFormat:
             return 4 * self.values
         if self.encoding in (Encoding.FP16, Encoding.BF16):
             return 2 * self.values
+        if self.encoding is Encoding.NF4:
+            return self.num_layers * self.nf4_layer_bytes
         return 4 * self.vectors + self.values  # int8: scales, then values
+
+    @property
+    def nf4_layer_bytes(self) -> int:
+        """NF4: bytes of one layer's piece of a payload (its fp16 block scales, then its nibbles)."""
+        return nf4.layer_bytes(self.num_experts * self.hidden_size, self.block_size)
 
     @property
     def stored_bytes(self) -> int | None:
@@ -88,6 +114,12 @@ def encode_payloads(fmt: RowFormat, rows: np.ndarray) -> np.ndarray:
     if rows.ndim != 4 or rows.shape[1:] != fmt.shape:
         raise ValueError(f"rows have shape {rows.shape}, expected [n, {fmt.num_layers}, {fmt.num_experts}, {fmt.hidden_size}]")
     n = rows.shape[0]
+    if fmt.encoding is Encoding.NF4:
+        # fp16 or fp32 in, block by block in cache-sized pieces (nf4.encode checks finiteness)
+        return _in_parallel(lambda part: nf4.encode(part.reshape(len(part), fmt.num_layers, -1),
+                                                    fmt.block_size).reshape(len(part), -1), rows)
+    if fmt.encoding is Encoding.INT8:
+        return _in_parallel(lambda part: _encode_int8(fmt, part), rows)
     if rows.dtype == np.float16 and fmt.encoding is Encoding.FP16:
         # fp16 in, fp16 out (an official rep checkpoint): no round trip through fp32.
         if not np.isfinite(rows).all():
@@ -102,16 +134,57 @@ def encode_payloads(fmt: RowFormat, rows: np.ndarray) -> np.ndarray:
         if np.abs(rows32).max(initial=0.0) > 65504.0:
             raise ValueError("rows exceed the fp16 range (65504); use --encoding fp32, bf16 or int8")
         return rows32.astype("<f2").reshape(n, -1).view(np.uint8)
-    if fmt.encoding is Encoding.BF16:
-        return _bf16_bits(rows32).astype("<u2").reshape(n, -1).view(np.uint8)
-    # int8: one symmetric scale per (layer, expert) vector, stored before the values.
-    vecs = rows32.reshape(n, fmt.vectors, fmt.hidden_size)
-    scales = np.abs(vecs).max(axis=2) / 127.0
-    safe = np.where(scales > 0, scales, 1.0)
-    q = np.clip(np.rint(vecs / safe[:, :, None]), -127, 127).astype(np.int8)
+    return _bf16_bits(rows32).astype("<u2").reshape(n, -1).view(np.uint8)  # BF16
+
+
+ENCODE_THREADS = min(2, os.cpu_count() or 1)
+PARALLEL_MIN_VALUES = 1 << 20   # below this a chunk is encoded in the calling thread
+_pool: ThreadPoolExecutor | None = None
+
+
+def _in_parallel(encode: Callable[[np.ndarray], np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """encode(rows) with the rows split over ENCODE_THREADS threads: int8 and nf4 encoding are
+    numpy/torch passes that release the GIL, and on an idle 2-core host ingest is bound by them."""
+    global _pool
+    if ENCODE_THREADS < 2 or rows.size < PARALLEL_MIN_VALUES or len(rows) < 2:
+        return encode(rows)
+    if _pool is None:
+        _pool = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="lutstore-encode")
+    parts = np.array_split(np.arange(len(rows)), ENCODE_THREADS)
+    futures = [_pool.submit(encode, rows[p[0]:p[-1] + 1]) for p in parts if len(p)]
+    return np.concatenate([f.result() for f in futures])
+
+
+INT8_PIECE_VALUES = 1 << 16  # values encoded per step: the temporaries stay in the CPU's cache
+
+
+def _encode_int8(fmt: RowFormat, rows: np.ndarray) -> np.ndarray:
+    """int8: one symmetric scale per (layer, expert) vector (max|x| / 127), stored before the values;
+    q = rint(x / scale). Worked on a few vectors at a time: each numpy pass then stays in cache
+    (2x the MB/s of whole-chunk passes, which went to DRAM once per temporary)."""
+    n, vectors, d = rows.shape[0], fmt.vectors, fmt.hidden_size
     out = np.empty((n, fmt.payload_bytes), dtype=np.uint8)
-    out[:, : 4 * fmt.vectors] = scales.astype("<f4").view(np.uint8)
-    out[:, 4 * fmt.vectors :] = q.reshape(n, -1).view(np.uint8)
+    scales = out[:, :4 * vectors].view("<f4")                          # [n, vectors]
+    values = out[:, 4 * vectors:].view(np.int8).reshape(n, vectors, d)  # a view: splits one axis
+    vecs = rows.reshape(n, vectors, d)
+    # pieces: whole rows when a row is small, else a few vectors of one row
+    rows_per_piece = max(1, INT8_PIECE_VALUES // (vectors * d))
+    vecs_per_piece = vectors if vectors * d <= INT8_PIECE_VALUES else max(1, INT8_PIECE_VALUES // d)
+    for r in range(0, n, rows_per_piece):
+        for v in range(0, vectors, vecs_per_piece):
+            piece = (slice(r, r + rows_per_piece), slice(v, v + vecs_per_piece))
+            x = vecs[piece].astype(np.float32, copy=False)
+            top = np.maximum(x.max(axis=2), -x.min(axis=2))
+            top += np.float32(0.0)            # -0.0 (all -0s) -> +0.0, as np.abs gave
+            if not np.isfinite(top).all():
+                raise ValueError("rows contain NaN or infinity; refusing to store them")
+            scale = top / np.float32(127.0)
+            scales[piece] = scale
+            scale[scale == 0] = 1.0           # an all-zero vector: q = 0, stored scale 0
+            q = x / scale[:, :, None]
+            np.rint(q, out=q)
+            np.clip(q, -127, 127, out=q)      # rounding of top / 127 can put |q| a hair above 127
+            values[piece] = q
     return out
 
 
@@ -168,6 +241,9 @@ def decode_payload(fmt: RowFormat, payload: bytes | memoryview, out: np.ndarray 
     elif fmt.encoding is Encoding.BF16:
         bits = np.frombuffer(payload, dtype="<u2").astype(np.uint32) << 16
         out[...] = bits.view(np.float32).reshape(fmt.shape)
+    elif fmt.encoding is Encoding.NF4:
+        layers = np.frombuffer(payload, dtype=np.uint8).reshape(fmt.num_layers, fmt.nf4_layer_bytes)
+        nf4.decode(layers, fmt.block_size, out=out.reshape(fmt.num_layers, -1))
     else:
         scales = np.frombuffer(payload, dtype="<f4", count=fmt.vectors)
         q = np.frombuffer(payload, dtype=np.int8, offset=4 * fmt.vectors)
@@ -214,6 +290,8 @@ def slice_payload_bytes(fmt: RowFormat, begin: int, end: int) -> int:
 def slice_parts(fmt: RowFormat, payload: memoryview, begin: int, end: int) -> list[memoryview]:
     """The payload restricted to layers [begin, end), as views into payload whose concatenation
     is the slice (one view; int8: the layers' scales, then their values)."""
+    if fmt.encoding is Encoding.NF4:  # each layer's scales and nibbles are one piece
+        return [payload[begin * fmt.nf4_layer_bytes : end * fmt.nf4_layer_bytes]]
     per_layer = fmt.num_experts * fmt.hidden_size
     if fmt.encoding is Encoding.INT8:
         scales = 4 * fmt.vectors

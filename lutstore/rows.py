@@ -70,6 +70,7 @@ class RowSource:
                 # File and offset to the log only; the client learns which rows and why.
                 log.error("table %r v%d rows %s unreadable: %s", meta.name, meta.version, _ids(e.token_ids), e.detail)
                 raise self._corrupt(meta, e.token_ids, e.reason) from None
+            fixed = meta.row_format().stored_bytes   # None for zstd rows (their length varies)
             verified = []
             bad: dict[int, str] = {}
             for i, value in zip(missing, fetched):
@@ -79,6 +80,8 @@ class RowSource:
                     continue
                 try:
                     codec.check(value)
+                    if fixed is not None and len(value) != fixed:   # a row with a valid CRC but cut or padded
+                        raise codec.ChecksumError(f"stored row is {len(value)} bytes, expected {fixed}")
                 except codec.ChecksumError as e:
                     bad[token] = str(e)
                     continue

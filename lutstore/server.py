@@ -49,6 +49,7 @@ ENCODINGS = {
     codec.Encoding.FP16: pb.ENCODING_FP16,
     codec.Encoding.BF16: pb.ENCODING_BF16,
     codec.Encoding.INT8: pb.ENCODING_INT8,
+    codec.Encoding.NF4: pb.ENCODING_NF4,
 }
 
 
@@ -102,7 +103,7 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
             artifacts=[pb.ArtifactInfo(name=a.name, size=a.size, sha256=a.sha256) for a in meta.artifacts],
             row_bytes=fmt.payload_bytes, stored_bytes=meta.stored_bytes, live_versions=live,
             created_unix_ms=meta.created_unix_ms, source_form=meta.source_form,
-            max_batch_rows=self.max_batch_rows,
+            max_batch_rows=self.max_batch_rows, block_size=fmt.block_size,
             shared_memory_socket=str(self.shared_memory.path) if self.shared_memory else "")
 
     def _row_bound(self, meta: TableMeta) -> int:

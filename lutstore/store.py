@@ -159,9 +159,11 @@ class TableMeta:
     created_unix_ms: int
     stored_bytes: int
     artifacts: list[ArtifactMeta] = field(default_factory=list)
+    block_size: int = 0   # nf4 only: values per block (manifests written before nf4 have none)
 
     def row_format(self) -> RowFormat:
-        return RowFormat(self.num_layers, self.num_experts, self.hidden_size, Encoding(self.encoding), self.zstd)
+        return RowFormat(self.num_layers, self.num_experts, self.hidden_size, Encoding(self.encoding), self.zstd,
+                         self.block_size)
 
     def artifact(self, name: str) -> ArtifactMeta:
         for a in self.artifacts:
@@ -697,6 +699,8 @@ class TableWriter:
         h = hashlib.sha256()
         shape = {"vocab_size": self.vocab_size, "num_layers": self.fmt.num_layers, "num_experts": self.fmt.num_experts,
                  "hidden_size": self.fmt.hidden_size, "encoding": self.fmt.encoding.value, "zstd": self.fmt.zstd}
+        if self.fmt.block_size:   # nf4 only, so the other encodings' fingerprints are unchanged
+            shape["block_size"] = self.fmt.block_size
         h.update(json.dumps(shape, sort_keys=True).encode())
         h.update(self._crcs.digest())
         for a in self._artifacts:
@@ -717,7 +721,7 @@ class TableWriter:
                 num_layers=self.fmt.num_layers, num_experts=self.fmt.num_experts, hidden_size=self.fmt.hidden_size,
                 encoding=self.fmt.encoding.value, zstd=self.fmt.zstd, fingerprint=self._fingerprint(fingerprint_extra),
                 source_form=self.source_form, created_unix_ms=int(time.time() * 1000),
-                stored_bytes=self._stored_bytes, artifacts=list(self._artifacts))
+                stored_bytes=self._stored_bytes, artifacts=list(self._artifacts), block_size=self.fmt.block_size)
             counters = self._store._counters()
             counters["next_table_id"] = max(counters["next_table_id"], self.table_id + 1)
             counters["versions"][self.name] = max(counters["versions"].get(self.name, 0), self.version)

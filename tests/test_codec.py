@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from lutstore import nf4
 from lutstore.codec import (CRC_BYTES, ChecksumError, Encoding, RowFormat, check, decode_row, decode_rows,
                             encode_rows)
 
@@ -19,7 +20,7 @@ def _rows(n: int = 7, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("zstd", [False, True])
 @pytest.mark.parametrize("encoding", list(Encoding))
 def test_round_trip_within_bounds(encoding: Encoding, zstd: bool) -> None:
-    fmt = RowFormat(*SHAPE, encoding=encoding, zstd=zstd)
+    fmt = RowFormat(*SHAPE, encoding=encoding, zstd=zstd, block_size=8)   # block_size: nf4 only
     x = _rows()
     values = encode_rows(fmt, x)
     y = decode_rows(fmt, values)
@@ -33,6 +34,10 @@ def test_round_trip_within_bounds(encoding: Encoding, zstd: bool) -> None:
         assert (err <= np.abs(x) * 2.0**-11 + 2.0**-24).all()
     elif encoding is Encoding.BF16:
         assert (err <= np.abs(x) * 2.0**-8).all()
+    elif encoding is Encoding.NF4:
+        block_max = np.abs(x.reshape(-1, 8)).max(axis=1, keepdims=True)
+        assert (err.reshape(-1, 8) <= block_max * nf4.ERROR_BOUND).all()
+        assert np.array_equal(y[0, 1, 2], np.zeros(SHAPE[2], np.float32))
     else:
         vec_max = np.abs(x).max(axis=3, keepdims=True)
         assert (err <= vec_max * (0.5 / 127) * (1 + 1e-6) + 1e-12).all()

@@ -32,6 +32,7 @@ from ckpt_factory import load_tensors, make_checkpoint, reference_lut
 from conftest import REPO, start_server
 from safetensors.torch import load as load_safetensors
 
+from lutstore import nf4
 from lutstore.codec import check, decode_rows
 from lutstore.store import Store
 from lutstore.v1 import lutstore_pb2 as pb
@@ -91,9 +92,10 @@ class Rpc:
     def rows(self, table: str, ids: list[int], version: int = 0) -> np.ndarray:
         info = self.info(table, version)
         from lutstore.codec import Encoding, RowFormat
-        enc = {pb.ENCODING_FP32: "fp32", pb.ENCODING_FP16: "fp16", pb.ENCODING_BF16: "bf16", pb.ENCODING_INT8: "int8"}
+        enc = {pb.ENCODING_FP32: "fp32", pb.ENCODING_FP16: "fp16", pb.ENCODING_BF16: "bf16", pb.ENCODING_INT8: "int8",
+               pb.ENCODING_NF4: "nf4"}
         fmt = RowFormat(info.num_layers, info.num_experts, info.hidden_size, Encoding(enc[info.encoding]),
-                        info.compression == pb.COMPRESSION_ZSTD)
+                        info.compression == pb.COMPRESSION_ZSTD, info.block_size)
         got: dict[int, bytes] = {}
         for start in range(0, len(ids), 1024):
             req = pb.BatchGetRequest(table=table, version=info.version, token_ids=ids[start:start + 1024])
@@ -110,7 +112,14 @@ class Rpc:
         self.channel.close()
 
 
-def assert_within_bounds(got: np.ndarray, ref: np.ndarray, encoding: str, form: str) -> None:
+def assert_within_bounds(got: np.ndarray, ref: np.ndarray, encoding: str, form: str, block: int = 0) -> None:
+    if encoding == "nf4":   # per block of `block` values: half the widest code gap of the block's absmax
+        blocks = lambda a: a.reshape(*a.shape[:-1], -1, block)
+        m = np.abs(blocks(ref)).max(axis=-1, keepdims=True)
+        c = 4e-6 * m if form == "train" else 0.0
+        err = np.abs(blocks(got).astype(np.float64) - blocks(ref))
+        assert np.all(err <= nf4.ERROR_BOUND * m + 2 * c), f"nf4/{form}: error {err.max():.3g}"
+        return
     m = np.abs(ref).max(axis=-1, keepdims=True)
     c = 4e-6 * m if form == "train" else 0.0
     bound = {
@@ -153,6 +162,9 @@ CASES = [
     ("rep-st2-int8", "rep", "safetensors", 2, torch.float16, ["--encoding", "int8"]),
     ("train-st-int8-zstd", "train", "safetensors", 1, torch.float32, ["--encoding", "int8", "--zstd"]),
     ("rep-st-fp16-zstd", "rep", "safetensors", 1, torch.float16, ["--encoding", "fp16", "--zstd"]),
+    ("rep-st-nf4", "rep", "safetensors", 1, torch.float16, ["--encoding", "nf4", "--block-size", "32"]),
+    ("train-bin-nf4-b8", "train", "bin", 1, torch.float32, ["--encoding", "nf4", "--block-size", "8",
+                                                            "--chunk-tokens", "7"]),
 ]
 
 
@@ -185,7 +197,8 @@ def test_served_rows_match_reference(served, case):
     assert info.source_form == form and info.version == 1
     assert info.compression == (pb.COMPRESSION_ZSTD if "--zstd" in flags else pb.COMPRESSION_NONE)
     got = rpc.rows(name, list(range(info.vocab_size)))
-    assert_within_bounds(got, ref, encoding, form)
+    assert info.block_size == (int(flags[flags.index("--block-size") + 1]) if encoding == "nf4" else 0)
+    assert_within_bounds(got, ref, encoding, form, info.block_size)
 
 
 @pytest.mark.parametrize("case", CASES[:6], ids=[c[0] for c in CASES[:6]])
@@ -247,9 +260,17 @@ def test_bad_checkpoints_fail_cleanly_and_change_nothing(tmp_path):
 def test_bad_flags(tmp_path):
     ckpt = make_checkpoint(tmp_path / "m", vocab=64)
     for flags, fragment in ((["--device", "tpu"], "--device"), (["--chunk-tokens", "-1"], "--chunk-tokens"),
-                            (["--keep-versions", "-2"], "--keep-versions")):
+                            (["--keep-versions", "-2"], "--keep-versions"),
+                            # nf4: the default block (64) does not divide hidden_size 32; nor does 12; odd; zstd
+                            (["--encoding", "nf4"], "block size 64 must be a positive even number that divides "
+                                                    "hidden_size 32"),
+                            (["--encoding", "nf4", "--block-size", "12"], "divides hidden_size 32"),
+                            (["--encoding", "nf4", "--block-size", "-2"], "--block-size"),
+                            (["--encoding", "nf4", "--block-size", "16", "--zstd"], "--zstd does not apply"),
+                            (["--block-size", "16"], "--block-size applies to --encoding nf4 only")):
         r = ingest(ckpt, tmp_path / "db", *flags)
         assert r.returncode != 0 and fragment in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "db").exists()
 
 

@@ -33,6 +33,7 @@ TABLES = [
     ("t-int8", RowFormat(2, 4, 16, Encoding.INT8)),
     ("t-fp16-zstd", RowFormat(2, 2, 32, Encoding.FP16, zstd=True)),
     ("t-int8-zstd", RowFormat(2, 2, 32, Encoding.INT8, zstd=True)),
+    ("t-nf4", RowFormat(3, 2, 16, Encoding.NF4, block_size=8)),
 ]
 
 pytestmark = pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
@@ -48,9 +49,10 @@ def edge_rows() -> list[dict]:
     cases = []
     for encoding in Encoding:
         for zstd in (False, True):
-            fmt = RowFormat(*fmt_shape, encoding, zstd=zstd)
+            fmt = RowFormat(*fmt_shape, encoding, zstd=zstd, block_size=4)   # block_size: nf4 only
             (stored,) = encode_rows(fmt, values)
             cases.append({"encoding": encoding.value, "zstd": zstd, "shape": list(fmt_shape), "data": stored.hex(),
+                          "block_size": fmt.block_size,
                           "values": decode_row(fmt, stored).astype(np.float64).ravel().tolist()})
     return cases
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1alutstore/v1/lutstore.proto\x12\x0blutstore.v1\"\x13\n\x11ListTablesRequest\"<\n\x12ListTablesResponse\x12&\n\x06tables\x18\x01 \x03(\x0b\x32\x16.lutstore.v1.TableInfo\"5\n\x13GetTableInfoRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\":\n\x0c\x41rtifactInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\xbb\x03\n\tTableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\'\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32\x15.lutstore.v1.Encoding\x12-\n\x0b\x63ompression\x18\x08 \x01(\x0e\x32\x18.lutstore.v1.Compression\x12\x13\n\x0b\x66ingerprint\x18\t \x01(\t\x12,\n\tartifacts\x18\n \x03(\x0b\x32\x19.lutstore.v1.ArtifactInfo\x12\x11\n\trow_bytes\x18\x0b \x01(\x04\x12\x14\n\x0cstored_bytes\x18\x0c \x01(\x04\x12\x15\n\rlive_versions\x18\r \x03(\r\x12\x17\n\x0f\x63reated_unix_ms\x18\x0e \x01(\x03\x12\x13\n\x0bsource_form\x18\x0f \x01(\t\x12\x16\n\x0emax_batch_rows\x18\x10 \x01(\r\x12\x1c\n\x14shared_memory_socket\x18\x11 \x01(\t\"X\n\x0f\x42\x61tchGetRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x12\n\nlayer_ends\x18\x04 \x03(\r\"%\n\x03Row\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"k\n\x10\x42\x61tchGetResponse\x12\x1e\n\x04rows\x18\x01 \x03(\x0b\x32\x10.lutstore.v1.Row\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x13\n\x0blayer_begin\x18\x03 \x01(\r\x12\x11\n\tlayer_end\x18\x04 \x01(\r\"\x93\x01\n\x15\x42\x61tchGetSharedRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x18\n\x0csegment_name\x18\x04 \x01(\tB\x02\x18\x01\x12\x15\n\rsegment_bytes\x18\x05 \x01(\x04\x12\x16\n\x0esegment_handle\x18\x06 \x01(\t\"u\n\x16\x42\x61tchGetSharedResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0f\n\x07offsets\x18\x03 \x03(\x04\x12\x0f\n\x07lengths\x18\x04 \x03(\x04\x12\x15\n\rbytes_written\x18\x05 \x01(\x04\"B\n\x12GetArtifactRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\"-\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c*p\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_FP32\x10\x01\x12\x11\n\rENCODING_FP16\x10\x02\x12\x11\n\rENCODING_BF16\x10\x03\x12\x11\n\rENCODING_INT8\x10\x04*9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\x32\xea\x03\n\x08LutStore\x12M\n\nListTables\x12\x1e.lutstore.v1.ListTablesRequest\x1a\x1f.lutstore.v1.ListTablesResponse\x12H\n\x0cGetTableInfo\x12 .lutstore.v1.GetTableInfoRequest\x1a\x16.lutstore.v1.TableInfo\x12I\n\x08\x42\x61tchGet\x12\x1c.lutstore.v1.BatchGetRequest\x1a\x1d.lutstore.v1.BatchGetResponse0\x01\x12Q\n\x0e\x42\x61tchGetStream\x12\x1c.lutstore.v1.BatchGetRequest\x1a\x1d.lutstore.v1.BatchGetResponse(\x01\x30\x01\x12Y\n\x0e\x42\x61tchGetShared\x12\".lutstore.v1.BatchGetSharedRequest\x1a#.lutstore.v1.BatchGetSharedResponse\x12L\n\x0bGetArtifact\x12\x1f.lutstore.v1.GetArtifactRequest\x1a\x1a.lutstore.v1.ArtifactChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1alutstore/v1/lutstore.proto\x12\x0blutstore.v1\"\x13\n\x11ListTablesRequest\"<\n\x12ListTablesResponse\x12&\n\x06tables\x18\x01 \x03(\x0b\x32\x16.lutstore.v1.TableInfo\"5\n\x13GetTableInfoRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\":\n\x0c\x41rtifactInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\xcf\x03\n\tTableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\'\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32\x15.lutstore.v1.Encoding\x12-\n\x0b\x63ompression\x18\x08 \x01(\x0e\x32\x18.lutstore.v1.Compression\x12\x13\n\x0b\x66ingerprint\x18\t \x01(\t\x12,\n\tartifacts\x18\n \x03(\x0b\x32\x19.lutstore.v1.ArtifactInfo\x12\x11\n\trow_bytes\x18\x0b \x01(\x04\x12\x14\n\x0cstored_bytes\x18\x0c \x01(\x04\x12\x15\n\rlive_versions\x18\r \x03(\r\x12\x17\n\x0f\x63reated_unix_ms\x18\x0e \x01(\x03\x12\x13\n\x0bsource_form\x18\x0f \x01(\t\x12\x16\n\x0emax_batch_rows\x18\x10 \x01(\r\x12\x1c\n\x14shared_memory_socket\x18\x11 \x01(\t\x12\x12\n\nblock_size\x18\x12 \x01(\r\"X\n\x0f\x42\x61tchGetRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x12\n\nlayer_ends\x18\x04 \x03(\r\"%\n\x03Row\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"k\n\x10\x42\x61tchGetResponse\x12\x1e\n\x04rows\x18\x01 \x03(\x0b\x32\x10.lutstore.v1.Row\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x13\n\x0blayer_begin\x18\x03 \x01(\r\x12\x11\n\tlayer_end\x18\x04 \x01(\r\"\x93\x01\n\x15\x42\x61tchGetSharedRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x18\n\x0csegment_name\x18\x04 \x01(\tB\x02\x18\x01\x12\x15\n\rsegment_bytes\x18\x05 \x01(\x04\x12\x16\n\x0esegment_handle\x18\x06 \x01(\t\"u\n\x16\x42\x61tchGetSharedResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0f\n\x07offsets\x18\x03 \x03(\x04\x12\x0f\n\x07lengths\x18\x04 \x03(\x04\x12\x15\n\rbytes_written\x18\x05 \x01(\x04\"B\n\x12GetArtifactRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\"-\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c*\x82\x01\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_FP32\x10\x01\x12\x11\n\rENCODING_FP16\x10\x02\x12\x11\n\rENCODING_BF16\x10\x03\x12\x11\n\rENCODING_INT8\x10\x04\x12\x10\n\x0c\x45NCODING_NF4\x10\x05*9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\x32\xea\x03\n\x08LutStore\x12M\n\nListTables\x12\x1e.lutstore.v1.ListTablesRequest\x1a\x1f.lutstore.v1.ListTablesResponse\x12H\n\x0cGetTableInfo\x12 .lutstore.v1.GetTableInfoRequest\x1a\x16.lutstore.v1.TableInfo\x12I\n\x08\x42\x61tchGet\x12\x1c.lutstore.v1.BatchGetRequest\x1a\x1d.lutstore.v1.BatchGetResponse0\x01\x12Q\n\x0e\x42\x61tchGetStream\x12\x1c.lutstore.v1.BatchGetRequest\x1a\x1d.lutstore.v1.BatchGetResponse(\x01\x30\x01\x12Y\n\x0e\x42\x61tchGetShared\x12\".lutstore.v1.BatchGetSharedRequest\x1a#.lutstore.v1.BatchGetSharedResponse\x12L\n\x0bGetArtifact\x12\x1f.lutstore.v1.GetArtifactRequest\x1a\x1a.lutstore.v1.ArtifactChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_BATCHGETSHAREDREQUEST'].fields_by_name['segment_name']._loaded_options = None
   _globals['_BATCHGETSHAREDREQUEST'].fields_by_name['segment_name']._serialized_options = b'\030\001'
-  _globals['_ENCODING']._serialized_start=1309
-  _globals['_ENCODING']._serialized_end=1421
-  _globals['_COMPRESSION']._serialized_start=1423
-  _globals['_COMPRESSION']._serialized_end=1480
+  _globals['_ENCODING']._serialized_start=1330
+  _globals['_ENCODING']._serialized_end=1460
+  _globals['_COMPRESSION']._serialized_start=1462
+  _globals['_COMPRESSION']._serialized_end=1519
   _globals['_LISTTABLESREQUEST']._serialized_start=43
   _globals['_LISTTABLESREQUEST']._serialized_end=62
   _globals['_LISTTABLESRESPONSE']._serialized_start=64
@@ -46,21 +46,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ARTIFACTINFO']._serialized_start=181
   _globals['_ARTIFACTINFO']._serialized_end=239
   _globals['_TABLEINFO']._serialized_start=242
-  _globals['_TABLEINFO']._serialized_end=685
-  _globals['_BATCHGETREQUEST']._serialized_start=687
-  _globals['_BATCHGETREQUEST']._serialized_end=775
-  _globals['_ROW']._serialized_start=777
-  _globals['_ROW']._serialized_end=814
-  _globals['_BATCHGETRESPONSE']._serialized_start=816
-  _globals['_BATCHGETRESPONSE']._serialized_end=923
-  _globals['_BATCHGETSHAREDREQUEST']._serialized_start=926
-  _globals['_BATCHGETSHAREDREQUEST']._serialized_end=1073
-  _globals['_BATCHGETSHAREDRESPONSE']._serialized_start=1075
-  _globals['_BATCHGETSHAREDRESPONSE']._serialized_end=1192
-  _globals['_GETARTIFACTREQUEST']._serialized_start=1194
-  _globals['_GETARTIFACTREQUEST']._serialized_end=1260
-  _globals['_ARTIFACTCHUNK']._serialized_start=1262
-  _globals['_ARTIFACTCHUNK']._serialized_end=1307
-  _globals['_LUTSTORE']._serialized_start=1483
-  _globals['_LUTSTORE']._serialized_end=1973
+  _globals['_TABLEINFO']._serialized_end=705
+  _globals['_BATCHGETREQUEST']._serialized_start=707
+  _globals['_BATCHGETREQUEST']._serialized_end=795
+  _globals['_ROW']._serialized_start=797
+  _globals['_ROW']._serialized_end=834
+  _globals['_BATCHGETRESPONSE']._serialized_start=836
+  _globals['_BATCHGETRESPONSE']._serialized_end=943
+  _globals['_BATCHGETSHAREDREQUEST']._serialized_start=946
+  _globals['_BATCHGETSHAREDREQUEST']._serialized_end=1093
+  _globals['_BATCHGETSHAREDRESPONSE']._serialized_start=1095
+  _globals['_BATCHGETSHAREDRESPONSE']._serialized_end=1212
+  _globals['_GETARTIFACTREQUEST']._serialized_start=1214
+  _globals['_GETARTIFACTREQUEST']._serialized_end=1280
+  _globals['_ARTIFACTCHUNK']._serialized_start=1282
+  _globals['_ARTIFACTCHUNK']._serialized_end=1327
+  _globals['_LUTSTORE']._serialized_start=1522
+  _globals['_LUTSTORE']._serialized_end=2012
 # @@protoc_insertion_point(module_scope)

@@ -14,6 +14,7 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENCODING_FP16: _ClassVar[Encoding]
     ENCODING_BF16: _ClassVar[Encoding]
     ENCODING_INT8: _ClassVar[Encoding]
+    ENCODING_NF4: _ClassVar[Encoding]
 
 class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -24,6 +25,7 @@ ENCODING_FP32: Encoding
 ENCODING_FP16: Encoding
 ENCODING_BF16: Encoding
 ENCODING_INT8: Encoding
+ENCODING_NF4: Encoding
 COMPRESSION_NONE: Compression
 COMPRESSION_ZSTD: Compression
 
@@ -56,7 +58,7 @@ class ArtifactInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class TableInfo(_message.Message):
-    __slots__ = ("name", "version", "vocab_size", "num_layers", "num_experts", "hidden_size", "encoding", "compression", "fingerprint", "artifacts", "row_bytes", "stored_bytes", "live_versions", "created_unix_ms", "source_form", "max_batch_rows", "shared_memory_socket")
+    __slots__ = ("name", "version", "vocab_size", "num_layers", "num_experts", "hidden_size", "encoding", "compression", "fingerprint", "artifacts", "row_bytes", "stored_bytes", "live_versions", "created_unix_ms", "source_form", "max_batch_rows", "shared_memory_socket", "block_size")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +76,7 @@ class TableInfo(_message.Message):
     SOURCE_FORM_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     vocab_size: int
@@ -91,7 +94,8 @@ class TableInfo(_message.Message):
     source_form: str
     max_batch_rows: int
     shared_memory_socket: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., hidden_size: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., fingerprint: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[ArtifactInfo, _Mapping]]] = ..., row_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., live_versions: _Optional[_Iterable[int]] = ..., created_unix_ms: _Optional[int] = ..., source_form: _Optional[str] = ..., max_batch_rows: _Optional[int] = ..., shared_memory_socket: _Optional[str] = ...) -> None: ...
+    block_size: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., hidden_size: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., fingerprint: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[ArtifactInfo, _Mapping]]] = ..., row_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., live_versions: _Optional[_Iterable[int]] = ..., created_unix_ms: _Optional[int] = ..., source_form: _Optional[str] = ..., max_batch_rows: _Optional[int] = ..., shared_memory_socket: _Optional[str] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class BatchGetRequest(_message.Message):
     __slots__ = ("table", "version", "token_ids", "layer_ends")

@@ -5,6 +5,10 @@
 //   payload (little-endian, E = L*N*D values) by encoding:
 //     FP32 E x float32 | FP16 E x binary16 | BF16 E x bfloat16 |
 //     INT8 L*N x float32 scales, then E x int8 (value = q * scale[l,n]).
+//     NF4  per layer, P = N*D/B*2 + N*D/2 bytes (B = TableInfo.block_size):
+//          N*D/B binary16 block scales, then N*D/2 bytes of 4-bit codes, value
+//          2j in the low nibble of byte j, 2j+1 in the high one;
+//          value = NF4_CODE[q] * scale[block].
 
 const CRC_BYTES = 4;
 
@@ -75,17 +79,35 @@ function decompressZstd(body) {
   }
 }
 
+// The NormalFloat-4 code book (QLoRA / bitsandbytes), ascending, as float32.
+const NF4_CODE = Float32Array.from([
+  -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+  -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+  0.07958029955625534, 0.16093020141124725, 0.24611230850219727, 0.33791524171829224,
+  0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+]);
+
 /** Geometry and encoding of one table's rows, from a TableInfo message. */
 class RowFormat {
-  constructor({ num_layers, num_experts, hidden_size, encoding, compression }) {
+  constructor({ num_layers, num_experts, hidden_size, encoding, compression, block_size }) {
     this.numLayers = Number(num_layers);
     this.numExperts = Number(num_experts);
     this.hiddenSize = Number(hidden_size);
     this.encoding = String(encoding).replace(/^ENCODING_/, '').toLowerCase();
     this.zstd = compression === 'COMPRESSION_ZSTD' || compression === 1;
-    if (!['fp32', 'fp16', 'bf16', 'int8'].includes(this.encoding)) {
+    if (!['fp32', 'fp16', 'bf16', 'int8', 'nf4'].includes(this.encoding)) {
       throw new RowError(`unsupported row encoding ${encoding}`);
     }
+    this.blockSize = this.encoding === 'nf4' ? Number(block_size) : 0;
+    if (this.encoding === 'nf4' && !(this.blockSize > 0 && this.blockSize % 2 === 0 && this.hiddenSize % this.blockSize === 0)) {
+      throw new RowError(`nf4 block size ${block_size} must be a positive even number that divides hidden_size ${this.hiddenSize}`);
+    }
+  }
+
+  /** NF4: bytes of one layer's piece of a payload (its block scales, then its codes). */
+  get nf4LayerBytes() {
+    const layerValues = this.numExperts * this.hiddenSize;
+    return 2 * (layerValues / this.blockSize) + layerValues / 2;
   }
 
   get shape() { return [this.numLayers, this.numExperts, this.hiddenSize]; }
@@ -96,6 +118,7 @@ class RowFormat {
   get payloadBytes() {
     if (this.encoding === 'fp32') return 4 * this.values;
     if (this.encoding === 'int8') return 4 * this.vectors + this.values;
+    if (this.encoding === 'nf4') return this.numLayers * this.nf4LayerBytes;
     return 2 * this.values;
   }
 }
@@ -123,9 +146,11 @@ function payloadOf(format, data, tokenId, verify = true) {
 
 /**
  * One row's payload restricted to layers [begin, end), as a layer-sliced BatchGet sends it
- * (BatchGetRequest.layer_ends): fp32/fp16/bf16 the layers' values; int8 their scales, then values.
+ * (BatchGetRequest.layer_ends): fp32/fp16/bf16 the layers' values; int8 their scales, then values;
+ * nf4 the layers' pieces (one contiguous range).
  */
 function slicePayload(format, payload, begin, end) {
+  if (format.encoding === 'nf4') return payload.subarray(begin * format.nf4LayerBytes, end * format.nf4LayerBytes);
   const perLayer = format.numExperts * format.hiddenSize;
   if (format.encoding === 'int8') {
     const scales = 4 * format.vectors;
@@ -185,6 +210,27 @@ function decodePayload(format, payload, out = new Float32Array(format.values)) {
         const scale = view.getFloat32(4 * v, true);
         const base = v * d;
         for (let j = 0; j < d; j++) out[base + j] = q[base + j] * scale;
+      }
+      break;
+    }
+    case 'nf4': {
+      const table = halfToFloatTable();
+      const size = format.nf4LayerBytes;
+      const layerValues = format.numExperts * format.hiddenSize;
+      const block = format.blockSize;
+      const scaleBytes = 2 * (layerValues / block);
+      for (let l = 0; l < format.numLayers; l++) {
+        const piece = l * size;
+        const base = l * layerValues;
+        for (let k = 0; k < layerValues / block; k++) {
+          const scale = table[view.getUint16(piece + 2 * k, true)];
+          const first = k * block;
+          for (let i = first; i < first + block; i += 2) {
+            const byte = payload[piece + scaleBytes + i / 2];
+            out[base + i] = NF4_CODE[byte & 0x0f] * scale;
+            out[base + i + 1] = NF4_CODE[byte >> 4] * scale;
+          }
+        }
       }
       break;
     }
