@@ -245,7 +245,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.duration, args.rates, args.max_prompt, args.max_tokens, args.vocab = 6.0, "0", 48, 48, 2048
-        args.lut_cache_mb = min(args.lut_cache_mb, 256)
         common.RESULTS_DIR = common.RESULTS_DIR / "quick"
     try:
         args.users = [int(u) for u in args.users.split(",")]

@@ -137,8 +137,10 @@ class Engine:
         self._thread.join(timeout)
 
     def submit(self, seq: Sequence) -> Sequence:
-        if seq.max_tokens < 0 or len(seq.prompt) == 0 or len(seq.prompt) + max(seq.max_tokens, 1) > self.context + 1:
-            raise ValueError("prompt + max_tokens must fit the context (checked by the caller)")
+        # the cache holds the prompt and every generated token but the last
+        if seq.max_tokens < 0 or not seq.prompt or len(seq.prompt) + max(seq.max_tokens - 1, 0) > self.context:
+            raise ValueError(f"a prompt of {len(seq.prompt)} tokens + max_tokens {seq.max_tokens} does not fit "
+                             f"the context of {self.context} tokens")
         seq.id, seq.submitted_at = next(self._ids), time.perf_counter()
         if seq.seed is not None and seq.sampling.temperature > 0:
             seq.generator = torch.Generator(device=self.device).manual_seed(seq.seed)
@@ -181,16 +183,16 @@ class Engine:
                     self._announce(seq)
                 prefilling = next((s for s in self._active if s.pos < len(s.prompt)), None)
                 if prefilling is not None:
-                    self._guarded([prefilling], self._prefill_chunk, prefilling)
+                    self._guarded([prefilling], lambda: self._prefill_chunk(prefilling))
                 decoding = [s for s in self._active if s.pos >= len(s.prompt) and s.last_token >= 0]
                 if decoding:
-                    self._guarded(decoding, self._decode, decoding)
+                    self._guarded(decoding, lambda: self._decode(decoding))
                 self.steps += 1
 
-    def _guarded(self, seqs: list[Sequence], step, arg) -> None:
+    def _guarded(self, seqs: list[Sequence], step: Callable[[], None]) -> None:
         """Run one forward; if it fails (a dead daemon, ...), fail only the requests in it."""
         try:
-            step(arg)
+            step()
         except Exception as e:  # noqa: BLE001 - reported to each request, the engine goes on
             log.warning("step failed for %d request(s): %s", len(seqs), e)
             for s in seqs:

@@ -620,7 +620,11 @@ def run(args: argparse.Namespace) -> int:
         sock = socket.create_server((args.host, args.port))
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
-    state = load(args)
+    try:
+        state = load(args)
+    except BaseException:
+        sock.close()
+        raise
     host, port = sock.getsockname()[:2]
 
     class Server(uvicorn.Server):

@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import random
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +28,8 @@ from conftest import start_server
 from inference import evaluate
 from inference.backbone import open_remote
 from inference.endpoint_process import Endpoint
+from inference.engine import Engine, FailedEvent, FinishedEvent, Sequence
+from inference.lut import InProcessTable
 from inference.generate import generate
 from inference.model import ModelArgs, Transformer, init_weights
 from lutstore import cli
@@ -122,6 +125,66 @@ def test_slot_forward_equals_one_request_at_a_time() -> None:
         got = model(last, pos, slots=torch.tensor(slots))[:, -1]
     for i in range(3):
         torch.testing.assert_close(got[i], want[i], atol=1e-5, rtol=1e-5)
+
+
+# -- the engine in-process ------------------------------------------------------------------------
+def _engine_model() -> tuple[Transformer, InProcessTable]:
+    args = ModelArgs(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_experts=4, max_position_embeddings=256)
+    model = Transformer(args, "lut").eval()
+    init_weights(model, 1, std=0.1)
+    return model, InProcessTable(torch.randn(64, 2, 4, 32, generator=torch.Generator().manual_seed(0)) * 0.1)
+
+
+class _Recorder:
+    """emit() target: (request name, event kind) in arrival order; done[name] when it ends."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, str]] = []
+        self.done: dict[str, threading.Event] = {}
+
+    def emit_for(self, name: str):
+        self.done[name] = threading.Event()
+
+        def emit(ev) -> None:
+            self.log.append((name, type(ev).__name__))
+            if isinstance(ev, (FinishedEvent, FailedEvent)):
+                self.done[name].set()
+        return emit
+
+
+def test_long_prefill_is_chunked_between_decode_steps() -> None:
+    """A 200-token prompt prefilled 8 tokens per step: the running request gets a token each step meanwhile."""
+    model, table = _engine_model()
+    engine = Engine(model, table, max_batch=4, prefill_chunk=8).start()
+    rec = _Recorder()
+    try:
+        engine.submit(Sequence([1, 2, 3], 60, rec.emit_for("running")))
+        while ("running", "TokenEvent") not in rec.log:
+            time.sleep(0.001)
+        mark = len(rec.log)
+        engine.submit(Sequence([t % 64 for t in range(200)], 1, rec.emit_for("long")))
+        assert rec.done["long"].wait(30) and rec.done["running"].wait(30)
+    finally:
+        engine.stop()
+    first_long = rec.log.index(("long", "TokenEvent"))
+    during = [name for name, kind in rec.log[mark:first_long] if kind == "TokenEvent"]
+    assert len(during) >= 200 // 8 - 1, f"only {len(during)} tokens of the running request during the prefill"
+
+
+def test_static_batching_admits_only_into_an_empty_batch() -> None:
+    model, table = _engine_model()
+    engine = Engine(model, table, max_batch=4, prefill_chunk=8, static=True).start()
+    rec = _Recorder()
+    try:
+        engine.submit(Sequence([1, 2, 3], 20, rec.emit_for("first")))
+        while ("first", "TokenEvent") not in rec.log:
+            time.sleep(0.001)
+        engine.submit(Sequence([4, 5], 5, rec.emit_for("second")))
+        assert rec.done["second"].wait(30)
+    finally:
+        engine.stop()
+    assert rec.log.index(("first", "FinishedEvent")) < rec.log.index(("second", "TokenEvent"))
 
 
 # -- completions ----------------------------------------------------------------------------------
@@ -298,7 +361,10 @@ def test_health_metrics_and_auth_and_a_dead_daemon(setup, tmp_path) -> None:
                              {"authorization": "Bearer s3cret"})
         _assert_openai_error(status, body, 503, code="lut_unavailable")
         assert "daemon" in body["error"]["message"]
-        assert _get(ep, "/health")[0] == 503
+        deadline = time.monotonic() + 10      # /health reuses a probe's answer for 1 s
+        while _get(ep, "/health")[0] != 503:
+            assert time.monotonic() < deadline, "/health still says ready with the daemon dead"
+            time.sleep(0.1)
         assert _client(ep, "s3cret").models.list().data[0].id == "m32"      # still serving
     finally:
         assert ep.stop() == 0, "".join(ep.output)
