@@ -17,7 +17,7 @@ def default_db_path() -> Path:
     """$LUTSTORE_DB, else a per-user data directory (shared by ingest and serve)."""
     env = os.environ.get("LUTSTORE_DB")
     if env:
-        return Path(env)
+        return env if env.startswith(("redis-cluster://", "rediss-cluster://")) else Path(env)
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(base) / "lutstore" / "db"
 
@@ -33,8 +33,12 @@ def default_cache_dir() -> Path:
 
 
 def _add_db(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--db", type=Path, default=default_db_path(),
-                   help="RocksDB directory (default: $LUTSTORE_DB or ~/.local/share/lutstore/db; now %(default)s)")
+    from lutstore.backend import db_argument
+
+    p.add_argument("--db", type=db_argument, default=default_db_path(),
+                   help="RocksDB directory, or redis-cluster://HOST:PORT[,HOST:PORT...][?OPTIONS] for a Valkey / "
+                        "Redis Cluster (docs/operations.md; default: $LUTSTORE_DB or ~/.local/share/lutstore/db; "
+                        "now %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,9 @@ from lutstore import logs, security, shm
 from lutstore.cache import ByteLRU
 from lutstore.errors import UserError
 from lutstore.metrics import Metrics
+from lutstore.backend import open_store
 from lutstore.store import Store, StoreError, TableMeta, TableNotFound, VersionGone
+from lutstore.store_api import StoreUnavailable
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 
@@ -139,6 +141,8 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except VersionGone as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except StoreUnavailable as e:  # a cluster node down: may succeed later
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except StoreError as e:
             context.abort(grpc.StatusCode.INTERNAL, str(e))
         raise AssertionError("unreachable")  # context.abort always raises
@@ -226,6 +230,9 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
         except CorruptRow as e:
             log.error("%s", e)
             context.abort(grpc.StatusCode.DATA_LOSS, str(e))
+        except StoreUnavailable as e:
+            log.warning("%s", e)
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
     def BatchGetStream(self, requests: Iterator[pb.BatchGetRequest], context: grpc.ServicerContext) -> Iterator[bytes]:
         """BatchGet for each request of the session, in order (serialised messages, as BatchGet's).
@@ -264,6 +271,9 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
             except CorruptRow as e:
                 log.error("%s", e)
                 context.abort(grpc.StatusCode.DATA_LOSS, str(e))
+            except StoreUnavailable as e:
+                log.warning("%s", e)
+                context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
             # RowSource hands out checked rows only; payload_of just strips the CRC (and unzips).
             payloads = [codec.payload_of(fmt, v, verify=False) for v in values]
             for begin, end in groups:
@@ -297,6 +307,8 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
                     data = view[start : start + piece]
                     yield pb.ArtifactChunk(offset=offset, data=bytes(data))
                     offset += len(data)
+        except StoreUnavailable as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except StoreError as e:
             context.abort(grpc.StatusCode.DATA_LOSS, str(e))
 
@@ -389,7 +401,7 @@ def main(args: argparse.Namespace) -> int:
     # Read credentials before opening anything, so a bad path is a one-line error.
     credentials = security.server_credentials(args.tls_cert, args.tls_key)
     token = security.read_token(args.auth_token, args.auth_token_file)
-    store = Store.open(args.db, "secondary")
+    store = open_store(args.db, "secondary")
     try:
         return _serve(args, store, credentials, token)
     finally:
