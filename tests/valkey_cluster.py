@@ -81,19 +81,20 @@ class ValkeyCluster:
     masters: list[Node] = field(default_factory=list)
     replicas: list[Node] = field(default_factory=list)
     node_timeout_ms: int = 1000
+    persist: bool = True
 
     # ---- lifecycle ---------------------------------------------------------
 
     @classmethod
     def start(cls, masters: int = 3, replicas: int = 1, root: Path | None = None,
-              node_timeout_ms: int = 1000, maxmemory_mb: int = 0) -> ValkeyCluster:
+              node_timeout_ms: int = 1000, maxmemory_mb: int = 0, persist: bool = True) -> ValkeyCluster:
         root = Path(root or tempfile.mkdtemp(prefix="lutstore-valkey-"))
         root.mkdir(parents=True, exist_ok=True)
         password = secrets.token_hex(12)
         password_file = root / "password"
         password_file.write_text(password + "\n")
         password_file.chmod(0o600)
-        cluster = cls(root, password, password_file, node_timeout_ms=node_timeout_ms)
+        cluster = cls(root, password, password_file, node_timeout_ms=node_timeout_ms, persist=persist)
         cluster._maxmemory_mb = maxmemory_mb
         ports = _free_ports(masters * (1 + replicas))
         nodes = [Node(p, root / str(p)) for p in ports]
@@ -118,7 +119,9 @@ class ValkeyCluster:
                 "--cluster-require-full-coverage", "no",
                 "--cluster-replica-validity-factor", "0",  # a replica may always take over
                 "--requirepass", self.password, "--masterauth", self.password,
-                "--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", "valkey.log",
+                # An append-only file, so a killed and restarted node comes back with its keys.
+                "--save", "", "--appendonly", "yes" if self.persist else "no", "--appendfsync", "everysec",
+                "--daemonize", "no", "--logfile", "valkey.log",
                 "--client-output-buffer-limit", "normal 0 0 0"]
         if getattr(self, "_maxmemory_mb", 0):
             args += ["--maxmemory", f"{self._maxmemory_mb}mb"]
