@@ -195,6 +195,29 @@ def test_two_daemons_answer_the_same_rows_and_see_new_versions(url: str, serve) 
         assert _raw(stub, "s", [5]) == {5: v2[5]}
 
 
+def test_generate_through_a_cluster_backed_daemon_equals_the_train_form(url: str, serve, tmp_path: Path) -> None:
+    """The inference client end to end: ingest into the cluster, serve, generate; the tokens are the
+    trained model's (the same check test_inference makes against RocksDB)."""
+    import torch
+
+    from inference import generate
+    from inference.backbone import load_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", form="train", vocab=128, layers=2, experts=4, hidden=32, heads=4, seed=7)
+    assert _cli("ingest", str(ckpt), "--db", url, "--name", "m32", "--encoding", "fp32", "--no-progress").returncode == 0
+    daemon = serve(url)
+    proc = subprocess.run([sys.executable, "-m", "inference.generate", "--lut-addr", daemon.address, "--table", "m32",
+                           "--max-new-tokens", "10", "--json", "--prompt", "the water of"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, LUTSTORE_CACHE=str(tmp_path / "cache")))
+    assert proc.returncode == 0, proc.stderr
+    (seq,) = json.loads(proc.stdout)["sequences"]
+    backbone, _ = load_checkpoint(ckpt)
+    with torch.no_grad():
+        trained = generate.generate(backbone.model, None, [seq["prompt_ids"]], 10, eos_id=backbone.args.eos_token_id)
+    assert seq["ids"] == trained.tokens[0] and len(seq["ids"]) > 0
+
+
 # ---- faults (last: they kill nodes) ----------------------------------------------
 
 def test_zz_master_with_replica_killed_fails_over_and_never_serves_wrong_rows(url: str, serve, valkey_cluster) -> None:
