@@ -85,6 +85,29 @@ def test_rows_and_meta_are_byte_identical_to_rocksdb(url: str, db_path: Path, va
     assert sum(counts) == 300 and min(counts) > 50, counts
 
 
+def test_reads_from_replicas_and_concurrent_ingests_get_distinct_versions(valkey_cluster) -> None:
+    from conftest import random_rows
+    from lutstore.codec import encode_rows
+
+    url = valkey_cluster.url(namespace=f"c{next(_count)}")
+    values = encode_rows(FMT, random_rows(FMT, 40, seed=9))
+    with open_store(url, "primary") as store:
+        first, second = store.begin_table("v", FMT, 40, "rep"), store.begin_table("v", FMT, 40, "rep")
+        for writer in (first, second):
+            writer.add_rows(values)
+        assert (second.commit().version, first.commit().version) == (1, 2)  # both started as "v1"
+    time.sleep(0.2)  # replication is asynchronous
+
+    def replica_gets() -> int:
+        return sum(valkey_cluster.client(n).info("commandstats").get("cmdstat_get", {}).get("calls", 0)
+                   for n in valkey_cluster.alive() if valkey_cluster.client(n).info("replication")["role"] == "slave")
+
+    before = replica_gets()
+    with open_store(valkey_cluster.url(namespace=_namespace(url), read_from_replicas="1"), "secondary") as store:
+        assert store.get_values(store.resolve("v", 2), list(range(40))) == values
+    assert replica_gets() > before  # the replicas answered some of the rows
+
+
 def test_bad_urls_are_one_line_errors(valkey_cluster, tmp_path: Path) -> None:
     for bad, fragment in (("redis-cluster://user:pw@127.0.0.1:1", "credentials"),
                           ("redis-cluster://127.0.0.1:1?password=x", "must not carry the password"),
