@@ -14,7 +14,7 @@ Row and artifact keys have no hash tag, so they spread over all 16384 slots
 (a few hash tags would land unevenly and make slots too big to move). The
 {NS} keys share one slot, so publishing is one atomic Lua script: rows are
 written first, then the manifest entry appears together with the version
-counter, and the pending marker goes. An ingest killed before that leaves a
+counter, and the pending marker goes (after WAIT: the replicas hold the rows). An ingest killed before that leaves a
 pending marker whose lease expires; the next ingest or drop deletes what it
 names. Reads group a batch by the node serving each key's slot and send one
 pipelined round trip of GETs per node and chunk (at most PIPELINE_BYTES of
@@ -488,6 +488,34 @@ class ClusterStore:
         row = max(1, sum(len(v) for v in values[:16]) // max(1, min(16, len(values))))
         self._nodes.run(keys, lambda pipe, i: pipe.set(keys[i], values[i]), max(1, PIPELINE_BYTES // row), what)
 
+    def wait_replicated(self, timeout: float = 10.0) -> bool:
+        """Wait until each master's online replicas have every write it took so far, so a version is
+        published only once a failover cannot lose its rows. Per master: one small write and WAIT on
+        the same connection (WAIT counts from that connection's last write, which comes after every
+        row written so far). False, with a warning, if a replica lags past `timeout`."""
+        ok = True
+        try:
+            for node in self._rc.get_primaries():
+                client = self._rc.get_redis_connection(node)
+                replicas = sum(1 for k, v in client.info("replication").items()
+                               if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online")
+                if not replicas:
+                    continue
+                key = next(k for k in (f"{self._keys.ns}:sync:{i}".encode() for i in range(100_000))
+                           if self._nodes.node_for(k, False).name == node.name)
+                pipe = client.pipeline(transaction=False)
+                pipe.set(key, b"1", px=60_000)
+                pipe.execute_command("WAIT", replicas, int(timeout * 1000))
+                acked = int(pipe.execute()[1])
+                if acked < replicas:
+                    log.warning("only %d of %d replicas of %s acknowledged the rows within %.0f s; publishing anyway",
+                                acked, replicas, node.name, timeout)
+                    ok = False
+        except (redis.RedisError, RedisClusterException, StopIteration) as e:
+            log.warning("cannot wait for the replicas (%s); publishing without waiting", e)
+            return False
+        return ok
+
     def drop(self, name: str, version: int) -> None:
         """Unpublish one version at once (with a pending marker), then delete its rows and artifacts."""
         self._require_primary("drop")
@@ -606,6 +634,7 @@ class ClusterTableWriter:
         store = self._store
         try:
             self._wait_writing()
+            store.wait_replicated()  # rows on the replicas too before the version is visible
             fingerprint = table_fingerprint(self.vocab_size, self.fmt, self._crcs.digest(), self._artifacts,
                                             fingerprint_extra)
             created = int(time.time() * 1000)
