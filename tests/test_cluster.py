@@ -17,14 +17,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-import redis
 from redis.crc import key_slot
 
 from lutstore.backend import open_store
 from lutstore.client import LutClient
 from lutstore.cluster_store import ClusterConfig
 from lutstore.codec import Encoding, RowFormat
-from lutstore.daemon import DaemonError
 from lutstore.store import StoreError
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc

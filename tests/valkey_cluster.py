@@ -221,12 +221,11 @@ class ValkeyCluster:
         raise RuntimeError(f"no live node serves slot {slot}")
 
     def replica_of(self, master: Node) -> Node | None:
-        master_id = self.client(master).execute_command("CLUSTER", "MYID")
+        """A live node replicating `master` now, if any."""
         for node in self.alive():
             info = self.client(node).info("replication")
             if info.get("role") == "slave" and int(info.get("master_port", -1)) == master.port:
                 return node
-        del master_id
         return None
 
     def url(self, namespace: str = "lut", **options: str) -> str:
