@@ -195,6 +195,16 @@ def test_killed_ingest_is_invisible_and_its_leftovers_are_removed(valkey_cluster
     assert node().hgetall(f"{{{ns}}}:pending") == {}
     with open_store(url, "secondary") as store:
         assert [(m.name, m.version) for m in store.tables()] == [("k", 1)]
+    # A second killed ingest: this time `drop` finds and removes its leftovers.
+    done = subprocess.run([sys.executable, "-c", KILLED_INGEST, url], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    dead_id = int(done.stdout.strip())
+    time.sleep(1.5)
+    with open_store(url, "primary") as store:
+        store.drop("k", 1)
+    left = sum(1 for n in valkey_cluster.masters
+               for _ in valkey_cluster.client(n).scan_iter(match=f"{ns}:*:{dead_id}:*", count=1000))
+    assert left == 0 and node().hgetall(f"{{{ns}}}:pending") == {}
 
 
 # ---- several daemons -------------------------------------------------------------
