@@ -267,9 +267,12 @@ class _Nodes:
                     tasks.append((name, node, idxs[start : start + per_round]))
             failed: list[int] = []
             failures: dict[str, _Failure] = {}
-            running = [(t, self.pool.submit(self._round, t[1], keys, t[2], command)) for t in tasks]
-            for (name, _node, idxs), fut in running:
-                values, retry, reason = fut.result()
+            # Every round trip but the first goes to the pool; this thread does the first one itself
+            # (a small batch is often one round trip: no thread hop at all).
+            running = [(t, self.pool.submit(self._round, t[1], keys, t[2], command)) for t in tasks[1:]]
+            done = [(tasks[0], self._round(tasks[0][1], keys, tasks[0][2], command))] if tasks else []
+            done += [(t, fut.result()) for t, fut in running]
+            for (name, _node, idxs), (values, retry, reason) in done:
                 for i, value in zip(idxs, values):
                     results[i] = value
                 if retry:
