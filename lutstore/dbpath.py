@@ -1,9 +1,8 @@
 """What `--db` may name, checked before anything is opened or created.
 
-Today a database is a local RocksDB folder. A URL-looking value ("scheme://...")
-is refused with one line instead of silently becoming a folder named
-"scheme:"; `redis-cluster://HOST:PORT` is reserved for the Redis Cluster
-backend (see is_cluster_url) and refused while this build has none.
+A database is a local RocksDB folder or a Redis Cluster URL (`redis-cluster://HOST:PORT`,
+lutstore.backend). Any other URL-looking value ("scheme://...") is refused with one line
+instead of silently becoming a folder named "scheme:".
 """
 
 from __future__ import annotations
@@ -14,12 +13,13 @@ from pathlib import Path
 from lutstore.errors import UserError
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-CLUSTER_SCHEME = "redis-cluster://"
 
 
 def is_cluster_url(db: str | Path) -> bool:
-    """True for `redis-cluster://HOST:PORT[,HOST:PORT...]`: the hook where a Redis Cluster backend plugs in."""
-    return str(db).lower().startswith(CLUSTER_SCHEME)
+    """True for `redis-cluster://HOST:PORT[,...]` (or rediss-cluster:// with TLS): the cluster backend's."""
+    from lutstore.backend import is_cluster_url as cluster
+
+    return cluster(str(db))
 
 
 def _is_url(text: str) -> bool:
@@ -30,16 +30,16 @@ def _is_database(path: Path) -> bool:
     return (path / "CURRENT").is_file()
 
 
-def check_db(db: str | Path, create: bool = False) -> Path:
-    """The local database folder named by `db` (the raw --db text, before Path() folds "//").
+def check_db(db: str | Path, create: bool = False) -> str | Path:
+    """The database named by `db` (the raw --db text, before Path() folds "//"): a cluster URL as
+    given (lutstore.backend opens it), else the local folder.
 
     UserError (one line) for a URL, a file, or (when `create`) a non-empty folder that is not
     already a lutstore database: RocksDB's files must not be mixed in among someone else's.
     """
     text = str(db)
     if is_cluster_url(text):
-        raise UserError(f"--db {text}: the redis-cluster backend is not available in this build; "
-                        f"give a local database folder")
+        return text
     if _is_url(text):
         raise UserError(f"--db {text} looks like a URL; --db takes a local folder (the RocksDB database)")
     path = Path(text).expanduser()

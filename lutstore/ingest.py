@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import zstandard
 
+from lutstore.backend import is_cluster_url, open_store
 from lutstore.checkpoint import EMBED, TABLE, Checkpoint
 from lutstore.codec import CRC_BYTES, Encoding, RowFormat, encode_rows
 from lutstore.errors import UserError
@@ -233,7 +234,8 @@ def ingest_checkpoint(ckpt_dir: str | Path, db_path: str | Path, name: str | Non
     Returns the committed version's TableMeta.
     """
     say = say or log.info
-    ckpt_dir, db_path = Path(ckpt_dir), Path(db_path)
+    cluster = is_cluster_url(db_path)
+    ckpt_dir, db_path = Path(ckpt_dir), (db_path if cluster else Path(db_path))
     if keep_versions < 0:
         raise UserError(f"--keep-versions must be >= 0, got {keep_versions}")
     name = name or ckpt_dir.resolve().name
@@ -249,13 +251,14 @@ def ingest_checkpoint(ckpt_dir: str | Path, db_path: str | Path, name: str | Non
     chunk = _chunk_tokens(fmt, vocab, chunk_tokens)
     backbone = ckpt.backbone_names()
     need = _estimate_bytes(ckpt, fmt, backbone)
-    _check_space(db_path, need)
+    if not cluster:  # a cluster's memory is its operator's to size (docs/operations.md)
+        _check_space(db_path, need)
     compute = _TrainRows(ckpt, dev) if ckpt.form == "train" else _RepRows(ckpt)
 
     started = time.monotonic()
     meta = duplicate = None
     try:
-        with Store.open(db_path, "primary", create=True) as store:
+        with open_store(db_path, "primary", create=True) as store:
             with store.begin_table(name, fmt, vocab, ckpt.form) as writer:
                 _write_rows(writer, compute, fmt, vocab, chunk, progress)
                 _add_artifacts(writer, ckpt, backbone, db_path)
@@ -310,7 +313,7 @@ def _add_artifacts(writer: TableWriter, ckpt: Checkpoint, backbone: list[str], d
     writer.add_artifact("config.json", (ckpt.path / "config.json").read_bytes())
     # The temporary backbone file lives in the store's staging folder (same disk; a stale
     # one left by a killed ingest is removed by the next ingest). The pid prefix marks it ours.
-    staging = db_path / "staging"
+    staging = Path(tempfile.gettempdir()) if isinstance(db_path, str) else db_path / "staging"
     tmp = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-backbone-", dir=staging if staging.is_dir() else None))
     try:
         path = tmp / "backbone.safetensors"

@@ -17,7 +17,8 @@ import numpy as np
 
 from lutstore import codec
 from lutstore.errors import UserError
-from lutstore.store import Store, TableMeta
+from lutstore.backend import open_store
+from lutstore.store import TableMeta
 
 HEAD_VALUES = 6
 
@@ -50,7 +51,7 @@ def _format(report: dict) -> str:
 def get(args: argparse.Namespace) -> int:
     """Print the rows of args.tokens from args.table (version args.version, 0: latest)."""
     tokens = args.tokens
-    with Store.open(args.db, "secondary") as store:
+    with open_store(args.db, "secondary") as store:
         meta = store.resolve(args.table, args.version)
         bad_ids = [t for t in tokens if not 0 <= t < meta.vocab_size]
         if bad_ids:

@@ -26,8 +26,10 @@ from lutstore import guard, health, logs, security, shm
 from lutstore.cache import ByteLRU
 from lutstore.errors import UserError
 from lutstore.metrics import Metrics
+from lutstore.backend import open_store
 from lutstore.rows import Catalog, CorruptRow, Refresher, RowSource
 from lutstore.store import DatabaseDamaged, Store, StoreError, TableMeta, TableNotFound, VersionGone
+from lutstore.store_api import StoreUnavailable
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 
@@ -87,6 +89,8 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
             log.error("%s", e)
             context.abort(grpc.StatusCode.DATA_LOSS, "the server's database is damaged (its table list cannot be "
                                                      "read); the server log says where")
+        except StoreUnavailable as e:  # a cluster node down: may succeed later
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except StoreError as e:
             context.abort(grpc.StatusCode.INTERNAL, str(e))
         raise AssertionError("unreachable")  # context.abort always raises
@@ -191,6 +195,9 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
         except CorruptRow as e:
             log.error("%s", e)
             context.abort(grpc.StatusCode.DATA_LOSS, str(e))
+        except StoreUnavailable as e:
+            log.warning("%s", e)
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         finally:
             budget.give(held)
             if pending is not None:   # abandoned mid-way: its bytes are free once it has finished
@@ -249,6 +256,9 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
         except CorruptRow as e:
             log.error("%s", e)
             context.abort(grpc.StatusCode.DATA_LOSS, str(e))
+        except StoreUnavailable as e:
+            log.warning("%s", e)
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         # RowSource hands out checked rows only; payload_of just strips the CRC (and unzips).
         payloads = [codec.payload_of(fmt, v, verify=False) for v in values]
         for begin, end in groups:
@@ -286,6 +296,8 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
                     finally:
                         self.budget.give(held)
                     offset += len(data)
+        except StoreUnavailable as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except StoreError as e:
             context.abort(grpc.StatusCode.DATA_LOSS, str(e))
 
@@ -391,7 +403,7 @@ def main(args: argparse.Namespace) -> int:
     # Read credentials before opening anything, so a bad path is a one-line error.
     credentials = security.server_credentials(args.tls_cert, args.tls_key)
     token = security.read_token(args.auth_token, args.auth_token_file)
-    store = Store.open(args.db, "secondary")
+    store = open_store(args.db, "secondary")
     try:
         return _serve(args, store, credentials, token)
     finally:

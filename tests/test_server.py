@@ -148,10 +148,10 @@ def test_health_and_reflection(served) -> None:
     assert resp.file_descriptor_response.file_descriptor_proto
 
 
-def test_artifact_round_trip_with_sha256(tmp_path: Path, db_path: Path, serve) -> None:
+def test_artifact_round_trip_with_sha256(tmp_path: Path, any_db: Path | str, serve) -> None:
     blob = np.random.default_rng(1).bytes(50_000)  # several 5 KiB pieces under a 10 KiB message limit
-    write_table(db_path, "m", vocab_size=8, artifacts={"backbone.safetensors": blob, "config.json": b"{}"})
-    server = serve(db_path, "--max-message-mb", "0.01")
+    write_table(any_db, "m", vocab_size=8, artifacts={"backbone.safetensors": blob, "config.json": b"{}"})
+    server = serve(any_db, "--max-message-mb", "0.01")
     with LutClient(server.address) as client:
         info = client.info("m")
         assert {a.name: a.sha256 for a in info.artifacts}["backbone.safetensors"] == hashlib.sha256(blob).hexdigest()
@@ -186,16 +186,16 @@ def test_corrupt_row_is_data_loss_and_verify_names_it(db_path: Path, serve, caps
     _still_serving(stub)
 
 
-def test_ingest_and_drop_while_serving(db_path: Path, serve) -> None:
-    m1, _, v1 = write_table(db_path, "a", vocab_size=8, seed=1)
-    server = serve(db_path, "--refresh-seconds", "0.2")
+def test_ingest_and_drop_while_serving(any_db: Path | str, serve) -> None:
+    m1, _, v1 = write_table(any_db, "a", vocab_size=8, seed=1)
+    server = serve(any_db, "--refresh-seconds", "0.2")
     stub = _stub(server.address)
     with LutClient(server.address) as client:
         # A new table is found at once (a miss triggers a refresh).
-        _, _, vb = write_table(db_path, "b", vocab_size=8, seed=2)
+        _, _, vb = write_table(any_db, "b", vocab_size=8, seed=2)
         assert client.get_raw("b", [3]) == {3: vb[3]}
         # A new version: pinned to v2 it is found at once; "latest" follows at the next refresh.
-        m2, _, v2 = write_table(db_path, "a", vocab_size=8, seed=3)
+        m2, _, v2 = write_table(any_db, "a", vocab_size=8, seed=3)
         assert client.get_raw("a", [1], version=2) == {1: v2[1]}
         deadline = time.monotonic() + 20
         while client.info("a").version != 2 and time.monotonic() < deadline:
@@ -205,7 +205,7 @@ def test_ingest_and_drop_while_serving(db_path: Path, serve) -> None:
         assert client.get_raw("a", [1], version=1) == {1: v1[1]}  # the old version keeps serving
         # Dropping v1 (as its own writer process) makes it FAILED_PRECONDITION, naming the latest.
         done = subprocess.run([sys.executable, "-m", "lutstore.cli", "drop", "a", "--version", "1", "--db",
-                               str(db_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
+                               str(any_db)], cwd=REPO, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         assert "dropped a v1" in done.stdout
     deadline = time.monotonic() + 20  # servers see a drop at their next refresh
@@ -233,25 +233,25 @@ def test_sigterm_stops_gracefully_with_exit_0(db_path: Path) -> None:
     assert any("stopping" in line for line in server.output)
 
 
-def test_admin_info_and_verify(db_path: Path, capsys) -> None:
+def test_admin_info_and_verify(any_db: Path | str, capsys) -> None:
     import json
 
-    write_table(db_path, "x", RowFormat(2, 2, 8, Encoding.FP16, zstd=True), vocab_size=8,
+    write_table(any_db, "x", RowFormat(2, 2, 8, Encoding.FP16, zstd=True), vocab_size=8,
                 artifacts={"config.json": b"{}"})
-    write_table(db_path, "x", RowFormat(2, 2, 8, Encoding.FP16, zstd=True), vocab_size=8, seed=1)
-    assert cli_main(["info", "--db", str(db_path), "--json"]) == 0
+    write_table(any_db, "x", RowFormat(2, 2, 8, Encoding.FP16, zstd=True), vocab_size=8, seed=1)
+    assert cli_main(["info", "--db", str(any_db), "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
     assert [(t["name"], t["version"], t["zstd"], t["row_bytes"]) for t in listing["tables"]] == \
         [("x", 1, True, 64), ("x", 2, True, 64)]
     assert listing["tables"][0]["artifacts"][0]["name"] == "config.json"
-    assert cli_main(["info", "--db", str(db_path)]) == 0
+    assert cli_main(["info", "--db", str(any_db)]) == 0
     out = capsys.readouterr().out
     assert "x v1" in out and "fp16+zstd" in out and "config.json" in out
-    assert cli_main(["verify", "--db", str(db_path), "--table", "x", "--version", "2"]) == 0
+    assert cli_main(["verify", "--db", str(any_db), "--table", "x", "--version", "2"]) == 0
     assert "8 rows in 1 table version(s) OK" in capsys.readouterr().out
-    assert cli_main(["verify", "--db", str(db_path), "--table", "nope"]) == 2
+    assert cli_main(["verify", "--db", str(any_db), "--table", "nope"]) == 2
     assert "no table named 'nope'" in capsys.readouterr().err
-    assert cli_main(["drop", "x", "--version", "3", "--db", str(db_path)]) == 2
+    assert cli_main(["drop", "x", "--version", "3", "--db", str(any_db)]) == 2
     assert "latest is 2" in capsys.readouterr().err
 
 
