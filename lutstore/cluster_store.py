@@ -45,7 +45,7 @@ from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
 
 from lutstore.codec import CRC_BYTES, RowFormat
-from lutstore.store import ArtifactMeta, StoreError, TableMeta, TableNotFound, VersionGone, _chunks
+from lutstore.store import ArtifactMeta, StoreError, TableMeta, TableNotFound, VersionGone, _chunks, table_fingerprint
 from lutstore.store_api import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -183,20 +183,6 @@ class _Keys:
 
     def artifact(self, table_id: int, index: int, chunk: int) -> bytes:
         return f"{self.ns}:a:{table_id}:{index}:{chunk}".encode()
-
-
-def table_fingerprint(vocab_size: int, fmt: RowFormat, crc_digest: bytes, artifacts: list[ArtifactMeta],
-                      extra: bytes) -> str:
-    """The same fingerprint as the RocksDB backend's TableWriter (tests check they agree)."""
-    h = hashlib.sha256()
-    shape = {"vocab_size": vocab_size, "num_layers": fmt.num_layers, "num_experts": fmt.num_experts,
-             "hidden_size": fmt.hidden_size, "encoding": fmt.encoding.value, "zstd": fmt.zstd}
-    h.update(json.dumps(shape, sort_keys=True).encode())
-    h.update(crc_digest)
-    for a in artifacts:
-        h.update(f"{a.name}\0{a.sha256}\0".encode())
-    h.update(extra)
-    return h.hexdigest()
 
 
 # ---- the node-parallel pipelined executor ----------------------------------
@@ -629,6 +615,10 @@ class ClusterTableWriter:
             chunks += 1
         self._artifacts.append(ArtifactMeta(name, size, digest.hexdigest(), index, chunks))
 
+    def fingerprint(self, extra: bytes = b"") -> str:
+        """The fingerprint commit() gives this version, from what was added so far."""
+        return table_fingerprint(self.vocab_size, self.fmt, self._crcs.digest(), self._artifacts, extra)
+
     def commit(self, fingerprint_extra: bytes = b"") -> TableMeta:
         if self._done:
             raise StoreError("table writer already finished")
@@ -638,8 +628,7 @@ class ClusterTableWriter:
         try:
             self._wait_writing()
             store.wait_replicated()  # rows on the replicas too before the version is visible
-            fingerprint = table_fingerprint(self.vocab_size, self.fmt, self._crcs.digest(), self._artifacts,
-                                            fingerprint_extra)
+            fingerprint = self.fingerprint(fingerprint_extra)
             created = int(time.time() * 1000)
             while True:
                 meta = TableMeta(
@@ -647,7 +636,7 @@ class ClusterTableWriter:
                     num_layers=self.fmt.num_layers, num_experts=self.fmt.num_experts, hidden_size=self.fmt.hidden_size,
                     encoding=self.fmt.encoding.value, zstd=self.fmt.zstd, fingerprint=fingerprint,
                     source_form=self.source_form, created_unix_ms=created, stored_bytes=self._stored_bytes,
-                    artifacts=list(self._artifacts))
+                    artifacts=list(self._artifacts), block_size=self.fmt.block_size)
                 k = store._keys
                 got = int(store._publish(keys=[k.manifest, k.counters, k.pending, k.lease(self.table_id)],
                                          args=[str(self.table_id), self.name, str(self.version), meta.to_json()]))

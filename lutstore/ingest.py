@@ -331,7 +331,7 @@ def _same_as_latest(store: Store, name: str, writer: TableWriter) -> TableMeta |
     if not latest:
         return None
     # Same fingerprint function commit() uses (shape, encoding, every row's CRC, every artifact's sha256).
-    return latest[-1] if latest[-1].fingerprint == writer._fingerprint(b"") else None
+    return latest[-1] if latest[-1].fingerprint == writer.fingerprint() else None
 
 
 def _keep_newest(store: Store, name: str, keep: int, say: Callable[[str], None]) -> list[int]:

@@ -622,6 +622,23 @@ class Store:
         self.close()
 
 
+def table_fingerprint(vocab_size: int, fmt: RowFormat, crc_digest: bytes, artifacts: list[ArtifactMeta],
+                      extra: bytes = b"") -> str:
+    """sha256 over the (name-independent) shape and encoding, the CRC of every row in order (crc_digest)
+    and every artifact's sha256: the same on every backend (tests check they agree)."""
+    h = hashlib.sha256()
+    shape = {"vocab_size": vocab_size, "num_layers": fmt.num_layers, "num_experts": fmt.num_experts,
+             "hidden_size": fmt.hidden_size, "encoding": fmt.encoding.value, "zstd": fmt.zstd}
+    if fmt.block_size:   # nf4 only, so the other encodings' fingerprints are unchanged
+        shape["block_size"] = fmt.block_size
+    h.update(json.dumps(shape, sort_keys=True).encode())
+    h.update(crc_digest)
+    for a in artifacts:
+        h.update(f"{a.name}\0{a.sha256}\0".encode())
+    h.update(extra)
+    return h.hexdigest()
+
+
 class TableWriter:
     """Collects one new table version in staging SST files; commit() makes it
     visible in one atomic ingest. Leaving the `with` block without commit()
@@ -695,18 +712,9 @@ class TableWriter:
             chunks += 1
         self._artifacts.append(ArtifactMeta(name, size, digest.hexdigest(), index, chunks))
 
-    def _fingerprint(self, extra: bytes) -> str:
-        h = hashlib.sha256()
-        shape = {"vocab_size": self.vocab_size, "num_layers": self.fmt.num_layers, "num_experts": self.fmt.num_experts,
-                 "hidden_size": self.fmt.hidden_size, "encoding": self.fmt.encoding.value, "zstd": self.fmt.zstd}
-        if self.fmt.block_size:   # nf4 only, so the other encodings' fingerprints are unchanged
-            shape["block_size"] = self.fmt.block_size
-        h.update(json.dumps(shape, sort_keys=True).encode())
-        h.update(self._crcs.digest())
-        for a in self._artifacts:
-            h.update(f"{a.name}\0{a.sha256}\0".encode())
-        h.update(extra)
-        return h.hexdigest()
+    def fingerprint(self, extra: bytes = b"") -> str:
+        """The fingerprint commit() gives this version, from what was added so far."""
+        return table_fingerprint(self.vocab_size, self.fmt, self._crcs.digest(), self._artifacts, extra)
 
     def commit(self, fingerprint_extra: bytes = b"") -> TableMeta:
         """Check all vocab_size rows were added, then ingest everything at once."""
@@ -719,7 +727,7 @@ class TableWriter:
             meta = TableMeta(
                 table_id=self.table_id, name=self.name, version=self.version, vocab_size=self.vocab_size,
                 num_layers=self.fmt.num_layers, num_experts=self.fmt.num_experts, hidden_size=self.fmt.hidden_size,
-                encoding=self.fmt.encoding.value, zstd=self.fmt.zstd, fingerprint=self._fingerprint(fingerprint_extra),
+                encoding=self.fmt.encoding.value, zstd=self.fmt.zstd, fingerprint=self.fingerprint(fingerprint_extra),
                 source_form=self.source_form, created_unix_ms=int(time.time() * 1000),
                 stored_bytes=self._stored_bytes, artifacts=list(self._artifacts), block_size=self.fmt.block_size)
             counters = self._store._counters()

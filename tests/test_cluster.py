@@ -136,8 +136,8 @@ def test_bad_urls_are_one_line_errors(valkey_cluster, tmp_path: Path) -> None:
 
 def test_cli_ingest_verify_info_drop(url: str, tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "m", vocab=96)
-    for _ in range(2):
-        done = _cli("ingest", str(ckpt), "--db", url, "--name", "m", "--no-progress")
+    for extra in ([], ["--force"]):   # the same checkpoint again adds a version only with --force
+        done = _cli("ingest", str(ckpt), "--db", url, "--name", "m", "--no-progress", *extra)
         assert done.returncode == 0, done.stderr
     rocks = tmp_path / "db"
     assert _cli("ingest", str(ckpt), "--db", str(rocks), "--name", "m", "--no-progress").returncode == 0
