@@ -8,28 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
-
-def default_db_path() -> Path:
-    """$LUTSTORE_DB, else a per-user data directory (shared by ingest and serve)."""
-    env = os.environ.get("LUTSTORE_DB")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "lutstore" / "db"
-
-
-def default_cache_dir() -> Path:
-    """$LUTSTORE_CACHE, else $XDG_CACHE_HOME/lutstore, else ~/.cache/lutstore: fetched backbones
-    (by fingerprint) and the demo's corpus."""
-    env = os.environ.get("LUTSTORE_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lutstore"
+from lutstore.paths import default_db_path
 
 
 def _add_db(p: argparse.ArgumentParser) -> None:
@@ -115,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     from lutstore.errors import UserError
 
     try:
+        if args.command in ("ingest", "serve"):
+            # A process-wide malloc setting, so switched on here at the entry point (see alloc.py):
+            # the server reuses the memory of sent messages, ingest that of its row chunks.
+            from lutstore import alloc
+            alloc.keep_freed_memory()
         if args.command == "ingest":
             from lutstore import ingest
             return ingest.main(args)

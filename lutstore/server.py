@@ -21,31 +21,23 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lutstore import alloc, codec, wire
+from lutstore import codec, wire
 from lutstore import logs, security, shm
 from lutstore.cache import ByteLRU
 from lutstore.errors import UserError
 from lutstore.metrics import Metrics
+from lutstore.protocol import ENCODING_TO_PB, SERVICE_NAME, is_loopback_host
 from lutstore.store import Store, StoreError, TableMeta, TableNotFound, VersionGone
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LutStore"].full_name
 SHUTDOWN_GRACE_SECONDS = 10.0
 MESSAGE_TARGET_BYTES = 4 << 20  # rows per BatchGetResponse: a few MiB, well below the limit
 PREFETCH_THREADS = 8  # calls whose next message is read ahead at once; more wait their turn
 SLICED_BLOCK_BYTES = 32 << 20  # layer-sliced BatchGet: rows read (and held) at once per block
 ZSTD_FRAME_SLACK = 64  # a zstd frame of incompressible data is at most a few bytes longer
-
-ENCODINGS = {
-    codec.Encoding.FP32: pb.ENCODING_FP32,
-    codec.Encoding.FP16: pb.ENCODING_FP16,
-    codec.Encoding.BF16: pb.ENCODING_BF16,
-    codec.Encoding.INT8: pb.ENCODING_INT8,
-}
-
 
 class CorruptRow(Exception):
     def __init__(self, meta: TableMeta, token_id: int, reason: str):
@@ -149,7 +141,7 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
         return pb.TableInfo(
             name=meta.name, version=meta.version, vocab_size=meta.vocab_size,
             num_layers=meta.num_layers, num_experts=meta.num_experts, hidden_size=meta.hidden_size,
-            encoding=ENCODINGS[fmt.encoding],
+            encoding=ENCODING_TO_PB[fmt.encoding],
             compression=pb.COMPRESSION_ZSTD if meta.zstd else pb.COMPRESSION_NONE,
             fingerprint=meta.fingerprint,
             artifacts=[pb.ArtifactInfo(name=a.name, size=a.size, sha256=a.sha256) for a in meta.artifacts],
@@ -305,7 +297,6 @@ def add_servicer(servicer: LutStoreServicer, server: grpc.Server) -> None:
     """Register the LutStore service like the generated add_LutStoreServicer_to_server, except that
     BatchGet's responses are already serialised bytes (response_serializer=None); the wire format is
     unchanged, so generated stubs in any language parse them as BatchGetResponse."""
-    alloc.keep_freed_memory()  # reuse the memory of sent messages instead of faulting it in again (alloc.py)
     handlers = {
         "ListTables": grpc.unary_unary_rpc_method_handler(
             servicer.ListTables, request_deserializer=pb.ListTablesRequest.FromString,
@@ -367,12 +358,9 @@ def _validate(args: argparse.Namespace) -> None:
         raise UserError(f"--max-concurrent-rpcs must be >= 1, got {args.max_concurrent_rpcs}")
 
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
-
-
 def _warn_if_exposed(args: argparse.Namespace, tls: bool, token: str | None) -> None:
     """Off loopback, say plainly what is unprotected (the flags stay the user's choice)."""
-    if args.host in LOOPBACK_HOSTS:
+    if is_loopback_host(args.host):
         return
     if not tls:
         log.warning("serving on %s without TLS: rows%s travel in plaintext (use --tls-cert/--tls-key)",
