@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("ingest", "serve"):
             # A process-wide malloc setting, so switched on here at the entry point (see alloc.py):
             # the server reuses the memory of sent messages, ingest that of its row chunks.
-            from lutstore import alloc
+            from lutstore import alloc, logs
+            if args.command == "serve":
+                logs.use_format(args.log_format)   # before the first record (alloc logs one at -vv)
             alloc.keep_freed_memory()
         if args.command == "ingest":
             from lutstore import ingest
