@@ -5,7 +5,11 @@
 
 Rows arrive in their stored encoding and are decoded with numpy straight
 from the received bytes. Calls have deadlines; UNAVAILABLE is retried with
-backoff within a budget, then reported as LutError naming the address.
+backoff within a budget, then reported as LutError naming the address
+(lutstore.answer.RetryPolicy, shared with sessions and shared memory).
+
+A decoding model fetches through client.fetcher(...) (lutstore.fetch): one way
+to fetch rows, behind which a session, a call or shared memory is picked.
 """
 
 from __future__ import annotations

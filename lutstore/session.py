@@ -1,5 +1,5 @@
-"""Rows for a decoding model: answers assembled layer group by layer group, and BatchGet
-sessions (BatchGetStream) that skip a call's setup per batch.
+"""BatchGet sessions (BatchGetStream) that skip a call's setup per batch; each answer is
+assembled and checked layer group by layer group by a lutstore.answer.RowsAnswer.
 
     session = client.session("mole-160m", version=3, layer_ends=[1, 2, 4, 8, 12])   # a RowSession
     session.submit([17, 4], on_group=lambda begin, end, ids, payloads: ..., on_error=...)
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 # A stream that ends with these is reopened within the retry budget (CANCELLED: the channel
 # cancelled it under us, e.g. a replica going away).
 RETRIED_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
 
 class _Request:
     def __init__(self, message: pb.BatchGetRequest, answer: RowsAnswer, on_error: Callable[[BaseException], None],
