@@ -32,7 +32,6 @@ afterwards unless --keep.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -112,8 +111,7 @@ def random_fp16_table(rows: int, seed: int = 0, chunk: int = 64) -> torch.Tensor
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_bigger_than_ram", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser("bench_bigger_than_ram", __doc__)
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/lutstore-bigger-than-ram"),
                    help="where the table is built (default /tmp/lutstore-bigger-than-ram)")
     p.add_argument("--vocab", type=int, default=PAPER_VOCAB, help=f"rows of the table (default {PAPER_VOCAB})")
@@ -143,12 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the built table (reused by the next run)")
     p.add_argument("--quick", action="store_true", help="vocab 4096, 16 steps, batch 1 (a dry run: fits in RAM)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
     if args.quick:
         args.vocab, args.steps, args.batches = min(args.vocab, 4096), min(args.steps, 16), [1]
         args.warm_tokens, args.repeats, args.inprocess_rows = min(args.warm_tokens, 2048), 2, min(args.inprocess_rows, 512)
-    label = common.machine_label()
-    print(f"bigger-than-RAM benchmark on {label}", flush=True)
+    common.start("bigger-than-RAM benchmark")
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     args.work_dir.mkdir(parents=True, exist_ok=True)
     built_here = False
@@ -215,9 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     results["page_cache_bytes_at_end"] = page_cache_bytes()
     results["client_memory_at_end"] = common.memory_status(os.getpid())
     results["table_kept"] = args.keep or not built_here
-    path = common.write_results(args.name, {"config": {k: str(v) for k, v in vars(args).items()},
-                                                    "git": common.git_revision(), **results, "targets": targets})
-    print(f"results: {path}")
+    common.finish(args.name, {"config": {k: str(v) for k, v in vars(args).items()}, **results, "targets": targets})
     return 0
 
 

@@ -125,8 +125,7 @@ def plot(points: list[dict], batches: tuple[int, ...], label: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_concurrency", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser("bench_concurrency", __doc__)
     p.add_argument("--quick", action="store_true", help="small vocab and short windows (for `make bench`)")
     p.add_argument("--vocab", type=int, default=0, help="table vocab (default 4096; 1024 with --quick)")
     p.add_argument("--seconds", type=float, default=0, help="measured window per point (default 5; 2 with --quick)")
@@ -148,8 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     if common.disk_free_bytes(tmp) < vocab * fmt.stored_bytes * 1.1:
         shutil.rmtree(tmp, ignore_errors=True)
         raise SystemExit(f"bench_concurrency: not enough disk for a {vocab}-row table at {tmp}; use a smaller --vocab")
-    label = common.machine_label()
-    print(f"bench_concurrency on {label}", flush=True)
+    label = common.start("bench_concurrency")
     points: list[dict] = []
     try:
         db = tmp / "db"
@@ -185,8 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
                           "cache_mb": args.cache_mb, "workers": args.workers, "zipf_exponent": 1.1,
                           "quick": args.quick, "revision": common.git_revision()},
                "points": points, "figures": figures, "targets": [], "plots": [plot_file]}
-    out = common.write_results("concurrency", results)
-    print(f"results: {out}; plot: {plot_file}", flush=True)
+    common.finish("concurrency", results, [plot_file])
     return results
 
 

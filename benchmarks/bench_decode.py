@@ -318,121 +318,150 @@ def paper_setup(args: argparse.Namespace, work: Path) -> Setup:
 
 # ---- one model, every case ---------------------------------------------------------------
 
-def measure(setup: Setup, args: argparse.Namespace, mode: str, rng_seed: int = 0) -> dict:
-    margs = setup.args
-    context = margs.max_position_embeddings
-    prompt_len = min(args.prompt_len, context - args.steps - 1)
-    ttft_len = min(args.ttft_prompt, context - 2)
-    perm = np.random.default_rng(1234).permutation(setup.vocab)   # one Zipf law (hot ids) for all streams
-    fixed = FixedStepModel(margs.num_hidden_layers, margs.num_experts,
-                           step_time_fn(args.fixed_step_ms[0], args.fixed_step_ms[1], args.fixed_prefill_ms))
-    max_seq = max(prompt_len + args.steps + 1, ttft_len + 2)
-    setup.lut_model.setup_caches(max(args.batches), max_seq)
-    zero = ZeroRows(margs)
-    out: dict = {"mode": mode, "prompt_len": prompt_len, "steps": args.steps, "prefill_chunk": args.prefill_chunk,
-                 "warm_definition": WARM_DEFINITION, "shared_memory": args.shared_memory, "batches": {}}
-    cases = cases_for(args.shared_memory)
-    chunk = args.prefill_chunk      # every case prefills the same way, so they compare fairly
-    train_model = offload = None
+class CaseRunner:
+    """What every case of one model and mode needs: the forward of the mode, remote tables made and
+    closed per run, and the (big, built on demand) offload baseline."""
 
-    def forward_for(rows, model=None):
-        if mode == "fixed":
-            return fixed_forward(fixed, rows)
-        torch.set_num_threads(args.threads)
-        return real_forward(model or setup.lut_model, rows, max_seq)
+    def __init__(self, setup: Setup, args: argparse.Namespace, mode: str) -> None:
+        self.setup, self.args, self.mode = setup, args, mode
+        margs = setup.args
+        context = margs.max_position_embeddings
+        self.prompt_len = min(args.prompt_len, context - args.steps - 1)
+        self.ttft_len = min(args.ttft_prompt, context - 2)
+        self.perm = np.random.default_rng(1234).permutation(setup.vocab)   # one Zipf law (hot ids) for all streams
+        self.fixed = FixedStepModel(margs.num_hidden_layers, margs.num_experts,
+                                    step_time_fn(args.fixed_step_ms[0], args.fixed_step_ms[1], args.fixed_prefill_ms))
+        self.max_seq = max(self.prompt_len + args.steps + 1, self.ttft_len + 2)
+        setup.lut_model.setup_caches(max(args.batches), self.max_seq)
+        self.zero = ZeroRows(margs)
+        self.chunk = args.prefill_chunk      # every case prefills the same way, so they compare fairly
+        self.train_model: Transformer | None = None
+        self.offload: OffloadedExperts | None = None
 
-    def remote(shm: bool = False) -> RemoteTable:
-        client = LutClient(setup.server.address, shared_memory=shm or args.shared_memory == "on")
-        src = RemoteTable(client, setup.table, device="cpu", cache_bytes=int(args.cache_mb * MiB))
-        src._owned_client = client
-        return src
+    def forward_for(self, rows, model: Transformer | None = None):
+        if self.mode == "fixed":
+            return fixed_forward(self.fixed, rows)
+        torch.set_num_threads(self.args.threads)
+        return real_forward(model or self.setup.lut_model, rows, self.max_seq)
 
-    def close(src: RemoteTable) -> None:
-        src.close()
-        src._owned_client.close()
+    def zipf(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        return zipf_tokens(self.setup.vocab, n, rng, permutation=self.perm)
 
-    for b in args.batches:
-        rng = np.random.default_rng(rng_seed + b)
-        prompt = zipf_tokens(setup.vocab, b * prompt_len, rng, permutation=perm).reshape(b, prompt_len)
-        stream = zipf_tokens(setup.vocab, b * args.steps, rng, permutation=perm).reshape(b, args.steps)
-        warm_stream = zipf_tokens(setup.vocab, args.warm_tokens, rng, permutation=perm)
-        runs: dict[str, list[Run]] = {}
-        decode_run(forward_for(setup.inprocess.rows), None, prompt[:, :4], stream[:, :2], prefill_chunk=chunk)   # untimed: first-call costs
-        # Cases interleaved, repeated; the best run of each counts (the machine is shared: the
-        # best is the least disturbed), the median is kept too.
-        bar = tqdm(total=args.repeats * len(cases), desc=f"{setup.name} {mode} batch {b}", leave=False, dynamic_ncols=True)
-        for _ in range(args.repeats):
-            for case in cases:
-                bar.set_postfix_str(case)
-                bar.update()
-                if case == "inprocess":
-                    run = decode_run(forward_for(setup.inprocess.rows), None, prompt, stream, prefill_chunk=chunk)
-                elif case.startswith("remote_"):
-                    src = remote(shm=case.endswith("_shm"))
-                    kind = case.removesuffix("_shm")
-                    if kind == "remote_warm":        # the same workload once before, untimed
-                        decode_run(forward_for(src.rows), src, prompt, stream, prefill_chunk=chunk)
-                    elif kind == "remote_warm_zipf":
-                        warm_up(src, warm_stream, max(b, 32))
-                    run = decode_run(forward_for(src.rows), src, prompt, stream, prefill_chunk=chunk)
-                    close(src)
-                elif case == "backbone":
-                    run = decode_run(forward_for(zero), None, prompt, stream, prefill_chunk=chunk)
-                else:   # offload: fewer steps, it is slow by design
-                    if args.skip_offload or (mode == "real" and args.quick):
-                        continue
-                    if train_model is None:
-                        train_model = setup.make_train_model()
-                        offload = OffloadedExperts(train_model)
-                        if mode == "real":
-                            train_model.setup_caches(max(args.batches), max_seq)
-                    steps = min(args.steps, args.offload_steps)
-                    # fixed-step: the experts' compute is inside the fixed step (as on a GPU); the
-                    # per-step weight copy is what remains on top of it
-                    fwd = fixed_forward(fixed, zero) if mode == "fixed" else real_forward(train_model, None, max_seq)
-                    run = decode_run(fwd, None, prompt, stream[:, :steps], before_step=offload.load, prefill_chunk=chunk)
-                runs.setdefault(case, []).append(run)
-        bar.close()
-        res: dict = {}
-        for case, rs in runs.items():
-            best = max(rs, key=lambda r: r.tok_s)
-            res[case] = {**vars(best), "median_tok_s": float(np.median([r.tok_s for r in rs])),
-                         "all_tok_s": [r.tok_s for r in rs]}
-        base = res["inprocess"]["tok_s"]
-        for case in res:
-            res[case]["vs_inprocess"] = res[case]["tok_s"] / base
-        out["batches"][b] = res
-        print(f"  {setup.name} {mode} batch {b:>2}: " + " | ".join(
-            f"{c} {r['tok_s']:.1f} tok/s ({r['vs_inprocess']:.2f}x"
-            + (f", hit {100 * r['hit_rate']:.0f}%" if r.get("hit_rate") is not None else "") + ")"
-            for c, r in res.items()), flush=True)
-    if offload is not None:
-        out["offload_bytes_per_step"] = offload.bytes_per_step
+    def inprocess(self, prompt: np.ndarray, stream: np.ndarray) -> Run:
+        return decode_run(self.forward_for(self.setup.inprocess.rows), None, prompt, stream, prefill_chunk=self.chunk)
 
-    # TTFT of a long prompt at batch 1: in-process vs remote cold / warm.
-    rng = np.random.default_rng(rng_seed + 999)
-    prompt = zipf_tokens(setup.vocab, ttft_len, rng, permutation=perm)[None]
-    one = prompt[:, -1:]
-    remote_cases = [c for c in cases if c.startswith("remote_")]
-    ttft: dict = {"prompt_tokens": ttft_len, "inprocess_ms": [], **{c + "_ms": [] for c in remote_cases}}
-    warm_tokens = zipf_tokens(setup.vocab, args.warm_tokens, rng, permutation=perm)
-    for _ in range(args.repeats):     # interleaved; the fastest of each counts
-        ttft["inprocess_ms"].append(decode_run(forward_for(setup.inprocess.rows), None, prompt, one, prefill_chunk=chunk).ttft_ms)
-        for case in remote_cases:
-            src = remote(shm=case.endswith("_shm"))
+    def remote(self, case: str, prompt: np.ndarray, stream: np.ndarray, warm_tokens: np.ndarray, warm_batch: int) -> Run:
+        """One run of a remote_* case on a fresh client and RemoteTable (warmed as the case says)."""
+        shm = case.endswith("_shm") or self.args.shared_memory == "on"
+        with LutClient(self.setup.server.address, shared_memory=shm) as client, \
+                RemoteTable(client, self.setup.table, device="cpu", cache_bytes=int(self.args.cache_mb * MiB)) as src:
             kind = case.removesuffix("_shm")
-            if kind == "remote_warm":
-                decode_run(forward_for(src.rows), src, prompt, one, prefill_chunk=chunk)
+            if kind == "remote_warm":        # the same workload once before, untimed
+                decode_run(self.forward_for(src.rows), src, prompt, stream, prefill_chunk=self.chunk)
             elif kind == "remote_warm_zipf":
-                warm_up(src, warm_tokens, 32)
-            ttft[case + "_ms"].append(decode_run(forward_for(src.rows), src, prompt, one, prefill_chunk=chunk).ttft_ms)
-            close(src)
+                warm_up(src, warm_tokens, warm_batch)
+            return decode_run(self.forward_for(src.rows), src, prompt, stream, prefill_chunk=self.chunk)
+
+    def backbone(self, prompt: np.ndarray, stream: np.ndarray) -> Run:
+        return decode_run(self.forward_for(self.zero), None, prompt, stream, prefill_chunk=self.chunk)
+
+    def offloaded(self, prompt: np.ndarray, stream: np.ndarray) -> Run | None:
+        """The offload baseline, fewer steps (it is slow by design); None when left out."""
+        args = self.args
+        if args.skip_offload or (self.mode == "real" and args.quick):
+            return None
+        if self.train_model is None:
+            self.train_model = self.setup.make_train_model()
+            self.offload = OffloadedExperts(self.train_model)
+            if self.mode == "real":
+                self.train_model.setup_caches(max(args.batches), self.max_seq)
+        steps = min(args.steps, args.offload_steps)
+        # fixed-step: the experts' compute is inside the fixed step (as on a GPU); the per-step
+        # weight copy is what remains on top of it
+        fwd = fixed_forward(self.fixed, self.zero) if self.mode == "fixed" \
+            else real_forward(self.train_model, None, self.max_seq)
+        return decode_run(fwd, None, prompt, stream[:, :steps], before_step=self.offload.load, prefill_chunk=self.chunk)
+
+    def run(self, case: str, prompt: np.ndarray, stream: np.ndarray, warm_tokens: np.ndarray,
+            warm_batch: int) -> Run | None:
+        if case == "inprocess":
+            return self.inprocess(prompt, stream)
+        if case.startswith("remote_"):
+            return self.remote(case, prompt, stream, warm_tokens, warm_batch)
+        if case == "backbone":
+            return self.backbone(prompt, stream)
+        return self.offloaded(prompt, stream)
+
+
+def measure_batch(runner: CaseRunner, b: int, rng_seed: int) -> dict:
+    """Every case at batch b: interleaved, repeated; the best run of each counts (the machine is
+    shared: the best is the least disturbed), the median is kept too."""
+    args, setup = runner.args, runner.setup
+    rng = np.random.default_rng(rng_seed + b)
+    prompt = runner.zipf(b * runner.prompt_len, rng).reshape(b, runner.prompt_len)
+    stream = runner.zipf(b * args.steps, rng).reshape(b, args.steps)
+    warm_stream = runner.zipf(args.warm_tokens, rng)
+    runner.inprocess(prompt[:, :4], stream[:, :2])   # untimed: first-call costs
+    cases = cases_for(args.shared_memory)
+    runs: dict[str, list[Run]] = {}
+    bar = tqdm(total=args.repeats * len(cases), desc=f"{setup.name} {runner.mode} batch {b}", leave=False,
+               dynamic_ncols=True)
+    for _ in range(args.repeats):
+        for case in cases:
+            bar.set_postfix_str(case)
+            bar.update()
+            run = runner.run(case, prompt, stream, warm_stream, max(b, 32))
+            if run is not None:
+                runs.setdefault(case, []).append(run)
+    bar.close()
+    res: dict = {}
+    for case, rs in runs.items():
+        best = max(rs, key=lambda r: r.tok_s)
+        res[case] = {**vars(best), "median_tok_s": float(np.median([r.tok_s for r in rs])),
+                     "all_tok_s": [r.tok_s for r in rs]}
+    base = res["inprocess"]["tok_s"]
+    for case in res:
+        res[case]["vs_inprocess"] = res[case]["tok_s"] / base
+    print(f"  {setup.name} {runner.mode} batch {b:>2}: " + " | ".join(
+        f"{c} {r['tok_s']:.1f} tok/s ({r['vs_inprocess']:.2f}x"
+        + (f", hit {100 * r['hit_rate']:.0f}%" if r.get("hit_rate") is not None else "") + ")"
+        for c, r in res.items()), flush=True)
+    return res
+
+
+def measure_ttft(runner: CaseRunner, rng_seed: int) -> dict:
+    """TTFT of a long prompt at batch 1: in-process vs remote cold / warm, interleaved; the fastest counts."""
+    args, setup = runner.args, runner.setup
+    rng = np.random.default_rng(rng_seed + 999)
+    prompt = runner.zipf(runner.ttft_len, rng)[None]
+    one = prompt[:, -1:]
+    remote_cases = [c for c in cases_for(args.shared_memory) if c.startswith("remote_")]
+    ttft: dict = {"prompt_tokens": runner.ttft_len, "inprocess_ms": [], **{c + "_ms": [] for c in remote_cases}}
+    warm_tokens = runner.zipf(args.warm_tokens, rng)
+    for _ in range(args.repeats):
+        ttft["inprocess_ms"].append(runner.inprocess(prompt, one).ttft_ms)
+        for case in remote_cases:
+            ttft[case + "_ms"].append(runner.remote(case, prompt, one, warm_tokens, 32).ttft_ms)
     for k in ("inprocess", *remote_cases):
         ttft["all_" + k + "_ms"], ttft[k + "_ms"] = ttft[k + "_ms"], min(ttft[k + "_ms"])
-    out["ttft"] = ttft
-    print(f"  {setup.name} {mode} TTFT ({ttft_len} tokens): in-process {ttft['inprocess_ms']:.1f} ms | " + " | ".join(
-        f"{c} {ttft[c + '_ms']:.1f} ms ({ttft[c + '_ms'] / ttft['inprocess_ms']:.2f}x)" for c in remote_cases), flush=True)
-    del train_model, offload
+    print(f"  {setup.name} {runner.mode} TTFT ({runner.ttft_len} tokens): in-process {ttft['inprocess_ms']:.1f} ms | "
+          + " | ".join(f"{c} {ttft[c + '_ms']:.1f} ms ({ttft[c + '_ms'] / ttft['inprocess_ms']:.2f}x)"
+                       for c in remote_cases), flush=True)
+    return ttft
+
+
+def measure(setup: Setup, args: argparse.Namespace, mode: str, rng_seed: int = 0) -> dict:
+    """Every case at every batch, then the TTFT, of one model in one mode."""
+    runner = CaseRunner(setup, args, mode)
+    out: dict = {"mode": mode, "prompt_len": runner.prompt_len, "steps": args.steps,
+                 "prefill_chunk": args.prefill_chunk, "warm_definition": WARM_DEFINITION,
+                 "shared_memory": args.shared_memory, "batches": {}}
+    for b in args.batches:
+        out["batches"][b] = measure_batch(runner, b, rng_seed)
+    if runner.offload is not None:
+        out["offload_bytes_per_step"] = runner.offload.bytes_per_step
+    out["ttft"] = measure_ttft(runner, rng_seed)
+    del runner
     gc.collect()
     return out
 
@@ -502,8 +531,7 @@ def non_negative_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_decode", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser("bench_decode", __doc__)
     p.add_argument("--model", choices=("demo", "160m", "both"), default="both", help="which model(s) (default both)")
     p.add_argument("--mode", choices=("real", "fixed", "both"), default="both", help="backbone compute: real CPU, fixed time, or both")
     p.add_argument("--vocab", type=int, default=PAPER_VOCAB,
@@ -540,7 +568,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
     if args.quick:
         args.vocab = min(args.vocab, 2048)
         args.steps = min(args.steps, 16)
@@ -551,8 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.batches == [1, 8, 32]:
             args.batches = [1, 8]
     args.threads = args.threads or torch.get_num_threads()
-    label = common.machine_label()
-    print(f"decode benchmark on {label}", flush=True)
+    label = common.start("decode benchmark")
     models = ["demo", "160m"] if args.model == "both" else [args.model]
     modes = ["real", "fixed"] if args.mode == "both" else [args.mode]
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-decode-"))
@@ -579,10 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    path = common.write_results(args.name, {"config": config, "git": common.git_revision(), "results": results,
-                                            "targets": targets})
-    print(f"results: {path}\nplot: {plot(results, label, args.name)}")
+    common.finish(args.name, {"config": common.config_of(args), "results": results, "targets": targets},
+                  [plot(results, label, args.name)])
     return 0
 
 

@@ -88,8 +88,7 @@ def run_ingest(ckpt: Path, db: Path, encoding: str, progress: bool) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_ingest", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser("bench_ingest", __doc__)
     p.add_argument("--quick", action="store_true", help="vocab 4096 instead of 50,304 (for `make bench`)")
     p.add_argument("--vocab", type=int, default=0, help="table vocab (default 50304, the paper's; 4096 with --quick)")
     p.add_argument("--encoding", choices=[e.value for e in Encoding], default="fp16", help="row encoding (default fp16)")
@@ -106,8 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     fmt = RowFormat(shape.num_layers, shape.num_experts, shape.hidden_size, Encoding(args.encoding))
     base = args.workdir or Path(tempfile.gettempdir())
     need, free = need_bytes(shape, fmt), common.disk_free_bytes(base)
-    label = common.machine_label()
-    print(f"bench_ingest on {label}: vocab {vocab}, checkpoint {shape.checkpoint_bytes() / 1e9:.2f} GB, "
+    common.start("bench_ingest")
+    print(f"vocab {vocab}, checkpoint {shape.checkpoint_bytes() / 1e9:.2f} GB, "
           f"needs ~{need / 1e9:.1f} GB of disk, {free / 1e9:.1f} GB free at {base}", flush=True)
     if free < need:
         print(f"bench_ingest: SKIPPED: not enough disk at {base} (~{need / 1e9:.1f} GB needed, {free / 1e9:.1f} GB "
@@ -174,8 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     if own:  # lutstore's own timing: from after its imports to the commit
         results["figures"].append({"name": f"ingest MB/s as lutstore reports it (no interpreter start/exit){suffix}",
                                    "value": float(own.group(2)), "unit": " MB/s"})
-    out = common.write_results("ingest", results)
-    print(f"results: {out}", flush=True)
+    common.finish("ingest", results)
     return results
 
 

@@ -180,8 +180,7 @@ def measure(db: Path, fmt: RowFormat, vocab: int, clients: int, seconds: float, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_load", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser("bench_load", __doc__)
     p.add_argument("--quick", action="store_true", help="a smaller table and 2 s phases")
     p.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
     p.add_argument("--seconds", type=float, default=0, help="seconds per phase (default 5, quick 2)")
@@ -191,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    common.start("bench_load")
     fmt = RowFormat(2, 8, 512, Encoding.FP16)   # 16 KiB rows
     vocab = 2048 if args.quick else 8192        # 32 / 128 MiB: larger than the cache, so it evicts
     seconds = args.seconds or (2.0 if args.quick else 5.0)
@@ -211,9 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         common.target("failed requests", result["idle"]["errors"] + result["during_ingest"]["errors"], 0,
                       higher_is_better=False, unit=""),
     ]
-    result["git"] = common.git_revision()
-    out = common.write_results("load", result)
-    print(f"wrote {out}")
+    common.finish("load", result)
     return result
 
 

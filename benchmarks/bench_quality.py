@@ -14,7 +14,6 @@ token costs on the wire and in a cache.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import sys
@@ -40,23 +39,20 @@ def score(argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_quality", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser("bench_quality", __doc__)
     p.add_argument("--model", type=Path, default=REPO / "demo-data" / "model",
                    help="train- or rep-form checkpoint folder with heldout.txt (default: the demo model)")
     p.add_argument("--text", type=Path, default=None, help="held-out text (default: MODEL/heldout.txt)")
     p.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (0: all)")
     p.add_argument("--quick", action="store_true", help="score the first 8192 tokens")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
     text = args.text or args.model / "heldout.txt"
     if not (args.model / "config.json").is_file() or not text.is_file():
         print(f"bench_quality: error: no model with held-out text at {args.model}; run `make demo` first",
               file=sys.stderr)
         return 2
     max_tokens = 8192 if args.quick and not args.max_tokens else args.max_tokens
-    label = common.machine_label()
-    print(f"quality benchmark on {label}", flush=True)
+    common.start("quality benchmark")
     work = Path(tempfile.mkdtemp(prefix="bench-quality-"))
     try:
         db = work / "db"
@@ -92,9 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         common.target("fp32 table perplexity vs train form (relative change)", 100 * abs(results["fp32"]["ppl"] / ref - 1),
                       0.01, higher_is_better=False, unit="%"),
     ]
-    path = common.write_results("quality", {"model": str(args.model), "text": str(text), "max_tokens": max_tokens,
-                                            "git": common.git_revision(), "results": results, "targets": targets})
-    print(f"results: {path}")
+    common.finish("quality", {"model": str(args.model), "text": str(text), "max_tokens": max_tokens,
+                              "results": results, "targets": targets})
     return 0
 
 

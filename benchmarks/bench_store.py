@@ -287,8 +287,7 @@ def plot(points: list[dict], batches: tuple[int, ...], label: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_store", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser("bench_store", __doc__)
     p.add_argument("--quick", action="store_true", help="small vocab and short timings (for `make bench`)")
     p.add_argument("--vocab", type=int, default=0, help="table vocab (default 4096; 1024 with --quick)")
     p.add_argument("--seconds", type=float, default=0, help="time per measured point (default 2; 0.5 with --quick)")
@@ -312,8 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
     need = int(vocab * sum(RowFormat(*SHAPE, Encoding(e)).stored_bytes for e in ENCODINGS) * 1.1)
     if common.disk_free_bytes(db) < need:
         raise SystemExit(f"bench_store: needs ~{need / 1e9:.1f} GB free at {db}; use a smaller --vocab")
-    label = common.machine_label()
-    print(f"bench_store on {label}: db {db}", flush=True)
+    label = common.start("bench_store")
+    print(f"db {db}", flush=True)
     try:
         res = run(db, vocab, batches, seconds, args.min_requests, args.hot_rows, not args.no_progress)
     finally:
@@ -324,8 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"config": {"shape_LND": SHAPE, "vocab": vocab, "seconds_per_point": seconds, "batches": batches,
                           "quick": args.quick, "revision": common.git_revision(), **{k: res[k] for k in ("hot_rows", "hot_cache_mb")}},
                "points": res["points"], "targets": targets, "plots": plots}
-    out = common.write_results("store", results)
-    print(f"results: {out}; plots: {', '.join(plots)}", flush=True)
+    common.finish("store", results, plots)
     return results
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 import platform
 import shutil
@@ -12,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lutstore.daemon import Daemon
+from lutstore import alloc
+from testing.daemon import Daemon
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -93,7 +96,7 @@ def git_revision() -> str:
 
 
 class ServerProcess(Daemon):
-    """A running `lutstore serve` subprocess on a free loopback port (lutstore.daemon.Daemon)."""
+    """A running `lutstore serve` subprocess on a free loopback port (testing.daemon.Daemon)."""
 
 
 def peak_rss_bytes(pid: int) -> int | None:
@@ -127,3 +130,35 @@ def plot_path(name: str) -> Path:
     """benchmarks/results/NAME.png (the folder created)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     return RESULTS_DIR / f"{name}.png"
+
+
+# ---- the head and tail every benchmark shares ------------------------------------------------
+
+def parser(module: str, doc: str | None) -> argparse.ArgumentParser:
+    """The argparse parser of benchmarks/MODULE.py: its docstring is the --help text."""
+    return argparse.ArgumentParser(prog=f"python -m benchmarks.{module}", description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def start(title: str) -> str:
+    """A benchmark's entry point begins here: warnings-only logging, the process-wide malloc setting
+    that the lutstore CLI and inference entry points make too (lutstore/alloc.py: received rows reuse
+    freed memory), and "TITLE on MACHINE" printed; returns the machine label."""
+    logging.basicConfig(level=logging.WARNING)
+    alloc.keep_freed_memory()
+    label = machine_label()
+    print(f"{title} on {label}", flush=True)
+    return label
+
+
+def config_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed flags as JSON-friendly values (paths as strings)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def finish(name: str, results: dict[str, Any], plots: list[Path] | tuple[Path, ...] = ()) -> Path:
+    """A benchmark's tail: results/NAME.json (with the git revision) written, its path and plots printed."""
+    results.setdefault("git", git_revision())
+    path = write_results(name, results)
+    print(f"results: {path}" + (f"; plots: {', '.join(str(p) for p in plots)}" if plots else ""), flush=True)
+    return path

@@ -20,7 +20,6 @@ measured for about `--seconds`:
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import socket
@@ -34,6 +33,7 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.bigtables import write_table
+from lutstore import alloc
 from lutstore.client import LutClient
 from lutstore.codec import Encoding, RowFormat
 from lutstore.store import Store
@@ -121,7 +121,7 @@ class LoopbackSocket:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser("profile_rows", __doc__)
     parser.add_argument("--encoding", choices=[e.value for e in Encoding], default="fp16")
     parser.add_argument("--vocab", type=int, default=512, help="rows in the table (default 512: 151 MB fp16)")
     parser.add_argument("--batch", type=int, default=64, help="distinct ids per request")
@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--serve-flag", action="append", default=[], help="extra `lutstore serve` flag (repeatable)")
     parser.add_argument("--only", default="", help="comma-separated subset of figures to run")
     args = parser.parse_args()
+    alloc.keep_freed_memory()   # as every entry point does (lutstore/alloc.py)
 
     fmt = RowFormat(*SHAPE, Encoding(args.encoding))
     row_bytes = fmt.stored_bytes

@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))   # testing/ (the daemon harness) is not part of the installed package
 
-from lutstore.daemon import Daemon, DaemonError  # noqa: E402  (after REPO: this file runs as a script)
+from testing.daemon import Daemon, DaemonError  # noqa: E402  (after REPO: this file runs as a script)
 TABLES = {"fp16": "shakespeare", "int8": "shakespeare-int8", "nf4": "shakespeare-nf4"}   # encoding -> table name
 PROMPTS = ["ROMEO.\n", "To be, or not to be,", "KING.\nMy lord, the"]
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from inference.model import ModelArgs, Transformer
-from lutstore.cli import default_cache_dir
-from lutstore.errors import UserError
+from lutstore.paths import default_cache_dir
+from lutstore.errors import LutError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,6 @@ def load_checkpoint(path: Path, device: str = "cpu", dtype: torch.dtype = torch.
 def pick_table(client, name: str | None, version: int = 0):
     """TableInfo of `name` (default: the only table), with errors that list what exists."""
     import grpc
-    from lutstore.client import LutError
 
     tables = client.tables()
     names = sorted(t.name for t in tables)

@@ -25,7 +25,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lutstore.cli import default_cache_dir
+from lutstore.paths import default_cache_dir
 from lutstore.errors import UserError
 
 log = logging.getLogger(__name__)

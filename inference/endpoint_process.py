@@ -1,6 +1,6 @@
 """Run `python -m inference.serve` as a child process: on a free loopback port, wait for its
 ready line, keep draining its output, stop it with SIGTERM. Used by the demo, the
-benchmark and the tests (as lutstore.daemon.Daemon is for the daemon)."""
+benchmark and the tests (as testing.daemon.Daemon is for the daemon)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
-from lutstore.daemon import REPO
-
+REPO = Path(__file__).resolve().parent.parent   # the child runs `-m inference.serve` from the checkout
 READY = re.compile(r"inference\.serve: serving (\S+) on (http://\S+)")
 
 

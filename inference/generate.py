@@ -37,6 +37,7 @@ import torch
 from inference.lut import LutSource, LutStats
 from inference.model import Transformer
 from inference.sampling import SamplingConfig, sample
+from lutstore import alloc
 from lutstore.address import parse_addresses, why_unreachable
 from lutstore.cli import HelpFormatter, add_verbose
 from lutstore.errors import LutError, UserError
@@ -310,6 +311,9 @@ def cli_main(prog: str, parser: argparse.ArgumentParser, body, argv: list[str] |
     args = parser.parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A process-wide malloc setting, so switched on here at the entry point, not by the client library:
+    # received row messages reuse freed memory instead of faulting fresh pages in (lutstore/alloc.py).
+    alloc.keep_freed_memory()
     try:
         return body(args)
     except UserError as e:

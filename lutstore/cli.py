@@ -9,29 +9,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import sys
 import textwrap
 from pathlib import Path
 
-
-def default_db_path() -> Path:
-    """$LUTSTORE_DB, else a per-user data directory (shared by ingest and serve)."""
-    env = os.environ.get("LUTSTORE_DB")
-    if env:
-        return env if env.startswith(("redis-cluster://", "rediss-cluster://")) else Path(env)
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "lutstore" / "db"
-
-
-def default_cache_dir() -> Path:
-    """$LUTSTORE_CACHE, else $XDG_CACHE_HOME/lutstore, else ~/.cache/lutstore: fetched backbones
-    (by fingerprint) and the demo's corpus."""
-    env = os.environ.get("LUTSTORE_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lutstore"
+from lutstore.paths import default_db_path
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -200,6 +182,13 @@ def _run(args: argparse.Namespace) -> int:
     try:
         from lutstore.dbpath import check_db
         args.db = check_db(args.db, create=args.command == "ingest")
+        if args.command in ("ingest", "serve"):
+            # A process-wide malloc setting, so switched on here at the entry point (see alloc.py):
+            # the server reuses the memory of sent messages, ingest that of its row chunks.
+            from lutstore import alloc, logs
+            if args.command == "serve":
+                logs.use_format(args.log_format)   # before the first record (alloc logs one at -vv)
+            alloc.keep_freed_memory()
         if args.command == "ingest":
             from lutstore import ingest
             return ingest.main(args)

@@ -5,7 +5,11 @@
 
 Rows arrive in their stored encoding and are decoded with numpy straight
 from the received bytes. Calls have deadlines; UNAVAILABLE is retried with
-backoff within a budget, then reported as LutError naming the address.
+backoff within a budget, then reported as LutError naming the address
+(lutstore.answer.RetryPolicy, shared with sessions and shared memory).
+
+A decoding model fetches through client.fetcher(...) (lutstore.fetch): one way
+to fetch rows, behind which a session, a call or shared memory is picked.
 """
 
 from __future__ import annotations
@@ -17,37 +21,27 @@ import os
 import socket
 import tempfile
 import threading
-import time
 from concurrent import futures
 from pathlib import Path
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable
 
 import grpc
 import numpy as np
 
-from lutstore import codec, security
-from lutstore import alloc, shm_segment, wire
+from lutstore import codec, protocol, security, shm_segment
 from lutstore.address import parse_addresses
+from lutstore.answer import AnswerError, OnGroup, RetryPolicy, RowsAnswer, read_message, row_payload
 from lutstore.errors import LutError
-from lutstore.session import AnswerError, RowSession, RowsAnswer
+from lutstore.fetch import RowFetcher
+from lutstore.session import RowSession
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-SERVICE_NAME = "lutstore.v1.LutStore"
-BATCH_GET_METHOD = f"/{SERVICE_NAME}/BatchGet"
-BATCH_GET_SHARED_METHOD = f"/{SERVICE_NAME}/BatchGetShared"
 SHARED_CALL_BYTES = 64 << 20  # rows per BatchGetShared call: bounds the segment (max_batch_rows rows can be 1 GB)
-LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
-ENCODINGS = {
-    pb.ENCODING_FP32: codec.Encoding.FP32,
-    pb.ENCODING_FP16: codec.Encoding.FP16,
-    pb.ENCODING_BF16: codec.Encoding.BF16,
-    pb.ENCODING_INT8: codec.Encoding.INT8,
-    pb.ENCODING_NF4: codec.Encoding.NF4,
-}
+# on_row(layer_begin, layer_end, token, data): one row (or layer slice) as received; (0, 0) for whole rows
+OnRow = Callable[[int, int, int, memoryview], None]
 
 
 def channel_target(address: str) -> tuple[str, bool]:
@@ -78,14 +72,17 @@ class LutClient:
         --allow-shared-memory): True always (errors are raised), "auto" only for a loopback address and
         silently back to BatchGet when the server refuses, False never."""
         parse_addresses(address)  # a malformed address is one clear AddressError now, not 10 s of retries
+        if shared_memory not in (True, False, "auto"):
+            raise ValueError(f"shared_memory must be True, False or 'auto', got {shared_memory!r}")
         self.address = address
         self.timeout = timeout
         self.retries = retries
         self.retry_seconds = retry_seconds
+        self.retry = RetryPolicy(address, retries, retry_seconds)   # the one retry policy of every transport
         self.verify = verify
         target, replicated = channel_target(address)
         config: dict = {"loadBalancingConfig": [{"round_robin": {}}],
-                        "healthCheckConfig": {"serviceName": SERVICE_NAME}} if replicated else {}
+                        "healthCheckConfig": {"serviceName": protocol.SERVICE_NAME}} if replicated else {}
         options = [
             ("grpc.max_receive_message_length", 1 << 30),
             ("grpc.max_send_message_length", 64 << 20),
@@ -106,49 +103,41 @@ class LutClient:
             if replicated:  # an ipv4: list has no host name to check the certificate against: use the first one's
                 options.append(("grpc.ssl_target_name_override", address.split(",")[0].strip().rpartition(":")[0]))
             self._channel = grpc.secure_channel(target, credentials, options=options)
-        # Make every call on self._calls (it adds the token); self._channel is only for close().
-        self._calls: grpc.Channel = self._channel
+        # Every call goes through `calls` (it adds the token); self._channel is only for close().
+        calls: grpc.Channel = self._channel
         if auth_token:
-            self._calls = grpc.intercept_channel(self._channel, security.TokenClientInterceptor(auth_token))
-        self._stub = pb_grpc.LutStoreStub(self._calls)
+            calls = grpc.intercept_channel(self._channel, security.TokenClientInterceptor(auth_token))
+        self._stub = pb_grpc.LutStoreStub(calls)
+        # The row RPCs hand back each response as the received bytes (parsed by lutstore.wire without
+        # copies) instead of a protobuf message (which would copy every row once more).
+        self._batch_get = calls.unary_stream(
+            protocol.BATCH_GET, request_serializer=pb.BatchGetRequest.SerializeToString,
+            response_deserializer=None, _registered_method=True)
+        self._batch_get_stream = calls.stream_stream(
+            protocol.BATCH_GET_STREAM, request_serializer=pb.BatchGetRequest.SerializeToString,
+            response_deserializer=None, _registered_method=True)
+        self._batch_get_shared = calls.unary_unary(
+            protocol.BATCH_GET_SHARED, request_serializer=pb.BatchGetSharedRequest.SerializeToString,
+            response_deserializer=pb.BatchGetSharedResponse.FromString, _registered_method=True)
         self._infos: dict[tuple[str, int], pb.TableInfo] = {}  # pinned versions are immutable
         self._prefetch_workers = prefetch_workers
         self._pool: futures.ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
-        if shared_memory not in (True, False, "auto"):
-            raise ValueError(f"shared_memory must be True, False or 'auto', got {shared_memory!r}")
-        self._shared_memory: bool | str = shared_memory if shared_memory != "auto" or _is_loopback(address) else False
+        auto_ok = shared_memory != "auto" or _is_loopback(address)
+        self._shared_memory: bool | str = shared_memory if auto_ok else False
         self._segments: list[shm_segment.Segment] = []       # every segment this client created (unlinked at close)
         self._free_segments: list[shm_segment.Segment] = []  # one per concurrent call, reused
 
-    # ---- plumbing ------------------------------------------------------
-
-    def _with_retries(self, attempt: Callable[[], T]) -> T:
-        """Run attempt(); retry on UNAVAILABLE with exponential backoff within the budget."""
-        started = time.monotonic()
-        delay = 0.05
-        for tries in range(1, self.retries + 2):
-            try:
-                return attempt()
-            except grpc.RpcError as e:
-                code = e.code()
-                if code != grpc.StatusCode.UNAVAILABLE:
-                    raise LutError(code, e.details() or code.name) from None
-                elapsed = time.monotonic() - started
-                if tries > self.retries or elapsed + delay > self.retry_seconds:
-                    raise LutError(code, f"lutstore at {self.address} unavailable after {tries} attempts in "
-                                         f"{elapsed:.1f}s (retry budget: {self.retries} retries, "
-                                         f"{self.retry_seconds:g}s): {e.details()}") from None
-                log.debug("lutstore at %s unavailable (%s); retry %d in %.2fs", self.address, e.details(), tries, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
-        raise AssertionError("unreachable")
+    @property
+    def shared_memory(self) -> bool:
+        """True while rows come through BatchGetShared (False from the moment an "auto" client was refused)."""
+        return bool(self._shared_memory)
 
     # ---- tables ----------------------------------------------------------
 
     def tables(self) -> list[pb.TableInfo]:
         """Every table with its latest version."""
-        resp = self._with_retries(lambda: self._stub.ListTables(pb.ListTablesRequest(), timeout=self.timeout))
+        resp = self.retry.run(lambda: self._stub.ListTables(pb.ListTablesRequest(), timeout=self.timeout))
         return list(resp.tables)
 
     def info(self, name: str, version: int = 0) -> pb.TableInfo:
@@ -157,99 +146,77 @@ class LutClient:
         if cached is not None:
             return cached
         req = pb.GetTableInfoRequest(table=name, version=version)
-        info = self._with_retries(lambda: self._stub.GetTableInfo(req, timeout=self.timeout))
+        info = self.retry.run(lambda: self._stub.GetTableInfo(req, timeout=self.timeout))
         self._infos[(name, info.version)] = info
         return info
 
     @staticmethod
     def row_format(info: pb.TableInfo) -> codec.RowFormat:
-        return codec.RowFormat(info.num_layers, info.num_experts, info.hidden_size, ENCODINGS[info.encoding],
-                               info.compression == pb.COMPRESSION_ZSTD, info.block_size)
+        return protocol.row_format(info)
 
-    # ---- rows --------------------------------------------------------------
+    # ---- rows: the one way for a decoding model ---------------------------------
 
-    def _batch_get(self) -> grpc.UnaryStreamMultiCallable:
-        """BatchGet returning each response as the received bytes (parsed by lutstore.wire without
-        copies) instead of a protobuf message (which would copy every row once more)."""
-        call = self.__dict__.get("_raw_batch_get")
-        if call is None:
-            alloc.keep_freed_memory()  # else every received message faults its pages in afresh (see alloc.py)
-            channel = getattr(self, "_calls", self._channel)  # the channel that adds credentials, if any
-            call = channel.unary_stream(BATCH_GET_METHOD, request_serializer=pb.BatchGetRequest.SerializeToString,
-                                        response_deserializer=None, _registered_method=True)
-            self._raw_batch_get = call
-        return call
+    def fetcher(self, name: str, version: int = 0, layer_ends: list[int] | None = None,
+                session: bool = True, threads: int = 2) -> RowFetcher:
+        """A RowFetcher of one table version: fetch(ids, on_group, on_error, on_done) returns at once
+        and hands the rows over layer group by layer group, over a session, a call or shared memory
+        (it picks, and falls back; see lutstore.fetch)."""
+        info = self.info(name, version)
+        return RowFetcher(self, info, layer_ends or [], session, threads)
 
-    def _fetch(self, name: str, ids: list[int], version: int,
-               on_row: Callable[[pb.TableInfo, int, memoryview], None], stable: bool = False,
-               layer_ends: list[int] | None = None,
-               on_slice: Callable[[int, int, int, memoryview], None] | None = None) -> pb.TableInfo:
-        """BatchGet distinct ascending ids in batches of the server's max_batch_rows, calling
-        on_row(info, id, data) once per id as messages arrive (our work on one message overlaps the
-        transfer of the next); data is a memoryview into the received message. Version 0 is
-        resolved first (one small call; pin a version to skip it), so every row comes from the one
-        version `info` describes. A retried batch skips the rows already delivered. stable: data
-        must stay valid after on_row returns (else it may be reused shared memory). With layer_ends
-        the rows come layer-sliced (see the proto) and on_slice(begin, end, id, data) is called once
-        per (layer group, id) instead of on_row."""
+    def session(self, name: str, version: int = 0, layer_ends: list[int] | None = None) -> RowSession:
+        """A RowSession: many BatchGets of one table version on one open stream (BatchGetStream),
+        answers handed over layer group by layer group on a reader thread (lutstore.session)."""
+        info = self.info(name, version)
+        return RowSession(self._batch_get_stream, info, self.row_format(info), layer_ends, self.retry, self.verify)
+
+    # ---- rows: one call --------------------------------------------------------
+
+    def call_rows(self, name: str, ids: list[int], version: int, on_row: OnRow, stable: bool = False,
+                  layer_ends: list[int] | None = None) -> pb.TableInfo:
+        """Distinct ascending ids in calls of at most the server's max_batch_rows, on_row(begin, end,
+        id, data) once per row (layer slice) as messages arrive (our work on one message overlaps the
+        transfer of the next); data is the stored value (or slice) as received: a memoryview into the
+        received message, or into shared memory. Version 0 is resolved first (one small call; pin a
+        version to skip it), so every row comes from the one version `info` describes. A retried call
+        skips the rows already delivered. stable: data must stay valid after on_row returns (shared
+        memory is reused, so its rows are then copied). With layer_ends the rows come layer-sliced
+        (see the proto), else whole (begin, end = 0, 0); whole rows go through shared memory when the
+        client uses it."""
         if self._shared_memory and not layer_ends:
-            info = self._fetch_shared(name, ids, version, on_row, stable)
+            info = self._call_shared(name, ids, version, on_row, stable)
             if info is not None:
                 return info
         info = self.info(name, version)
         limit = max(1, info.max_batch_rows)
-        batch_get = self._batch_get()
-        delivered: set[tuple[int, int]] = set()   # (layer_begin, id): a retried batch skips what arrived
-        groups = {begin for begin, _end in codec.check_layer_ends(self.row_format(info), layer_ends)} \
-            if layer_ends else {0}
+        delivered: set[tuple[int, int]] = set()   # (layer_begin, id): a retried call skips what arrived
+        groups = codec.check_layer_ends(self.row_format(info), layer_ends) if layer_ends else None
 
         def attempt(req: pb.BatchGetRequest) -> None:
-            for message in batch_get(req, timeout=self.timeout):
+            for message in self._batch_get(req, timeout=self.timeout):
                 try:
-                    got_version, begin, end, rows = wire.decode_sliced_response(message)
-                except wire.WireError as e:
-                    raise LutError(grpc.StatusCode.INTERNAL,
-                                   f"malformed BatchGet response from {self.address}: {e}") from None
-                if got_version != info.version:
-                    raise LutError(grpc.StatusCode.INTERNAL,
-                                   f"asked {name!r} v{info.version}, got rows of v{got_version}")
-                if begin not in groups or (layer_ends and end <= begin):
-                    raise LutError(grpc.StatusCode.INTERNAL, f"BatchGet from {self.address} answered layers "
-                                                             f"[{begin}, {end}), not asked for")
+                    begin, end, rows = read_message(message, name, info.version, groups)
+                except AnswerError as e:
+                    raise e.named(self.address) from None
                 for token, data in rows:
                     if (begin, token) not in delivered:
                         delivered.add((begin, token))
-                        if on_slice is None:
-                            on_row(info, token, data)
-                        else:
-                            on_slice(begin, end, token, data)
+                        on_row(begin, end, token, data)
 
         for start in range(0, len(ids), limit):
             req = pb.BatchGetRequest(table=name, version=info.version, token_ids=ids[start : start + limit],
                                      layer_ends=layer_ends or [])
-            self._with_retries(lambda: attempt(req))
+            self.retry.run(lambda: attempt(req))
         return info
 
-    def get_raw(self, name: str, ids: Iterable[int], version: int = 0) -> dict[int, memoryview]:
-        """Distinct ids -> stored value (body || crc32) as the server sent it: a read-only bytes-like
-        memoryview into the received message (no copy; it compares equal to the bytes; bytes(v) copies)."""
-        out: dict[int, memoryview] = {}
-        self._fetch(name, _distinct(ids), version, lambda _info, t, data: out.__setitem__(t, data), stable=True)
-        return out
-
-    def _fetch_shared(self, name: str, ids: list[int], version: int,
-                      on_row: Callable[[pb.TableInfo, int, memoryview], None], stable: bool) -> pb.TableInfo | None:
-        """_fetch over BatchGetShared: the server writes the rows into our memfd segment and we
+    def _call_shared(self, name: str, ids: list[int], version: int, on_row: OnRow,
+                     stable: bool) -> pb.TableInfo | None:
+        """call_rows over BatchGetShared: the server writes the rows into our memfd segment and we
         read them there. None (nothing delivered) when "auto" and the server refuses shared memory."""
         info = self.info(name, version)
         fmt = self.row_format(info)
         bound = fmt.stored_bytes or fmt.payload_bytes + fmt.payload_bytes // 128 + 1024  # zstd: a frame may grow
         per_call = max(1, min(info.max_batch_rows or 1, SHARED_CALL_BYTES // bound))
-        call = self.__dict__.get("_batch_get_shared")
-        if call is None:
-            call = self._batch_get_shared = self._calls.unary_unary(
-                BATCH_GET_SHARED_METHOD, request_serializer=pb.BatchGetSharedRequest.SerializeToString,
-                response_deserializer=pb.BatchGetSharedResponse.FromString, _registered_method=True)
         try:
             if not info.shared_memory_socket:
                 raise LutError(grpc.StatusCode.FAILED_PRECONDITION, f"shared memory: disabled on the server at "
@@ -270,7 +237,7 @@ class LutClient:
                 req = pb.BatchGetSharedRequest(table=name, version=info.version, token_ids=batch,
                                                segment_handle=segment.handle, segment_bytes=segment.size)
                 try:
-                    resp = self._with_retries(lambda: call(req, timeout=self.timeout))
+                    resp = self.retry.run(lambda: self._batch_get_shared(req, timeout=self.timeout))
                 except LutError as e:
                     refused = e.code == grpc.StatusCode.UNIMPLEMENTED or (
                         e.code == grpc.StatusCode.FAILED_PRECONDITION and e.message.startswith("shared memory:"))
@@ -287,7 +254,7 @@ class LutClient:
                     if offset + length > segment.size:
                         raise LutError(grpc.StatusCode.INTERNAL, f"BatchGetShared row {token} lies outside the segment")
                     data = view[offset : offset + length]
-                    on_row(info, token, bytes(data) if stable else data)
+                    on_row(0, 0, token, memoryview(bytes(data)) if stable else data)
         finally:
             with self._pool_lock:
                 self._free_segments.append(segment)
@@ -305,30 +272,46 @@ class LutClient:
             self._segments.append(segment)
         return segment
 
+    def call_groups(self, info: pb.TableInfo, ids: list[int], layer_ends: list[int], on_group: OnGroup,
+                    views: bool = False) -> None:
+        """One request's rows (distinct, ascending) by call_rows, assembled and checked by a RowsAnswer:
+        on_group(begin, end, ids, payloads) per layer group in layer order, payloads as a session
+        hands them over (uint8 [n, bytes], or with views a list of memoryviews)."""
+        try:
+            answer = RowsAnswer(self.row_format(info), ids, list(layer_ends), on_group, self.verify, views)
+        except ValueError as e:
+            raise LutError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        try:
+            self.call_rows(info.name, ids, info.version, answer.add, stable=views, layer_ends=list(layer_ends))
+        except AnswerError as e:
+            raise e.named(self.address) from None
+        if not answer.complete:
+            raise LutError(grpc.StatusCode.INTERNAL, f"asked {info.name!r} for {len(ids)} rows"
+                                                     f"{' layer-sliced' if layer_ends else ''}, "
+                                                     f"{answer.slices_received} {'slices' if layer_ends else 'rows'} arrived")
+
+    # ---- rows: convenience --------------------------------------------------------
+
+    def get_raw(self, name: str, ids: Iterable[int], version: int = 0) -> dict[int, memoryview]:
+        """Distinct ids -> stored value (body || crc32) as the server sent it: a read-only bytes-like
+        memoryview into the received message (no copy; it compares equal to the bytes; bytes(v) copies)."""
+        out: dict[int, memoryview] = {}
+        self.call_rows(name, _distinct(ids), version, lambda _b, _e, t, data: out.__setitem__(t, data), stable=True)
+        return out
+
     def get_payloads(self, name: str, ids: Iterable[int], version: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(distinct ascending ids, int64 [n]; their payloads, uint8 [n, row_bytes]): rows in their
         stored encoding, checked (when verify) and decompressed, copied once from the received bytes.
         For a model that decodes on its own device: an fp16/bf16 payload is the row tensor's bytes."""
         ids = _distinct(ids)
         info = self.info(name, version)
-        fmt = self.row_format(info)
-        index = {t: i for i, t in enumerate(ids)}
-        out = np.empty((len(ids), fmt.payload_bytes), dtype=np.uint8)
-        received = 0
-
-        def on_row(_info: pb.TableInfo, token: int, data: memoryview) -> None:
-            nonlocal received
-            received += 1
-            out[index[token]] = np.frombuffer(self._payload(fmt, name, token, data), dtype=np.uint8)
-
-        if ids:
-            self._fetch(name, ids, info.version, on_row)
-        if received != len(ids):
-            raise LutError(grpc.StatusCode.INTERNAL, f"asked {name!r} for {len(ids)} rows, got {received}")
-        return np.array(ids, dtype=np.int64), out
+        got: list[np.ndarray] = [np.empty((0, self.row_format(info).payload_bytes), dtype=np.uint8)]
+        if ids:   # the answer's buffer is the result: each row copied once, into it
+            self.call_groups(info, ids, [], lambda _b, _e, _ids, payloads: got.__setitem__(0, payloads))
+        return np.array(ids, dtype=np.int64), got[0]
 
     def get_slices(self, name: str, ids: Iterable[int], version: int, layer_ends: list[int],
-                   on_slices: Callable[[int, int, np.ndarray, np.ndarray], None]) -> None:
+                   on_slices: OnGroup) -> None:
         """Rows layer-sliced (BatchGetRequest.layer_ends), for a model that runs its first layers
         while later ones are on the wire: on_slices(begin, end, ids, payloads) is called with every
         distinct id's slice of layers [begin, end) (ids int64 [n], ascending; payloads uint8
@@ -337,32 +320,8 @@ class LutClient:
         CRC-checked when verify. Uses the gRPC stream (never shared memory); for many small
         batches, a RowSession (session()) saves a call's setup per batch."""
         ids = _distinct(ids)
-        if not ids:
-            return
-        info = self.info(name, version)
-        try:
-            answer = RowsAnswer(self.row_format(info), ids, list(layer_ends), on_slices, self.verify)
-        except ValueError as e:
-            raise LutError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        try:
-            self._fetch(name, ids, info.version, on_row=lambda *_: None, layer_ends=list(layer_ends), on_slice=answer.add)
-        except AnswerError as e:
-            raise LutError(e.code, f"{e} (from {self.address})") from None
-        if not answer.complete:
-            raise LutError(grpc.StatusCode.INTERNAL, f"asked {name!r} for {len(ids)} rows layer-sliced, "
-                                                     f"{answer.slices_received} slices arrived")
-
-    def session(self, name: str, version: int = 0, layer_ends: list[int] | None = None) -> RowSession:
-        """A RowSession: many BatchGets of one table version on one open stream (BatchGetStream),
-        answers handed over layer group by layer group on a reader thread (lutstore.session)."""
-        return RowSession(self, name, version, layer_ends)
-
-    def _payload(self, fmt: codec.RowFormat, name: str, token: int, data: memoryview) -> memoryview:
-        """The row's payload (a view when uncompressed), its CRC checked when self.verify."""
-        try:
-            return codec.payload_of(fmt, data, verify=self.verify)
-        except codec.ChecksumError as e:
-            raise LutError(grpc.StatusCode.DATA_LOSS, f"row {token} of {name!r} arrived corrupt: {e}") from None
+        if ids:
+            self.call_groups(self.info(name, version), ids, list(layer_ends), on_slices)
 
     def get_rows(self, name: str, ids: Iterable[int], version: int = 0) -> np.ndarray:
         """float32 [len(ids), L, N, D], row i for ids[i] (duplicates allowed)."""
@@ -375,17 +334,21 @@ class LutClient:
         out = np.empty((len(ids), *fmt.shape), dtype=np.float32)
         received = 0
 
-        def on_row(_info: pb.TableInfo, token: int, data: memoryview) -> None:
+        def on_row(_b: int, _e: int, token: int, data: memoryview) -> None:
             nonlocal received
-            received += 1
             first, *rest = positions[token]
+            try:
+                payload = row_payload(fmt, token, data, self.verify)
+            except AnswerError as e:
+                raise e.named(self.address) from None
+            received += 1
             # np.frombuffer on the received message: the decode is the only pass over the row
-            codec.decode_payload(fmt, self._payload(fmt, name, token, data), out=out[first])
+            codec.decode_payload(fmt, payload, out=out[first])
             for j in rest:
                 out[j] = out[first]
 
         if ids:
-            self._fetch(name, sorted(positions), info.version, on_row)
+            self.call_rows(name, sorted(positions), info.version, on_row)
         if received != len(positions):
             raise LutError(grpc.StatusCode.INTERNAL, f"asked {name!r} for {len(positions)} rows, got {received}")
         return out
@@ -412,7 +375,7 @@ class LutClient:
                 raise LutError(grpc.StatusCode.INVALID_ARGUMENT, f"artifact name {art.name!r} escapes {dest}")
             target.parent.mkdir(parents=True, exist_ok=True)
             req = pb.GetArtifactRequest(table=name, version=info.version, name=art.name)
-            self._with_retries(lambda: self._download(req, art, target))
+            self.retry.run(lambda: self._download(req, art, target))
         return dest
 
     def _download(self, req: pb.GetArtifactRequest, art: pb.ArtifactInfo, target: Path) -> None:
@@ -458,8 +421,7 @@ def _is_loopback(address: str) -> bool:
     """True for one "host:port" whose host is a loopback address (shared memory "auto")."""
     if "," in address:
         return False
-    host = address.strip().rpartition(":")[0]
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
+    return protocol.is_loopback_host(address.strip().rpartition(":")[0])
 
 
 def _as_ids(ids: Iterable[int]) -> Iterable[int]:

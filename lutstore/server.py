@@ -29,13 +29,13 @@ from lutstore.metrics import Metrics
 from lutstore.backend import open_store
 from lutstore.rows import Catalog, CorruptRow, Refresher, RowSource
 from lutstore.store import DatabaseDamaged, Store, StoreError, TableMeta, TableNotFound, VersionGone
+from lutstore.protocol import ENCODING_TO_PB, SERVICE_NAME, is_loopback_host
 from lutstore.store_api import StoreUnavailable
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LutStore"].full_name
 SHUTDOWN_GRACE_SECONDS = 10.0
 MESSAGE_TARGET_BYTES = 4 << 20  # rows per BatchGetResponse: a few MiB, well below the limit
 PREFETCH_THREADS = 8  # calls whose next message is read ahead at once; more wait their turn
@@ -46,13 +46,6 @@ ZSTD_FRAME_SLACK = 64  # a zstd frame of incompressible data is at most a few by
 REQUEST_SLACK_BYTES = 64 << 10  # a request's table name, layer_ends, ... beyond its token ids
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
-ENCODINGS = {
-    codec.Encoding.FP32: pb.ENCODING_FP32,
-    codec.Encoding.FP16: pb.ENCODING_FP16,
-    codec.Encoding.BF16: pb.ENCODING_BF16,
-    codec.Encoding.INT8: pb.ENCODING_INT8,
-    codec.Encoding.NF4: pb.ENCODING_NF4,
-}
 
 
 class LutStoreServicer(pb_grpc.LutStoreServicer):
@@ -101,7 +94,7 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
         return pb.TableInfo(
             name=meta.name, version=meta.version, vocab_size=meta.vocab_size,
             num_layers=meta.num_layers, num_experts=meta.num_experts, hidden_size=meta.hidden_size,
-            encoding=ENCODINGS[fmt.encoding],
+            encoding=ENCODING_TO_PB[fmt.encoding],
             compression=pb.COMPRESSION_ZSTD if meta.zstd else pb.COMPRESSION_NONE,
             fingerprint=meta.fingerprint,
             artifacts=[pb.ArtifactInfo(name=a.name, size=a.size, sha256=a.sha256) for a in meta.artifacts],
@@ -306,7 +299,6 @@ def add_servicer(servicer: LutStoreServicer, server: grpc.Server) -> None:
     """Register the LutStore service like the generated add_LutStoreServicer_to_server, except that
     BatchGet's responses are already serialised bytes (response_serializer=None); the wire format is
     unchanged, so generated stubs in any language parse them as BatchGetResponse."""
-    alloc.keep_freed_memory()  # reuse the memory of sent messages instead of faulting it in again (alloc.py)
     handlers = {
         "ListTables": grpc.unary_unary_rpc_method_handler(
             servicer.ListTables, request_deserializer=pb.ListTablesRequest.FromString,
@@ -355,17 +347,14 @@ def _validate(args: argparse.Namespace) -> None:
         raise UserError(f"--max-response-mb must be > 0, got {args.max_response_mb}")
     if getattr(args, "stalled_send_seconds", guard.STALLED_SEND_SECONDS) <= 0:
         raise UserError(f"--stalled-send-seconds must be > 0, got {args.stalled_send_seconds}")
-    if getattr(args, "allow_shared_memory", False) and not shm.is_loopback_host(args.host):
+    if getattr(args, "allow_shared_memory", False) and not is_loopback_host(args.host):
         raise UserError(f"--allow-shared-memory serves same-host clients only: it needs a loopback --host, "
                         f"not {args.host}")
 
 
-LOOPBACK_HOSTS = shm.LOOPBACK_HOSTS
-
-
 def _warn_if_exposed(args: argparse.Namespace, tls: bool, token: str | None) -> None:
     """Off loopback, say plainly what is unprotected (the flags stay the user's choice)."""
-    if shm.is_loopback_host(args.host):
+    if is_loopback_host(args.host):
         return
     if not tls:
         log.warning("serving on %s without TLS: rows%s travel in plaintext (use --tls-cert/--tls-key)",
@@ -377,7 +366,7 @@ def _warn_if_exposed(args: argparse.Namespace, tls: bool, token: str | None) -> 
 
 def _warn_if_metrics_exposed(args: argparse.Namespace) -> None:
     """/metrics has no auth and names every table: off loopback, say so as for --host."""
-    if args.metrics_port is not None and not shm.is_loopback_host(args.metrics_host):
+    if args.metrics_port is not None and not is_loopback_host(args.metrics_host):
         log.warning("metrics on %s without any auth: anyone who can reach port %d can read them, and they name "
                     "every table (keep --metrics-host on loopback, or firewall the port)",
                     args.metrics_host, args.metrics_port)

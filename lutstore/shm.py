@@ -52,11 +52,6 @@ IOV_BATCH = 512  # buffers per pwritev call (the kernel's IOV_MAX is 1024)
 MAX_SEGMENTS = 1024            # descriptors held at once, all clients together
 MAX_SEGMENTS_PER_UID = 64      # ... and per peer uid (SO_PEERCRED), so one user cannot take them all
 MAX_FDS_PER_MESSAGE = 4        # more in one message are closed unread
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
-
-
-def is_loopback_host(host: str) -> bool:
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
 
 
 @dataclass

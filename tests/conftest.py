@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lutstore.codec import Encoding, RowFormat, encode_rows
-from lutstore.daemon import READY, REPO, Daemon  # noqa: F401  (READY, REPO: used by tests)
+from testing.daemon import READY, REPO, Daemon  # noqa: F401  (READY, REPO: used by tests)
 from lutstore.backend import open_store
 from lutstore.store import TableMeta
 
