@@ -204,9 +204,8 @@ def open_remote(address: str, table: str | None = None, version: int = 0, device
                 retry_seconds: float = 10.0, timeout: float = 30.0, tls_ca: Path | None = None,
                 auth_token: str | None = None, shared_memory: bool | str = "auto") -> RemoteModel:
     """Connect, resolve the table, get and verify its backbone, load the model."""
-    from inference.lut import MiB, InProcessTable, RemoteTable
+    from inference.lut import MiB, RemoteTable
     from lutstore.client import LutClient
-    from lutstore.codec import Encoding
 
     # Enough retries (backoff <= 1 s each) to last the whole retry_seconds budget.
     client = LutClient(address, timeout=timeout, retries=5 + math.ceil(retry_seconds), retry_seconds=retry_seconds,
@@ -225,12 +224,7 @@ def open_remote(address: str, table: str | None = None, version: int = 0, device
             raise BackboneMismatch(f"backbone config (V={a.vocab_size} L={a.num_hidden_layers} N={a.num_experts} "
                                    f"D={a.hidden_size}) does not fit table {info.name!r} (V={info.vocab_size} "
                                    f"L={info.num_layers} N={info.num_experts} D={info.hidden_size})")
-        if client.row_format(info).encoding is Encoding.NF4:
-            # Until RemoteTable keeps nf4 rows in its cache (issue 14): the whole table, packed, in process.
-            log.warning("table %r is nf4: downloading all of it (%d rows) into memory", info.name, info.vocab_size)
-            source = InProcessTable.from_client(client, info.name, info.version, device)
-        else:
-            source = RemoteTable(client, info.name, info.version, device, cache_bytes=int(cache_mb * MiB))
+        source = RemoteTable(client, info.name, info.version, device, cache_bytes=int(cache_mb * MiB))
     except BaseException:
         client.close()
         raise

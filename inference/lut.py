@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from inference.rowcache import (PREFAULT_BYTES, ArrivingRows, Copy, DeviceStaging, Plan, RowParts, RowSlab,
-                                stage_rows, storage_dtype, write_staged, write_views)
+                                cached_row_bytes, stage_rows, storage_dtype, write_staged, write_views)
 from lutstore.client import LutClient
 from lutstore.codec import CRC_BYTES, Encoding, RowFormat, slice_payload_bytes
 from lutstore.fetch import SHARED_MEMORY_MIN_BYTES, RowFetcher
@@ -201,16 +201,17 @@ class RemoteTable(LutSource):
         self.info = client.info(table, version)
         self.name, self.version = self.info.name, int(self.info.version)   # pin: rows never change under us
         self.fmt: RowFormat = client.row_format(self.info)
-        if self.fmt.encoding is Encoding.NF4:   # to come: keep nf4 rows in the slab, inference.nf4.dequantize_nf4 per layer
-            raise ValueError(f"RemoteTable does not read nf4 tables yet ({table!r}); use InProcessTable.from_client")
+        self._dequantize_nf4 = None
+        if self.fmt.encoding is Encoding.NF4:   # rows stay packed in the slab; a layer is dequantised when gathered
+            from inference.nf4 import dequantize_nf4   # (inference.nf4 imports this module)
+            self._dequantize_nf4 = dequantize_nf4
         self.vocab_size = int(self.info.vocab_size)
         self.num_layers, self.num_experts, self.hidden_size = self.fmt.shape
         self.max_batch_rows = int(self.info.max_batch_rows) or 4096
         self._fetch_rows = max(1, min(self.max_batch_rows, FETCH_CHUNK_BYTES // self.fmt.payload_bytes))
         self.device = torch.device(device)
         self.dtype = storage_dtype(self.fmt)
-        self.row_device_bytes = (self.fmt.values * torch.tensor([], dtype=self.dtype).element_size()
-                                 + (4 * self.fmt.vectors if self.fmt.encoding is Encoding.INT8 else 0))
+        self.row_device_bytes = cached_row_bytes(self.fmt)
         self.capacity = min(self.vocab_size, max(0, int(cache_bytes)) // self.row_device_bytes)
         self._budget = int(cache_bytes)
         if layer_split == "auto":
@@ -249,7 +250,7 @@ class RemoteTable(LutSource):
 
     def gather(self, idx: Tensor) -> Tensor:
         """Rows [B, T, L, N, D] for idx, on the device (blocks on fetches still running);
-        int8 tables give float32 rows, other encodings their stored dtype."""
+        int8 and nf4 tables give float32 rows, other encodings their stored dtype."""
         return _DeferredRows(self, idx).all()
 
     def stats(self) -> LutStats:
@@ -416,7 +417,7 @@ class RemoteTable(LutSource):
             self._unfinished = None
 
     def _layer(self, plan: Plan, layer: int) -> Tensor:
-        """Rows [B, T, N, D] of one layer for the pass (int8: dequantised to float32)."""
+        """Rows [B, T, N, D] of one layer for the pass (int8 and nf4: dequantised to float32)."""
         self._fill(plan, layer)
         b, t = plan.shape
         if plan.table is not None:
@@ -433,6 +434,8 @@ class RemoteTable(LutSource):
             scales = None if src.scales is None else src.scales[:, layer].index_select(0, index)
         if scales is not None:
             values = values.float() * scales.unsqueeze(-1)
+        elif self._dequantize_nf4 is not None:   # [m, P] packed pieces -> [m, N, D] float32, on the device
+            values = self._dequantize_nf4(values, self.fmt)
         if isinstance(index, slice):
             return values.expand(b * t, self.num_experts, self.hidden_size).reshape(b, t, self.num_experts, self.hidden_size)
         return values.view(b, t, self.num_experts, self.hidden_size)

@@ -6,7 +6,7 @@ and the per-pass plan of which rows go where.
     write_rows(target, arrived, rows, slots, begin, end)   # one layer group of a fetch into slots
 
 Rows are kept in their stored precision (fp16/bf16 as is, int8 as int8 plus
-one fp32 scale per vector) and written byte for byte: a layer group of a row
+one fp32 scale per vector, nf4 packed as uint8 per layer) and written byte for byte: a layer group of a row
 is its payload slice (int8: the group's scales, then its values, see the
 proto), copied into the slot's bytes of those layers.
 
@@ -42,15 +42,29 @@ PREFAULT_BYTES = 512 * MiB
 
 def storage_dtype(fmt: RowFormat) -> torch.dtype:
     """How rows are kept in the cache: the stored precision where torch has it (no inflation of
-    fp16/bf16 rows); int8 rows stay int8 (+ one fp32 scale per vector) and are dequantised on the
+    fp16/bf16 rows); int8 rows stay int8 (+ one fp32 scale per vector) and nf4 rows stay packed
+    (uint8: per layer its block scales and 4-bit codes, 0.27x of fp16), both dequantised on the
     device, only for the rows a step gathers."""
     return {Encoding.FP16: torch.float16, Encoding.BF16: torch.bfloat16,
-            Encoding.INT8: torch.int8}.get(fmt.encoding, torch.float32)
+            Encoding.INT8: torch.int8, Encoding.NF4: torch.uint8}.get(fmt.encoding, torch.float32)
+
+
+def value_shape(fmt: RowFormat) -> tuple[int, ...]:
+    """A cached row's `values` shape: [L, N, D], or [L, P] for nf4 (P = fmt.nf4_layer_bytes: a
+    layer's piece of the payload, byte for byte)."""
+    if fmt.encoding is Encoding.NF4:
+        return (fmt.num_layers, fmt.nf4_layer_bytes)
+    return fmt.shape
+
+
+def cached_row_bytes(fmt: RowFormat) -> int:
+    """Device bytes one cached row takes (values, and int8's scales)."""
+    return RowParts.empty(1, fmt, torch.device("meta")).nbytes
 
 
 class RowParts:
-    """Rows as the cache keeps them: `values` [n, L, N, D] in the storage dtype, and for int8
-    `scales` [n, L, N] float32."""
+    """Rows as the cache keeps them: `values` [n, L, N, D] in the storage dtype (nf4: uint8
+    [n, L, P]), and for int8 `scales` [n, L, N] float32."""
 
     def __init__(self, values: Tensor, scales: Tensor | None) -> None:
         self.values, self.scales = values, scales
@@ -80,7 +94,7 @@ class RowParts:
     def empty(n: int, fmt: RowFormat, device: torch.device) -> RowParts:
         scales = torch.empty((n, fmt.num_layers, fmt.num_experts), dtype=torch.float32, device=device) \
             if fmt.encoding is Encoding.INT8 else None
-        return RowParts(torch.empty((n, *fmt.shape), dtype=storage_dtype(fmt), device=device), scales)
+        return RowParts(torch.empty((n, *value_shape(fmt)), dtype=storage_dtype(fmt), device=device), scales)
 
 
 class RowSlab:

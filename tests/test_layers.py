@@ -159,10 +159,12 @@ def test_session_of_whole_rows_and_a_closed_session(db_path, serve) -> None:
         assert err.value.code == grpc.StatusCode.CANCELLED
 
 
-@pytest.mark.parametrize("encoding", [Encoding.FP16, Encoding.INT8])
+@pytest.mark.parametrize("encoding", [Encoding.FP16, Encoding.INT8, Encoding.NF4])
 @pytest.mark.parametrize("how", ["sliced-session", "whole-session", "sliced-calls", "whole-calls"])
 def test_remote_table_rows_equal_in_process_every_way(db_path, serve, encoding: Encoding, how: str) -> None:
-    fmt = RowFormat(6, 3, 8, encoding)
+    """nf4: rows stay packed in the cache and a layer is dequantised when gathered; they must equal the
+    in-process nf4 table's (Nf4Table) bit for bit."""
+    fmt = RowFormat(6, 3, 8, encoding, block_size=8 if encoding is Encoding.NF4 else 0)
     write_table(db_path, "t", fmt, vocab_size=50, seed=9)
     server = serve(db_path)
     split = "auto" if how.startswith("sliced") else "none"
@@ -176,8 +178,12 @@ def test_remote_table_rows_equal_in_process_every_way(db_path, serve, encoding: 
                 source.request(idx)
                 got = source.rows(idx)
                 for layer in range(6):
-                    torch.testing.assert_close(got.layer(layer).float(), reference.gather(idx)[:, :, layer].float())
+                    exact = {"rtol": 0, "atol": 0} if encoding is Encoding.NF4 else {}
+                    torch.testing.assert_close(got.layer(layer).float(), reference.gather(idx)[:, :, layer].float(),
+                                               **exact)
             assert source.stats().misses > 0 and source.stats().hits > 0
+            if encoding is Encoding.NF4:   # packed in the cache: L * P bytes a row, 0.27x of fp16 at B = 64
+                assert source.row_device_bytes == fmt.num_layers * fmt.nf4_layer_bytes
 
 
 def test_remote_table_pass_that_stops_early_leaves_no_half_rows(db_path, serve) -> None:
@@ -258,7 +264,7 @@ def test_staged_rows_equal_in_process_through_evictions(db_path, serve, device: 
     slab byte for byte): forced on the CPU here, real on a GPU. A cache of 6 rows under batches of up
     to 8 distinct ids evicts all the time and takes the temporary-batch path, so a staging buffer
     reused or freed before its copy finished would show up as wrong rows."""
-    fmt = RowFormat(4, 3, 16, encoding)
+    fmt = RowFormat(4, 3, 16, encoding, block_size=8 if encoding is Encoding.NF4 else 0)
     write_table(db_path, "t", fmt, vocab_size=40, seed=11)
     server = serve(db_path)
     with LutClient(server.address) as client:
