@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install proto node-deps test demo demo-cluster bench bench-quick clean
+.PHONY: install proto node-deps test demo demo-cluster bench bench-quick gpu-check clean
 
 install: $(STAMP)
 
@@ -49,6 +49,11 @@ bench: $(STAMP)
 # The quick variants, into benchmarks/results/quick/ (minutes).
 bench-quick: $(STAMP)
 	$(PY) -m benchmarks.run_all
+
+# On a GPU host (one card, < 8 min): the card, the `cuda` tests, the GPU's real step times
+# (written where fixed-step mode takes its defaults), decode benchmarks on the GPU.
+gpu-check: $(STAMP) node-deps
+	$(PY) -m benchmarks.gpu_check
 
 clean:
 	rm -rf $(VENV) build *.egg-info

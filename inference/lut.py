@@ -260,6 +260,16 @@ class RemoteTable(LutSource):
         return s
 
     @property
+    def non_blocking_copies(self) -> bool:
+        """Uploads to a GPU queued without waiting (pinned staging, rowcache.DeviceStaging): the
+        default; False makes every upload wait for its copy (tests compare the two)."""
+        return self._staging.non_blocking
+
+    @non_blocking_copies.setter
+    def non_blocking_copies(self, value: bool) -> None:
+        self._staging.non_blocking = bool(value)
+
+    @property
     def transport(self) -> str:
         """How fetches go now: "session" or "calls" (lutstore.fetch)."""
         return self._fetcher.transport

@@ -206,13 +206,14 @@ class DeviceStaging:
     """Uploads staged rows to the device and keeps each pinned host buffer alive until the copy that
     reads it has completed (a CUDA event recorded after the copy, on the same stream)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, non_blocking: bool = True) -> None:
         self.device = device
-        self._async = device.type == "cuda"
+        # non_blocking=False: every upload waits for its copy (the reference the cuda tests compare with)
+        self.non_blocking = non_blocking
         self._in_flight: deque[tuple[torch.cuda.Event, Tensor]] = deque()
 
     def upload(self, staged: Tensor) -> Tensor:
-        if not self._async:
+        if self.device.type != "cuda" or not self.non_blocking:
             return staged.to(self.device)
         while self._in_flight and self._in_flight[0][0].query():   # copies done: their buffers may go
             self._in_flight.popleft()

@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Callable
 
+from lutstore.store_api import StoreUnavailable
 from lutstore import codec
 from lutstore.cache import ByteLRU
 from lutstore.store import RowsUnreadable, Store, TableMeta, TableNotFound, VersionGone
@@ -136,5 +137,7 @@ class Refresher(threading.Thread):
         while not self.stopped.wait(self.interval):
             try:
                 self.catalog.refresh()
+            except StoreUnavailable as e:   # a cluster node down: one line, no traceback every round
+                log.warning("refresh failed: %s", e)
             except Exception:  # keep serving what we have; the next round may succeed
                 log.exception("refresh failed")

@@ -40,6 +40,7 @@ from typing import Callable
 
 import grpc
 
+from lutstore.store_api import StoreUnavailable
 from lutstore.v1 import lutstore_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -342,6 +343,9 @@ class SharedMemoryRows:
         except self.corrupt as e:
             log.error("%s", e)
             context.abort(grpc.StatusCode.DATA_LOSS, str(e))
+        except StoreUnavailable as e:   # a cluster node down: may succeed later, as for BatchGet
+            log.warning("%s", e)
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except OSError as e:  # /dev/shm full, ...
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"shared memory: cannot write the segment: {e.strerror}; use BatchGet")

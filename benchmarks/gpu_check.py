@@ -1,0 +1,126 @@
+"""`make gpu-check`: every CUDA path, checked and timed on a lent GPU, in one run (< 8 minutes).
+
+A GPU is lent to some tasks only, for minutes, so this is prepared ahead and run as one script:
+
+  1. the card (nvidia-smi) and torch's view of it;
+  2. the `cuda` tests (tests/test_cuda.py: rows, log-probs, greedy tokens and ingest bytes on cuda vs
+     cpu; non_blocking vs blocking copies through many evictions) and the cuda variants of the
+     staged-row and nf4 tests;
+  3. the GPU's real step times on the 160M-16E shape (decode at batch 1 and 32, a 2048-token
+     prefill; bf16, rows from an in-GPU table), written to benchmarks/results/gpu_step_times.json,
+     where bench_decode's fixed-step mode takes its defaults from;
+  4. bench_decode on the GPU, real mode, batch 1/8/32 (in-process vs lutstore cold / warm / steady
+     state, and the offload baseline), then fixed-step mode with the measured step times;
+     results (JSON + PNG, naming the card) under benchmarks/results/.
+
+    python -m benchmarks.gpu_check                # everything
+    python -m benchmarks.gpu_check --skip-bench   # card + tests + step times only
+
+Each stage has its own time limit, so one that hangs cannot take the whole lease; the exit code is
+non-zero if any stage failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks import common
+
+REPO = Path(__file__).resolve().parent.parent
+STEP_TIMES = common.RESULTS_DIR / "gpu_step_times.json"
+
+
+def stage(title: str, cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> bool:
+    print(f"\n===== {title}: {' '.join(cmd)} (limit {timeout:.0f} s)", flush=True)
+    started = time.monotonic()
+    try:
+        rc = subprocess.run(cmd, cwd=REPO, timeout=timeout, env=env).returncode
+    except subprocess.TimeoutExpired:
+        print(f"===== {title}: TIMED OUT after {timeout:.0f} s", flush=True)
+        return False
+    print(f"===== {title}: exit {rc} in {time.monotonic() - started:.0f} s", flush=True)
+    return rc == 0
+
+
+def card_name() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU host")
+    return torch.cuda.get_device_name(0)
+
+
+def measure_step_times(vocab: int = 8192, repeats: int = 20) -> dict:
+    """Real GPU step times of the 160M-16E backbone (bf16), its rows gathered from an in-GPU table."""
+    import torch
+
+    from benchmarks.bench_decode import paper_args
+    from inference.lut import InProcessTable
+    from inference.model import Transformer
+
+    device = torch.device("cuda")
+    args = paper_args(vocab)
+    model = Transformer(args, form="lut").to(device=device, dtype=torch.bfloat16).eval()
+    table = InProcessTable(torch.randn(vocab, args.num_hidden_layers, args.num_experts, args.hidden_size,
+                                       dtype=torch.bfloat16, device=device), device)
+
+    def timed(batch: int, tokens: int, start: int) -> float:
+        idx = torch.randint(0, vocab, (batch, tokens), device=device)
+        pos = torch.arange(start, start + tokens, device=device)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(idx, pos, lut_rows=table.rows(idx))[:, -1].argmax(-1).tolist()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1000
+
+    out = {}
+    for batch in (1, 32):
+        model.setup_caches(batch, args.max_position_embeddings)
+        timed(batch, 16, 0)   # warm-up: kernels, allocator
+        out[f"step_ms_b{batch}"] = sorted(timed(batch, 1, 16 + i) for i in range(repeats))[repeats // 2]
+    model.setup_caches(1, args.max_position_embeddings)
+    timed(1, 2048, 0)
+    out["prefill_ms_2048"] = sorted(timed(1, 2048, 0) for _ in range(5))[2]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser("gpu_check", __doc__)
+    p.add_argument("--skip-bench", action="store_true", help="stop after the tests and the step times")
+    p.add_argument("--vocab", type=int, default=8192, help="160m table rows for the benchmark (default 8192)")
+    args = p.parse_args(argv)
+    ok = stage("the card", ["nvidia-smi"], 30)
+    card = card_name()
+    print(f"torch sees: {card}", flush=True)
+    env = dict(os.environ, LUTSTORE_BENCH_MACHINE=f"GPU host ({card})")
+    py = sys.executable
+    ok &= stage("cuda tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"], 240, env)
+    ok &= stage("cuda variants of the staged-row and nf4 tests",
+                [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_layers.py", "tests/test_nf4.py",
+                 "-k", "cuda"], 120, env)
+
+    print("\n===== step times of the 160M-16E backbone on this GPU", flush=True)
+    times = {"card": card, **measure_step_times(args.vocab), "when": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    STEP_TIMES.parent.mkdir(parents=True, exist_ok=True)
+    STEP_TIMES.write_text(json.dumps(times, indent=2) + "\n")
+    print(json.dumps(times), f"-> {STEP_TIMES}", flush=True)
+    if args.skip_bench:
+        return 0 if ok else 1
+
+    bench = [py, "-m", "benchmarks.bench_decode", "--model", "160m", "--vocab", str(args.vocab), "--device", "cuda",
+             "--batches", "1,8,32", "--steps", "32", "--repeats", "2"]
+    ok &= stage("decode, real mode on the GPU", bench + ["--mode", "real", "--name", "decode-160m-gpu-real"], 150, env)
+    ok &= stage("decode, fixed-step with the GPU's step times",
+                bench + ["--mode", "fixed", "--skip-offload", "--name", "decode-160m-gpu-fixed"], 120, env)
+    print(f"\ngpu_check: {'all stages passed' if ok else 'SOME STAGES FAILED'} on {card}", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
