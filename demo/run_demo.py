@@ -10,7 +10,7 @@
 
 Everything lands under --data-dir (default ./demo-data): the checkpoint in
 model/, the database in db/. A second run reuses both (the DB is re-ingested
-only when the checkpoint changed), so it takes about 10 seconds.
+only when the checkpoint changed), so it takes about 25 seconds (most of it the endpoint step).
 Every command is printed before it runs, so you can run it yourself.
 """
 
