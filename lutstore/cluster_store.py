@@ -45,7 +45,8 @@ from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
 
 from lutstore.codec import CRC_BYTES, RowFormat
-from lutstore.store import ArtifactMeta, StoreError, TableMeta, TableNotFound, VersionGone, _chunks, table_fingerprint
+from lutstore.store import (ArtifactMeta, StoreError, TableMeta, VersionIndex, _chunks,
+                            table_fingerprint)
 from lutstore.store_api import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -306,7 +307,7 @@ class _Nodes:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-class ClusterStore:
+class ClusterStore(VersionIndex):
     """Tables in a Valkey / Redis Cluster. Stateless apart from the cached manifest: any number of
     daemons (mode "secondary") and one or more ingests (mode "primary") may share a cluster."""
 
@@ -374,21 +375,6 @@ class ClusterStore:
             by_name.setdefault(meta.name, {})[meta.version] = meta
         with self._lock:
             self._by_name = by_name
-
-    def tables(self) -> list[TableMeta]:
-        by_name = self._by_name
-        return [by_name[n][v] for n in sorted(by_name) for v in sorted(by_name[n])]
-
-    def resolve(self, name: str, version: int = 0) -> TableMeta:
-        versions = self._by_name.get(name)
-        if not versions:
-            raise TableNotFound(name, sorted(self._by_name))
-        if version == 0:
-            return versions[max(versions)]
-        meta = versions.get(version)
-        if meta is None:
-            raise VersionGone(name, version, max(versions))
-        return meta
 
     def _per_round(self, meta: TableMeta) -> int:
         row = max(1, meta.stored_bytes // max(meta.vocab_size, 1))

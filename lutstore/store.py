@@ -315,7 +315,31 @@ def _check_whole(path: Path, links: Path, own: Path, attempts: int = 3) -> None:
     raise StoreError(f"cannot open database {path}: {text}") from error
 
 
-class Store:
+class VersionIndex:
+    """tables() and resolve() over the manifest as loaded, `_by_name` {name: {version: TableMeta}}:
+    the same for every backend (each loads the manifest its own way)."""
+
+    _by_name: dict[str, dict[int, TableMeta]]
+
+    def tables(self) -> list[TableMeta]:
+        """All live versions, sorted by (name, version)."""
+        by_name = self._by_name
+        return [by_name[n][v] for n in sorted(by_name) for v in sorted(by_name[n])]
+
+    def resolve(self, name: str, version: int = 0) -> TableMeta:
+        """The live TableMeta of (name, version); version 0 is the latest."""
+        versions = self._by_name.get(name)
+        if not versions:
+            raise TableNotFound(name, sorted(self._by_name))
+        if version == 0:
+            return versions[max(versions)]
+        meta = versions.get(version)
+        if meta is None:
+            raise VersionGone(name, version, max(versions))
+        return meta
+
+
+class Store(VersionIndex):
     """One lutstore database. Writers open it as primary (one process at a
     time); readers (server, info, verify) as a secondary that catches up with
     the primary on refresh()."""
@@ -409,23 +433,6 @@ class Store:
     def _counters(self) -> dict:
         raw = self._db.get(_COUNTERS_KEY)
         return json.loads(raw) if raw else {"next_table_id": 1, "versions": {}}
-
-    def tables(self) -> list[TableMeta]:
-        """All live versions, sorted by (name, version)."""
-        by_name = self._by_name
-        return [by_name[n][v] for n in sorted(by_name) for v in sorted(by_name[n])]
-
-    def resolve(self, name: str, version: int = 0) -> TableMeta:
-        """The live TableMeta of (name, version); version 0 is the latest."""
-        versions = self._by_name.get(name)
-        if not versions:
-            raise TableNotFound(name, sorted(self._by_name))
-        if version == 0:
-            return versions[max(versions)]
-        meta = versions.get(version)
-        if meta is None:
-            raise VersionGone(name, version, max(versions))
-        return meta
 
     def get_values(self, meta: TableMeta, token_ids: list[int]) -> list[bytes | None]:
         """Raw stored values of token_ids in one multi-get (None where missing). RowsUnreadable
