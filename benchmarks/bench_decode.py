@@ -245,6 +245,7 @@ def decode_run(forward: Callable[[torch.Tensor, int], None], source: LutSource |
     decode step. sync runs before every timer is read (on a GPU: the queued work done)."""
     b, p = prompt.shape
     prompt_t = torch.from_numpy(prompt)
+    sync()
     started = time.perf_counter()
     announce_chunks(source, prompt_t, prefill_chunk)
     if before_step:
