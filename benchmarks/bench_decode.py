@@ -614,7 +614,8 @@ def plot(results: dict, label: str, name: str = "decode") -> Path:
         width = 0.8 / len(cases)
         for i, case in enumerate(cases):
             ys = [r["batches"][b].get(case, {}).get("tok_s", 0) for b in batches]
-            ax.bar(np.arange(len(batches)) + (i - (len(cases) - 1) / 2) * width, ys, width, label=case)
+            label = "inprocess (fp16)" if case == "inprocess" and NF4_CEILING in cases else case
+            ax.bar(np.arange(len(batches)) + (i - (len(cases) - 1) / 2) * width, ys, width, label=label)
         ax.set_xticks(np.arange(len(batches)), [f"batch {b}" for b in batches])
         ax.set_yscale("log")
         ax.set_ylabel("decode tok/s")
