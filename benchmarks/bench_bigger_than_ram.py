@@ -28,6 +28,11 @@ afterwards unless --keep.
 
     python -m benchmarks.bench_bigger_than_ram --quick   # vocab 4096 (not bigger than RAM: a dry run)
     python -m benchmarks.bench_bigger_than_ram           # the real thing (tens of minutes to build)
+
+--encoding nf4 builds the table in NF4 (blocks of --block-size, default 64: ~10.6 GB for the
+410M-16E shape, which fits in the RAM of a 16+ GB machine: the results say whether it is bigger
+than RAM) and adds the case inprocess_nf4 (an in-process nf4 table of --inprocess-rows rows,
+inference.nf4.Nf4Table); the targets compare with the in-process fp16 table as before.
 """
 
 from __future__ import annotations
@@ -50,7 +55,8 @@ from benchmarks.bigtables import write_table, zipf_tokens
 from inference.lut import MiB, InProcessTable, RemoteTable
 from inference.model import ModelArgs, Transformer, init_weights
 from lutstore.client import LutClient
-from lutstore.codec import Encoding, RowFormat
+from lutstore.codec import Encoding, RowFormat, encode_payloads
+from lutstore.nf4 import DEFAULT_BLOCK_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +70,15 @@ def model_args(vocab: int) -> ModelArgs:
                      num_attention_heads=16, num_experts=16, max_position_embeddings=1024, rms_norm_eps=1e-5)
 
 
-def choose_encoding(work: Path, vocab: int, wanted: str, margin: float) -> tuple[str | None, str]:
-    """(encoding, why): fp16 when the disk has room, else int8, else None (skip)."""
+def table_format(enc: str, block_size: int = DEFAULT_BLOCK_SIZE) -> RowFormat:
+    return RowFormat(*SHAPE, Encoding(enc), block_size=block_size if enc == "nf4" else 0)
+
+
+def choose_encoding(work: Path, vocab: int, wanted: str, margin: float,
+                    block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[str | None, str]:
+    """(encoding, why): fp16 when the disk has room, else int8, else None (skip); nf4 only when asked."""
     free = common.disk_free_bytes(work)
-    need = {enc: vocab * RowFormat(*SHAPE, Encoding(enc)).stored_bytes for enc in ("fp16", "int8")}
+    need = {enc: vocab * table_format(enc, block_size).stored_bytes for enc in ("fp16", "int8", "nf4")}
     order = ["fp16", "int8"] if wanted == "auto" else [wanted]
     for enc in order:
         if free >= need[enc] + margin:
@@ -115,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/lutstore-bigger-than-ram"),
                    help="where the table is built (default /tmp/lutstore-bigger-than-ram)")
     p.add_argument("--vocab", type=int, default=PAPER_VOCAB, help=f"rows of the table (default {PAPER_VOCAB})")
-    p.add_argument("--encoding", choices=("auto", "fp16", "int8"), default="auto",
-                   help="auto: fp16 when the disk has room, else int8 (default auto)")
+    p.add_argument("--encoding", choices=("auto", "fp16", "int8", "nf4"), default="auto",
+                   help="auto: fp16 when the disk has room, else int8 (default auto); nf4 only when asked")
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                   help=f"nf4: values per block (default {DEFAULT_BLOCK_SIZE})")
     p.add_argument("--margin-gb", type=float, default=8.0, help="disk space to leave free beyond the table (default 8)")
     p.add_argument("--mode", choices=("fixed", "real", "both"), default="fixed",
                    help="fixed-step backbone (default), the real 410M backbone on this CPU, or both")
@@ -148,12 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     args.work_dir.mkdir(parents=True, exist_ok=True)
     built_here = False
-    existing = sorted(args.work_dir.glob(f"db-{args.vocab}-*"))
+    pattern = f"db-{args.vocab}-{args.encoding}" if args.encoding != "auto" else f"db-{args.vocab}-*"
+    existing = sorted(args.work_dir.glob(pattern))
     if existing:
         db, enc = existing[0], existing[0].name.rsplit("-", 1)[1]
         why = f"{enc}: reusing {db}"
     else:
-        enc, why = choose_encoding(args.work_dir, args.vocab, args.encoding, args.margin_gb * GB)
+        enc, why = choose_encoding(args.work_dir, args.vocab, args.encoding, args.margin_gb * GB, args.block_size)
         print(why, flush=True)
         if enc is None:
             common.write_results(args.name, {"skipped": why})
@@ -161,26 +175,31 @@ def main(argv: list[str] | None = None) -> int:
         db = args.work_dir / f"db-{args.vocab}-{enc}"
         started = time.perf_counter()
         try:
-            write_table(db, "mole-410m", RowFormat(*SHAPE, Encoding(enc)), args.vocab)
+            write_table(db, "mole-410m", table_format(enc, args.block_size), args.vocab)
         except BaseException:
             shutil.rmtree(db, ignore_errors=True)
             raise
         built_here = True
         print(f"built in {time.perf_counter() - started:.0f} s", flush=True)
-    fmt = RowFormat(*SHAPE, Encoding(enc))
+    fmt = table_format(enc, args.block_size)
     table_bytes = args.vocab * fmt.stored_bytes
     print(f"table: {table_bytes / GB:.1f} GB ({enc}) on disk; RAM {ram / GB:.1f} GB -> "
           f"{'bigger' if table_bytes > ram else 'NOT bigger'} than RAM", flush=True)
 
     results: dict = {"encoding": enc, "why": why, "vocab": args.vocab, "table_bytes": table_bytes, "ram_bytes": ram,
                      "bigger_than_ram": table_bytes > ram, "row_bytes": fmt.stored_bytes, "modes": {}}
+    if table_bytes <= ram:
+        results["note"] = (f"the {enc} table ({table_bytes / GB:.1f} GB) fits in this machine's RAM ({ram / GB:.1f} GB): "
+                           "what is measured is a table served from disk through the page cache, not bigger than RAM")
     targets = []
     try:
         results["client_memory_after_build"] = common.memory_status(os.getpid())
         serve_flags = ["--allow-shared-memory"] if args.shared_memory != "off" else []
         with common.ServerProcess(db, "--cache-mb", str(args.server_cache_mb), *serve_flags, timeout=300) as server:
             # the in-process comparison: rows of the same shape, fp16 (the paper's table precision)
-            inproc = InProcessTable(random_fp16_table(args.inprocess_rows))
+            fp16_rows = random_fp16_table(args.inprocess_rows)
+            inproc = InProcessTable(fp16_rows)
+            inproc_nf4 = nf4_table(fp16_rows, fmt) if enc == "nf4" else None
             perm = np.random.default_rng(1234).permutation(args.vocab)
             rng = np.random.default_rng(0)
             read_before = disk_read_bytes(server.pid)
@@ -195,13 +214,16 @@ def main(argv: list[str] | None = None) -> int:
             results["page_cache_bytes_after_warm"] = page_cache_bytes()
             modes = ["fixed", "real"] if args.mode == "both" else [args.mode]
             for mode in modes:
-                results["modes"][mode] = measure_mode(mode, args, server, inproc, perm, rng)
+                results["modes"][mode] = measure_mode(mode, args, server, inproc, perm, rng, inproc_nf4)
                 for b, r in results["modes"][mode].items():
                     for case in cases_for(args.shared_memory):
                         what = "client warm too" if case.startswith("remote_client_warm") else "daemon+OS warm, client cold"
                         via = ", shared memory" if case.endswith("_shm") else ""
                         targets.append(common.target(f"410m {mode} b{b} from disk ({what}{via}) vs in-process",
                                                      r[case]["tok_s"] / r["inprocess"]["tok_s"], 0.8))
+                        if inproc_nf4 is not None:
+                            targets.append(common.target(f"410m nf4 {mode} b{b} from disk ({what}{via}) vs in-process nf4",
+                                                         r[case]["tok_s"] / r["inprocess_nf4"]["tok_s"], 0.8))
             rss = common.peak_rss_bytes(server.pid)
             results["server_peak_rss_bytes"] = rss
     finally:
@@ -215,6 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def nf4_table(rows: torch.Tensor, fmt: RowFormat) -> InProcessTable:
+    """The in-process nf4 comparison: the same random rows encoded as the daemon stores them."""
+    from inference.nf4 import Nf4Table
+    packed = encode_payloads(fmt, rows.numpy())
+    return Nf4Table(torch.from_numpy(np.ascontiguousarray(packed)).view(len(rows), fmt.num_layers, fmt.nf4_layer_bytes), fmt)
+
+
 def cases_for(shared_memory: str) -> tuple[str, ...]:
     """The remote cases measured: over the gRPC stream, shared memory (BatchGetShared), or both."""
     base = ("remote", "remote_client_warm")
@@ -223,7 +252,8 @@ def cases_for(shared_memory: str) -> tuple[str, ...]:
     return base + (tuple(c + "_shm" for c in base) if shared_memory == "both" else ())
 
 
-def measure_mode(mode: str, args, server, inproc: InProcessTable, perm: np.ndarray, rng) -> dict:
+def measure_mode(mode: str, args, server, inproc: InProcessTable, perm: np.ndarray, rng,
+                 inproc_nf4: InProcessTable | None = None) -> dict:
     margs = model_args(args.vocab)
     if mode == "fixed":
         fixed = FixedStepModel(margs.num_hidden_layers, margs.num_experts,
@@ -244,12 +274,14 @@ def measure_mode(mode: str, args, server, inproc: InProcessTable, perm: np.ndarr
             return (zipf_tokens(args.vocab, b * 16, rng, permutation=perm).reshape(b, 16),
                     zipf_tokens(args.vocab, b * args.steps, rng, permutation=perm).reshape(b, args.steps))
 
-        runs: dict[str, list[Run]] = {c: [] for c in ("inprocess", *remote_cases)}
+        ceilings = {"inprocess": inproc, **({"inprocess_nf4": inproc_nf4} if inproc_nf4 is not None else {})}
+        runs: dict[str, list[Run]] = {c: [] for c in (*ceilings, *remote_cases)}
         prompt, stream = workload()
         decode_run(fwd(inproc.rows), None, prompt[:, :4] % len(inproc.table), stream[:, :2] % len(inproc.table))  # untimed first call
         for _ in tqdm(range(args.repeats), desc=f"410m {mode} batch {b}", dynamic_ncols=True, leave=False):
             prompt, stream = workload()      # in-process: the same law folded onto its rows (a gather costs the same)
-            runs["inprocess"].append(decode_run(fwd(inproc.rows), None, prompt % len(inproc.table), stream % len(inproc.table)))
+            for c, table in ceilings.items():
+                runs[c].append(decode_run(fwd(table.rows), None, prompt % table.vocab_size, stream % table.vocab_size))
             for case in remote_cases:
                 with LutClient(server.address, shared_memory=case.endswith("_shm")) as client:
                     src = RemoteTable(client, "mole-410m", cache_bytes=int(args.cache_mb * MiB))
@@ -269,7 +301,7 @@ def measure_mode(mode: str, args, server, inproc: InProcessTable, perm: np.ndarr
         for c, rs in runs.items():
             res[c] = {**vars(max(rs, key=lambda r: r.tok_s)), "median_tok_s": float(np.median([r.tok_s for r in rs])),
                       "all_tok_s": [r.tok_s for r in rs]}
-            if c != "inprocess":
+            if c not in ceilings:
                 res[c]["all_disk_read_bytes"] = [r.disk_read_bytes for r in rs]
         out[b] = res
         base, base_median = res["inprocess"]["tok_s"], res["inprocess"]["median_tok_s"]

@@ -131,8 +131,8 @@ def run_load(engine: Engine, users: int, rate: float, duration: float, vocab: in
 
 
 def measure_model(name: str, args: argparse.Namespace, work: Path) -> dict:
-    setup_args = SimpleNamespace(encoding="fp16", server_cache_mb=args.server_cache_mb, shared_memory="off",
-                                 vocab=args.vocab)
+    setup_args = SimpleNamespace(encoding="fp16", block_size=0, device=torch.device("cpu"),
+                                 server_cache_mb=args.server_cache_mb, shared_memory="off", vocab=args.vocab)
     setup = demo_setup(setup_args, work) if name == "demo" else paper_setup(setup_args, work)
     mode = "real" if name == "demo" else "fixed"
     try:
@@ -221,8 +221,7 @@ def plot(results: dict, label: str) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser("bench_serve", __doc__)
     p.add_argument("--model", choices=("demo", "160m", "both"), default="both")
     p.add_argument("--users", default="1,4,16,32", help="concurrent users, comma separated (default 1,4,16,32)")
     p.add_argument("--rates", default="0,2", help="requests/s per user (Poisson; 0 = back-to-back), comma separated")
@@ -245,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.duration, args.rates, args.max_prompt, args.max_tokens, args.vocab = 6.0, "0", 48, 48, 2048
-        common.RESULTS_DIR = common.RESULTS_DIR / "quick"
+        if common.RESULTS_DIR.name != "quick":      # run_all --quick has already pointed it there
+            common.RESULTS_DIR = common.RESULTS_DIR / "quick"
     try:
         args.users = [int(u) for u in args.users.split(",")]
         args.rates = [float(r) for r in args.rates.split(",")]
@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.work_dir.mkdir(parents=True, exist_ok=True)
     torch.set_grad_enabled(False)
+    label = common.start("serving benchmark")
     models = ("demo", "160m") if args.model == "both" else (args.model,)
     results, all_targets = {}, []
     try:
@@ -264,11 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"bench_serve: error: {e}", file=sys.stderr)
         return 2
-    label = common.machine_label()
-    doc = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-           "git": common.git_revision(), "results": results, "targets": all_targets}
-    out = common.write_results("serve", doc)
-    print(f"wrote {out} and {plot(results, label)}")
+    common.finish("serve", {"config": common.config_of(args), "results": results, "targets": all_targets},
+                  [plot(results, label)])
     return 0
 
 

@@ -1,8 +1,8 @@
 """Store benchmark: BatchGet over loopback gRPC against two ceilings, side by side.
 
 For batches of 1..256 rows of the paper's 160M-16E row shape (L=12, N=16,
-D=768: 295 KB fp16, 148 KB int8), in fp16 and int8, it measures payload GB/s
-and p50/p99 latency of
+D=768: 295 KB fp16, 148 KB int8, 80 KB nf4 with blocks of 64), in fp16, int8 and
+nf4 (--encodings), it measures payload GB/s, rows/s and p50/p99 latency of
   * grpc cold   `LutClient.get_raw` against a server with --cache-mb 0 (every row read from RocksDB)
   * grpc hot    the same against a server whose row LRU already holds the ids
   * shm cold/hot the same two servers through the same-host BatchGetShared path
@@ -15,6 +15,7 @@ from other processes on a shared machine falls on all of them alike.
 
     python -m benchmarks.bench_store            # vocab 4096, ~2 s per point
     python -m benchmarks.bench_store --quick    # vocab 1024, ~0.5 s per point
+    python -m benchmarks.bench_store --quick --encodings nf4 --name store-nf4-quick
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from lutstore.store import Store, StoreError, TableMeta
 log = logging.getLogger(__name__)
 
 SHAPE = (12, 16, 768)  # the paper's 160M-16E model: L, N, D
-ENCODINGS = ("fp16", "int8")
+ENCODINGS = ("fp16", "int8", "nf4")   # nf4: blocks of nf4.DEFAULT_BLOCK_SIZE (64)
 BATCHES = (1, 4, 16, 64, 256)
 METHODS = ("grpc_cold", "grpc_hot", "shm_cold", "shm_hot", "multiget", "socket")
 # shm_*: the same-host BatchGetShared path (serve --allow-shared-memory, LutClient(shared_memory=True))
@@ -103,14 +104,15 @@ def table_name(encoding: str, vocab: int) -> str:
     return f"bench-{encoding}-v{vocab}"
 
 
-def ensure_tables(db: Path, vocab: int, progress: bool) -> dict[str, TableMeta]:
+def ensure_tables(db: Path, vocab: int, progress: bool, encodings: tuple[str, ...] = ENCODINGS) -> dict[str, TableMeta]:
     """One table per encoding with the paper's row shape; reused when the DB already has it."""
     metas: dict[str, TableMeta] = {}
     existing: dict[str, TableMeta] = {}
     if (db / "CURRENT").exists():
         with Store.open(db, "secondary") as store:
             existing = {m.name: m for m in store.tables()}
-    for i, enc in enumerate(ENCODINGS):
+    for enc in encodings:
+        i = ENCODINGS.index(enc)    # the seed: one encoding's table is the same whichever others are built
         name = table_name(enc, vocab)
         if name in existing:
             metas[enc] = existing[name]
@@ -135,9 +137,9 @@ def time_requests(call: Callable[[list[int]], object], batches: list[list[int]],
     return samples
 
 
-def summarise(samples: list[float], nbytes: int) -> dict:
+def summarise(samples: list[float], nbytes: int, rows: int) -> dict:
     return {"requests": len(samples), "gbps": nbytes * len(samples) / sum(samples) / 1e9,
-            **common.percentiles(samples)}
+            "rows_per_s": rows * len(samples) / sum(samples), **common.percentiles(samples)}
 
 
 def random_batches(rng: np.random.Generator, pool: np.ndarray, size: int, count: int) -> list[list[int]]:
@@ -149,10 +151,10 @@ def random_batches(rng: np.random.Generator, pool: np.ndarray, size: int, count:
 # ---- the benchmark -------------------------------------------------------------------
 
 def run(db: Path, vocab: int, batches: tuple[int, ...], seconds: float, min_requests: int, hot_rows: int,
-        progress: bool) -> dict:
+        progress: bool, encodings: tuple[str, ...] = ENCODINGS) -> dict:
     from lutstore.client import LutClient
 
-    metas = ensure_tables(db, vocab, progress)
+    metas = ensure_tables(db, vocab, progress, encodings)
     rng = np.random.default_rng(0)
     all_ids = np.arange(vocab)
     hot_ids = rng.choice(vocab, size=min(hot_rows, vocab), replace=False)
@@ -203,7 +205,7 @@ def run(db: Path, vocab: int, batches: tuple[int, ...], seconds: float, min_requ
                                                              -(-min_requests // ROUNDS))
                     row: dict[str, dict] = {}
                     for method in calls:
-                        row[method] = summarise(samples[method], nbytes)
+                        row[method] = summarise(samples[method], nbytes, b)
                         points.append({"encoding": enc, "batch": b, "method": method, "bytes_per_request": nbytes,
                                        **row[method]})
                     g = {m: row[m]["gbps"] for m in METHODS}
@@ -215,6 +217,9 @@ def run(db: Path, vocab: int, batches: tuple[int, ...], seconds: float, min_requ
                     print(f"      | same-host BatchGetShared: cold {g['shm_cold']:.3f} GB/s ({g['shm_cold'] / g['multiget']:.2f}x "
                           f"multi-get), hot {g['shm_hot']:.3f} GB/s ({g['shm_hot'] / g['multiget']:.2f}x multi-get); "
                           f"p99 {row['shm_cold']['p99_ms']:.2f} / {row['shm_hot']['p99_ms']:.2f} ms", flush=True)
+                    r = {m: row[m]["rows_per_s"] for m in METHODS}
+                    print(f"      | rows/s: grpc cold {r['grpc_cold']:,.0f}, hot {r['grpc_hot']:,.0f}, shm cold "
+                          f"{r['shm_cold']:,.0f}, hot {r['shm_hot']:,.0f}, multi-get {r['multiget']:,.0f}", flush=True)
     finally:
         socket_ceiling.close()
         store.close()
@@ -225,12 +230,12 @@ def point(points: list[dict], enc: str, batch: int, method: str) -> dict:
     return next(p for p in points if p["encoding"] == enc and p["batch"] == batch and p["method"] == method)
 
 
-def targets_of(points: list[dict], batches: tuple[int, ...]) -> list[dict]:
+def targets_of(points: list[dict], batches: tuple[int, ...], encodings: tuple[str, ...] = ENCODINGS) -> list[dict]:
     """The issue's goals: payload >= 0.6x multi-get and >= 0.3x socket (largest batch), one-row p99 < 1 ms."""
     big = max(batches)
     out = []
     print(flush=True)
-    for enc in ENCODINGS:
+    for enc in encodings:
         mget = point(points, enc, big, "multiget")["gbps"]
         sock = point(points, enc, big, "socket")["gbps"]
         for kind in ("cold", "hot"):
@@ -240,16 +245,18 @@ def targets_of(points: list[dict], batches: tuple[int, ...]) -> list[dict]:
             g = point(points, enc, big, f"shm_{kind}")["gbps"]
             out.append(common.target(f"store {enc} {kind} same-host BatchGetShared/multi-get, {big} rows", g / mget, 0.6))
     if 1 in batches:
-        for kind in ("cold", "hot"):
-            p99 = point(points, "fp16", 1, f"grpc_{kind}")["p99_ms"]
-            out.append(common.target(f"store fp16 {kind} p99 of one row", p99, 1.0, higher_is_better=False, unit=" ms"))
-            p99 = point(points, "fp16", 1, f"shm_{kind}")["p99_ms"]
-            out.append(common.target(f"store fp16 {kind} p99 of one row, same-host BatchGetShared", p99, 1.0,
-                                     higher_is_better=False, unit=" ms"))
+        for enc in [e for e in ("fp16", "nf4") if e in encodings]:
+            for kind in ("cold", "hot"):
+                p99 = point(points, enc, 1, f"grpc_{kind}")["p99_ms"]
+                out.append(common.target(f"store {enc} {kind} p99 of one row", p99, 1.0, higher_is_better=False, unit=" ms"))
+                p99 = point(points, enc, 1, f"shm_{kind}")["p99_ms"]
+                out.append(common.target(f"store {enc} {kind} p99 of one row, same-host BatchGetShared", p99, 1.0,
+                                         higher_is_better=False, unit=" ms"))
     return out
 
 
-def plot(points: list[dict], batches: tuple[int, ...], label: str) -> list[str]:
+def plot(points: list[dict], batches: tuple[int, ...], label: str, encodings: tuple[str, ...] = ENCODINGS,
+         name: str = "store") -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -257,9 +264,10 @@ def plot(points: list[dict], batches: tuple[int, ...], label: str) -> list[str]:
 
     styles = {"grpc_cold": "o-", "grpc_hot": "s-", "shm_cold": "D-", "shm_hot": "P-", "multiget": "^--", "socket": "v--"}
     paths = []
-    for what, ylabel, fname in (("gbps", "payload GB/s", "store_throughput"), ("p99_ms", "latency ms", "store_latency")):
-        fig, axes = plt.subplots(1, len(ENCODINGS), figsize=(11, 4.2), sharey=True)
-        for ax, enc in zip(axes, ENCODINGS):
+    for what, ylabel, kind in (("gbps", "payload GB/s", "throughput"), ("p99_ms", "latency ms", "latency")):
+        fig, axes = plt.subplots(1, len(encodings), figsize=(5.5 * len(encodings), 4.2), sharey=True, squeeze=False)
+        axes = axes[0]
+        for ax, enc in zip(axes, encodings):
             for method, style in styles.items():
                 if what == "p99_ms" and method in ("multiget", "socket"):
                     continue
@@ -279,7 +287,7 @@ def plot(points: list[dict], batches: tuple[int, ...], label: str) -> list[str]:
         axes[-1].legend(fontsize=8)
         fig.suptitle(f"lutstore BatchGet, 160M-16E rows, loopback: {label}", fontsize=9)
         fig.tight_layout()
-        out = common.plot_path(fname)
+        out = common.plot_path(f"{name}_{kind}")   # store -> store_throughput.png as before
         fig.savefig(out, dpi=110)
         plt.close(fig)
         paths.append(str(out))
@@ -297,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", type=Path, help="database to use (tables reused when present; default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the temporary database")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--encodings", nargs="+", choices=ENCODINGS, default=list(ENCODINGS),
+                   help="table encodings measured (default: %(default)s)")
+    p.add_argument("--name", default="store", help="results file name (default store; plots NAME_throughput/_latency)")
     return p
 
 
@@ -308,22 +319,23 @@ def main(argv: list[str] | None = None) -> dict:
     if vocab < max(batches):
         raise SystemExit(f"--vocab {vocab} must be at least the largest batch ({max(batches)})")
     db = args.db or Path(tempfile.mkdtemp(prefix="lutstore-bench-store-")) / "db"
-    need = int(vocab * sum(RowFormat(*SHAPE, Encoding(e)).stored_bytes for e in ENCODINGS) * 1.1)
+    encodings = tuple(e for e in ENCODINGS if e in args.encodings)
+    need = int(vocab * sum(RowFormat(*SHAPE, Encoding(e)).stored_bytes for e in encodings) * 1.1)
     if common.disk_free_bytes(db) < need:
         raise SystemExit(f"bench_store: needs ~{need / 1e9:.1f} GB free at {db}; use a smaller --vocab")
     label = common.start("bench_store")
     print(f"db {db}", flush=True)
     try:
-        res = run(db, vocab, batches, seconds, args.min_requests, args.hot_rows, not args.no_progress)
+        res = run(db, vocab, batches, seconds, args.min_requests, args.hot_rows, not args.no_progress, encodings)
     finally:
         if args.db is None and not args.keep:
             shutil.rmtree(db.parent, ignore_errors=True)
-    targets = targets_of(res["points"], batches)
-    plots = plot(res["points"], batches, label)
-    results = {"config": {"shape_LND": SHAPE, "vocab": vocab, "seconds_per_point": seconds, "batches": batches,
+    targets = targets_of(res["points"], batches, encodings)
+    plots = plot(res["points"], batches, label, encodings, args.name)
+    results = {"config": {"shape_LND": SHAPE, "encodings": encodings, "vocab": vocab, "seconds_per_point": seconds, "batches": batches,
                           "quick": args.quick, "revision": common.git_revision(), **{k: res[k] for k in ("hot_rows", "hot_cache_mb")}},
                "points": res["points"], "targets": targets, "plots": plots}
-    common.finish("store", results, plots)
+    common.finish(args.name, results, plots)
     return results
 
 

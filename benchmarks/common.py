@@ -152,8 +152,9 @@ def start(title: str) -> str:
 
 
 def config_of(args: argparse.Namespace) -> dict[str, Any]:
-    """The parsed flags as JSON-friendly values (paths as strings)."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    """The parsed flags as JSON-friendly values (paths, torch devices and the like as strings)."""
+    plain = (int, float, str, bool, list, tuple, dict, type(None))
+    return {k: (v if isinstance(v, plain) else str(v)) for k, v in vars(args).items()}
 
 
 def finish(name: str, results: dict[str, Any], plots: list[Path] | tuple[Path, ...] = ()) -> Path:

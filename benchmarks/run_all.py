@@ -39,8 +39,11 @@ def run_one(name: str, full: bool, extra: list[str]) -> dict:
     print(f"\n===== bench_{name} {' '.join(argv)} =====", flush=True)
     t0 = time.perf_counter()
     try:
-        module.main(argv)
-        return {"benchmark": name, "ok": True, "seconds": time.perf_counter() - t0}
+        rc = module.main(argv)
+        # main returns 0/None (or its results) when it ran; a non-zero int is its exit status (e.g. 2: bad setup)
+        ok = not isinstance(rc, int) or isinstance(rc, bool) or rc == 0
+        return {"benchmark": name, "ok": ok, "seconds": time.perf_counter() - t0,
+                **({} if ok else {"error": f"main returned {rc}"})}
     except SystemExit as e:  # a benchmark that skips itself (e.g. short of disk) exits with a message
         ok = e.code in (None, 0)
         return {"benchmark": name, "ok": ok, "seconds": time.perf_counter() - t0,
