@@ -4,6 +4,7 @@ fetching through them, against a real daemon."""
 from __future__ import annotations
 
 import threading
+import time
 import zlib
 
 import grpc
@@ -137,7 +138,11 @@ def test_session_answers_in_order_and_survives_a_bad_request(db_path, serve) -> 
             assert got == ids
             for i, t in enumerate(ids):
                 assert payloads[i].tobytes() == expected_slice(fmt, values[t], b, e)
-    # Two streams: the bad request ended the first; the requests behind it went on a second.
+    # Two streams: the bad request ended the first; the requests behind it went on a second. The daemon
+    # logs a stream when it ends, and its output is drained by a thread: wait for the second line.
+    deadline = time.monotonic() + 10
+    while sum("LutStore/BatchGetStream" in line for line in server.output) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert sum("LutStore/BatchGetStream" in line for line in server.output) == 2
 
 
