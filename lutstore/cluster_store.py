@@ -45,8 +45,8 @@ from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
 
 from lutstore.codec import CRC_BYTES, RowFormat
-from lutstore.store import (ArtifactMeta, StoreError, TableMeta, VersionIndex, _chunks,
-                            table_fingerprint)
+from lutstore.store import (ArtifactMeta, StoreError, TableMeta, VersionIndex, check_complete, table_fingerprint,
+                            write_artifact)
 from lutstore.store_api import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -591,25 +591,19 @@ class ClusterTableWriter:
         index = len(self._artifacts)
         # Name the artifact in the pending marker first, so a killed ingest's chunks are found.
         self._store._set_pending(self.table_id, self.name, self.vocab_size, index + 1, "writing")
-        digest = hashlib.sha256()
-        size = chunks = 0
-        for chunk in _chunks(data):
-            key = self._store._keys.artifact(self.table_id, index, chunks)
-            self._store.write([key], [chunk], f"writing artifact {name!r}")
-            digest.update(chunk)
-            size += len(chunk)
-            chunks += 1
-        self._artifacts.append(ArtifactMeta(name, size, digest.hexdigest(), index, chunks))
+
+        def put(chunk: int, data: bytes) -> None:
+            self._store.write([self._store._keys.artifact(self.table_id, index, chunk)], [data],
+                              f"writing artifact {name!r}")
+
+        self._artifacts.append(write_artifact(name, index, data, put))
 
     def fingerprint(self, extra: bytes = b"") -> str:
         """The fingerprint commit() gives this version, from what was added so far."""
         return table_fingerprint(self.vocab_size, self.fmt, self._crcs.digest(), self._artifacts, extra)
 
     def commit(self, fingerprint_extra: bytes = b"") -> TableMeta:
-        if self._done:
-            raise StoreError("table writer already finished")
-        if self._next_token != self.vocab_size:
-            raise StoreError(f"table {self.name!r}: {self._next_token} rows added, vocab_size is {self.vocab_size}")
+        check_complete(self.name, self._done, self._next_token, self.vocab_size)
         store = self._store
         try:
             self._wait_writing()

@@ -39,7 +39,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 from rocksdict import AccessType, IngestExternalFileOptions, Options, Rdict, SstFileWriter
 
@@ -629,6 +629,26 @@ class Store(VersionIndex):
         self.close()
 
 
+def write_artifact(name: str, index: int, data: bytes | Path, put: Callable[[int, bytes], None]) -> ArtifactMeta:
+    """Store an artifact in chunks through put(chunk number, bytes), the same way on every backend."""
+    digest = hashlib.sha256()
+    size = chunks = 0
+    for chunk in _chunks(data):
+        put(chunks, chunk)
+        digest.update(chunk)
+        size += len(chunk)
+        chunks += 1
+    return ArtifactMeta(name, size, digest.hexdigest(), index, chunks)
+
+
+def check_complete(name: str, done: bool, rows_added: int, vocab_size: int) -> None:
+    """A table writer may commit once, after exactly vocab_size rows (both backends)."""
+    if done:
+        raise StoreError("table writer already finished")
+    if rows_added != vocab_size:
+        raise StoreError(f"table {name!r}: {rows_added} rows added, vocab_size is {vocab_size}")
+
+
 def table_fingerprint(vocab_size: int, fmt: RowFormat, crc_digest: bytes, artifacts: list[ArtifactMeta],
                       extra: bytes = b"") -> str:
     """sha256 over the (name-independent) shape and encoding, the CRC of every row in order (crc_digest)
@@ -710,14 +730,11 @@ class TableWriter:
         if any(a.name == name for a in self._artifacts):
             raise StoreError(f"artifact {name!r} added twice")
         index = len(self._artifacts)
-        digest = hashlib.sha256()
-        size = chunks = 0
-        for chunk in _chunks(data):
-            self._meta_writer[artifact_key(self.table_id, index, chunks)] = chunk
-            digest.update(chunk)
-            size += len(chunk)
-            chunks += 1
-        self._artifacts.append(ArtifactMeta(name, size, digest.hexdigest(), index, chunks))
+
+        def put(chunk: int, data: bytes) -> None:
+            self._meta_writer[artifact_key(self.table_id, index, chunk)] = data
+
+        self._artifacts.append(write_artifact(name, index, data, put))
 
     def fingerprint(self, extra: bytes = b"") -> str:
         """The fingerprint commit() gives this version, from what was added so far."""
@@ -725,10 +742,7 @@ class TableWriter:
 
     def commit(self, fingerprint_extra: bytes = b"") -> TableMeta:
         """Check all vocab_size rows were added, then ingest everything at once."""
-        if self._done:
-            raise StoreError("table writer already finished")
-        if self._next_token != self.vocab_size:
-            raise StoreError(f"table {self.name!r}: {self._next_token} rows added, vocab_size is {self.vocab_size}")
+        check_complete(self.name, self._done, self._next_token, self.vocab_size)
         try:
             self._rows.finish()
             meta = TableMeta(
