@@ -123,6 +123,10 @@ def test_torch_dequantize_equals_numpy_decode(device: str) -> None:
         assert torch.equal(got.cpu(), torch.from_numpy(want[:, l]))
         half = dequantize_nf4(pieces[:, l], fmt, torch.float16)
         torch.testing.assert_close(half.float().cpu(), torch.from_numpy(want[:, l]), rtol=2e-3, atol=1e-6)
+    # leading dims are kept, and no rows is no values (the CPU float32 path goes through numpy)
+    lead = dequantize_nf4(pieces[:, 1].reshape(2, 3, -1), fmt)
+    assert lead.shape == (2, 3, 4, 32) and torch.equal(lead.reshape(6, 4, 32).cpu(), torch.from_numpy(want[:, 1]))
+    assert dequantize_nf4(pieces[:0, 0], fmt).shape == (0, 4, 32)
     with pytest.raises(ValueError, match="uint8"):
         dequantize_nf4(pieces[:, 0, :-1], fmt)
 
