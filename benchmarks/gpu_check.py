@@ -15,6 +15,13 @@ A GPU is lent to some tasks only, for minutes, so this is prepared ahead and run
 
     python -m benchmarks.gpu_check                # everything
     python -m benchmarks.gpu_check --skip-bench   # card + tests + step times only
+    python -m benchmarks.gpu_check --dry-run-on-cpu --vocab 512   # the script itself, checked on a CPU
+
+On a GPU host whose python3 already holds a CUDA torch but cannot reach PyPI, bring the other
+dependencies as wheels for its Python (pip download --only-binary=:all: --python-version 3.12 ... of
+grpcio, grpcio-health-checking, grpcio-reflection, protobuf, rocksdict, zstandard, isal, redis,
+hiredis at the versions pyproject.toml pins), `pip install --no-deps --target DIR` them, and run
+`PYTHONPATH=DIR:. python3 -m benchmarks.gpu_check` without the venv.
 
 Each stage has its own time limit, so one that hangs cannot take the whole lease; the exit code is
 non-zero if any stage failed.
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -36,26 +44,41 @@ STEP_TIMES = common.RESULTS_DIR / "gpu_step_times.json"
 
 
 def stage(title: str, cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> bool:
+    """Run one stage in its own process group; past its limit the whole group is interrupted (so a
+    benchmark's `lutstore serve` child and temp folders go too), then killed if it lingers."""
     print(f"\n===== {title}: {' '.join(cmd)} (limit {timeout:.0f} s)", flush=True)
     started = time.monotonic()
+    child = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
     try:
-        rc = subprocess.run(cmd, cwd=REPO, timeout=timeout, env=env).returncode
+        rc = child.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         print(f"===== {title}: TIMED OUT after {timeout:.0f} s", flush=True)
+        try:
+            os.killpg(child.pid, signal.SIGINT)   # Python children clean up (servers, temp folders)
+            child.wait(timeout=15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(child.pid, signal.SIGKILL)  # whatever still lingers in the group
+        except ProcessLookupError:
+            pass
+        child.wait()
         return False
     print(f"===== {title}: exit {rc} in {time.monotonic() - started:.0f} s", flush=True)
     return rc == 0
 
 
-def card_name() -> str:
+def card_name(dry_run: bool = False) -> str:
     import torch
 
+    if dry_run:
+        return "CPU dry run (no GPU)"
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU host")
     return torch.cuda.get_device_name(0)
 
 
-def measure_step_times(vocab: int = 8192, repeats: int = 20) -> dict:
+def measure_step_times(vocab: int = 8192, repeats: int = 20, device_name: str = "cuda") -> dict:
     """Real GPU step times of the 160M-16E backbone (bf16), its rows gathered from an in-GPU table."""
     import torch
 
@@ -63,7 +86,8 @@ def measure_step_times(vocab: int = 8192, repeats: int = 20) -> dict:
     from inference.lut import InProcessTable
     from inference.model import Transformer
 
-    device = torch.device("cuda")
+    device = torch.device(device_name)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     args = paper_args(vocab)
     model = Transformer(args, form="lut").to(device=device, dtype=torch.bfloat16).eval()
     table = InProcessTable(torch.randn(vocab, args.num_hidden_layers, args.num_experts, args.hidden_size,
@@ -72,11 +96,11 @@ def measure_step_times(vocab: int = 8192, repeats: int = 20) -> dict:
     def timed(batch: int, tokens: int, start: int) -> float:
         idx = torch.randint(0, vocab, (batch, tokens), device=device)
         pos = torch.arange(start, start + tokens, device=device)
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         with torch.no_grad():
             model(idx, pos, lut_rows=table.rows(idx))[:, -1].argmax(-1).tolist()
-        torch.cuda.synchronize()
+        sync()
         return (time.perf_counter() - t0) * 1000
 
     out = {}
@@ -94,9 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     p = common.parser("gpu_check", __doc__)
     p.add_argument("--skip-bench", action="store_true", help="stop after the tests and the step times")
     p.add_argument("--vocab", type=int, default=8192, help="160m table rows for the benchmark (default 8192)")
+    p.add_argument("--dry-run-on-cpu", action="store_true",
+                   help="run every stage on the CPU (cuda tests skip, nothing is written where fixed-step mode "
+                        "reads its defaults): checks the script itself before a GPU lease is spent on it")
     args = p.parse_args(argv)
-    ok = stage("the card", ["nvidia-smi"], 30)
-    card = card_name()
+    dry = args.dry_run_on_cpu
+    device = "cpu" if dry else "cuda"
+    ok = True if dry else stage("the card", ["nvidia-smi"], 30)
+    card = card_name(dry)
     print(f"torch sees: {card}", flush=True)
     env = dict(os.environ, LUTSTORE_BENCH_MACHINE=f"GPU host ({card})")
     py = sys.executable
@@ -106,18 +135,27 @@ def main(argv: list[str] | None = None) -> int:
                  "-k", "cuda"], 120, env)
 
     print("\n===== step times of the 160M-16E backbone on this GPU", flush=True)
-    times = {"card": card, **measure_step_times(args.vocab), "when": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    STEP_TIMES.parent.mkdir(parents=True, exist_ok=True)
-    STEP_TIMES.write_text(json.dumps(times, indent=2) + "\n")
-    print(json.dumps(times), f"-> {STEP_TIMES}", flush=True)
+    times = {"card": card, **measure_step_times(args.vocab, device_name=device),
+             "when": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    if dry:
+        print(json.dumps(times), "(dry run: not written)", flush=True)
+    else:
+        STEP_TIMES.parent.mkdir(parents=True, exist_ok=True)
+        STEP_TIMES.write_text(json.dumps(times, indent=2) + "\n")
+        print(json.dumps(times), f"-> {STEP_TIMES}", flush=True)
     if args.skip_bench:
         return 0 if ok else 1
 
-    bench = [py, "-m", "benchmarks.bench_decode", "--model", "160m", "--vocab", str(args.vocab), "--device", "cuda",
+    bench = [py, "-m", "benchmarks.bench_decode", "--model", "160m", "--vocab", str(args.vocab), "--device", device,
              "--batches", "1,8,32", "--steps", "32", "--repeats", "2"]
-    ok &= stage("decode, real mode on the GPU", bench + ["--mode", "real", "--name", "decode-160m-gpu-real"], 150, env)
+    prefix = "dryrun-" if dry else ""
+    ok &= stage("decode, real mode on the GPU", bench + ["--mode", "real", "--name", f"{prefix}decode-160m-gpu-real"],
+                150, env)
+    fixed = ["--fixed-step-ms", f"{times['step_ms_b1']},{times['step_ms_b32']}",
+             "--fixed-prefill-ms", str(times["prefill_ms_2048"])] if dry else []
     ok &= stage("decode, fixed-step with the GPU's step times",
-                bench + ["--mode", "fixed", "--skip-offload", "--name", "decode-160m-gpu-fixed"], 120, env)
+                bench + ["--mode", "fixed", "--skip-offload", *fixed, "--name", f"{prefix}decode-160m-gpu-fixed"],
+                120, env)
     print(f"\ngpu_check: {'all stages passed' if ok else 'SOME STAGES FAILED'} on {card}", flush=True)
     return 0 if ok else 1
 
