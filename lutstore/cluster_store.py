@@ -45,8 +45,8 @@ from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
 
 from lutstore.codec import CRC_BYTES, RowFormat
-from lutstore.store import (ArtifactMeta, StoreError, TableMeta, VersionIndex, check_complete, table_fingerprint,
-                            write_artifact)
+from lutstore.store import (ArtifactMeta, StoreError, TableMeta, VersionIndex, check_complete, check_new_table,
+                            check_rows, table_fingerprint, write_artifact)
 from lutstore.store_api import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -411,10 +411,7 @@ class ClusterStore(VersionIndex):
 
     def begin_table(self, name: str, fmt: RowFormat, vocab_size: int, source_form: str) -> ClusterTableWriter:
         self._require_primary("writing a table")
-        if not name or "/" in name or len(name) > 200:
-            raise StoreError(f"bad table name {name!r}: use 1-200 characters, no '/'")
-        if vocab_size < 1 or vocab_size >= 2**32:
-            raise StoreError(f"vocab_size must be in 1..2^32-1, got {vocab_size}")
+        check_new_table(name, vocab_size)
         self.remove_leftovers()
         try:
             table_id = int(self._rc.hincrby(self._keys.counters, "next_table_id", 1))
@@ -569,12 +566,7 @@ class ClusterTableWriter:
             writing.result()
 
     def add_rows(self, values: list[bytes]) -> None:
-        if self._next_token + len(values) > self.vocab_size:
-            raise StoreError(f"table {self.name!r}: more rows than vocab_size {self.vocab_size}")
-        fixed = self.fmt.stored_bytes
-        for k, value in enumerate(values):
-            if len(value) <= CRC_BYTES or (fixed is not None and len(value) != fixed):
-                raise StoreError(f"row {self._next_token + k} is {len(value)} bytes; expected {fixed or 'more than 4'}")
+        check_rows(self.name, self.fmt, self._next_token, self.vocab_size, values)
         first = self._next_token
         keys = self._store._keys.rows(self.table_id, range(first, first + len(values)))
         for value in values:

@@ -27,10 +27,10 @@ from lutstore.cache import ByteLRU
 from lutstore.errors import UserError
 from lutstore.metrics import Metrics
 from lutstore.backend import open_store
-from lutstore.rows import Catalog, CorruptRow, Refresher, RowSource
+from lutstore.rows import Catalog, CorruptRow, Refresher, RowSource  # noqa: F401  (CorruptRow: tests import it from here)
 from lutstore.store import DatabaseDamaged, Store, StoreError, TableMeta, TableNotFound, VersionGone
 from lutstore.protocol import ENCODING_TO_PB, SERVICE_NAME, is_loopback_host
-from lutstore.store_api import StoreUnavailable
+from lutstore.read_status import abort_on_read_errors
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 
@@ -73,7 +73,8 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
         if not name:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request names no table")
         try:
-            return self.catalog.resolve(name, version)
+            with abort_on_read_errors(context):   # a cluster node down: UNAVAILABLE, may succeed later
+                return self.catalog.resolve(name, version)
         except TableNotFound as e:
             context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except VersionGone as e:
@@ -82,8 +83,6 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
             log.error("%s", e)
             context.abort(grpc.StatusCode.DATA_LOSS, "the server's database is damaged (its table list cannot be "
                                                      "read); the server log says where")
-        except StoreUnavailable as e:  # a cluster node down: may succeed later
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except StoreError as e:
             context.abort(grpc.StatusCode.INTERNAL, str(e))
         raise AssertionError("unreachable")  # context.abort always raises
@@ -168,29 +167,24 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
         pending: futures.Future[bytes] | None = None
         held = pending_held = 0
         try:
-            held = self._take(cost[0], context)
-            message = self._message(meta, groups[0])
-            for k in range(len(groups)):
-                # Read and encode message k+1 while gRPC sends message k (the multi-get and the CRC
-                # checks release the GIL), when the budget has room for it now.
-                if k + 1 < len(groups):
-                    pending_held = budget.try_take(cost[k + 1]) or 0
-                    pending = self.prefetch.submit(self._message, meta, groups[k + 1]) if pending_held else None
-                yield message
-                budget.give(held)
-                held = 0
-                if k + 1 < len(groups):
-                    if pending is not None:
-                        message, held, pending, pending_held = pending.result(), pending_held, None, 0
-                    else:
-                        held = self._take(cost[k + 1], context)
-                        message = self._message(meta, groups[k + 1])
-        except CorruptRow as e:
-            log.error("%s", e)
-            context.abort(grpc.StatusCode.DATA_LOSS, str(e))
-        except StoreUnavailable as e:
-            log.warning("%s", e)
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            with abort_on_read_errors(context):   # a damaged row: DATA_LOSS; a node down: UNAVAILABLE
+                held = self._take(cost[0], context)
+                message = self._message(meta, groups[0])
+                for k in range(len(groups)):
+                    # Read and encode message k+1 while gRPC sends message k (the multi-get and the CRC
+                    # checks release the GIL), when the budget has room for it now.
+                    if k + 1 < len(groups):
+                        pending_held = budget.try_take(cost[k + 1]) or 0
+                        pending = self.prefetch.submit(self._message, meta, groups[k + 1]) if pending_held else None
+                    yield message
+                    budget.give(held)
+                    held = 0
+                    if k + 1 < len(groups):
+                        if pending is not None:
+                            message, held, pending, pending_held = pending.result(), pending_held, None, 0
+                        else:
+                            held = self._take(cost[k + 1], context)
+                            message = self._message(meta, groups[k + 1])
         finally:
             budget.give(held)
             if pending is not None:   # abandoned mid-way: its bytes are free once it has finished
@@ -244,14 +238,8 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
 
     def _sliced_block(self, meta: TableMeta, fmt, block: list[int], groups, context) -> Iterator[bytes]:
         """One block of _sliced: its rows' slices, layer group by layer group."""
-        try:
+        with abort_on_read_errors(context):
             values = self.rows.rows(meta, block)
-        except CorruptRow as e:
-            log.error("%s", e)
-            context.abort(grpc.StatusCode.DATA_LOSS, str(e))
-        except StoreUnavailable as e:
-            log.warning("%s", e)
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         # RowSource hands out checked rows only; payload_of just strips the CRC (and unzips).
         payloads = [codec.payload_of(fmt, v, verify=False) for v in values]
         for begin, end in groups:
@@ -279,19 +267,18 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
         piece = self.message_target
         offset = 0
         try:
-            for chunk in self.catalog.store.iter_artifact(meta, request.name):
-                view = memoryview(chunk)
-                for start in range(0, max(len(view), 1), piece):
-                    data = view[start : start + piece]
-                    held = self._take(3 * len(data), context)   # the chunk's bytes, the message, gRPC's copy
-                    try:
-                        yield pb.ArtifactChunk(offset=offset, data=bytes(data))
-                    finally:
-                        self.budget.give(held)
-                    offset += len(data)
-        except StoreUnavailable as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        except StoreError as e:
+            with abort_on_read_errors(context):   # a cluster node down: UNAVAILABLE
+                for chunk in self.catalog.store.iter_artifact(meta, request.name):
+                    view = memoryview(chunk)
+                    for start in range(0, max(len(view), 1), piece):
+                        data = view[start : start + piece]
+                        held = self._take(3 * len(data), context)   # the chunk's bytes, the message, gRPC's copy
+                        try:
+                            yield pb.ArtifactChunk(offset=offset, data=bytes(data))
+                        finally:
+                            self.budget.give(held)
+                        offset += len(data)
+        except StoreError as e:   # a damaged or missing chunk
             context.abort(grpc.StatusCode.DATA_LOSS, str(e))
 
 
@@ -316,7 +303,7 @@ def add_servicer(servicer: LutStoreServicer, server: grpc.Server) -> None:
         # Same-host fast path (lutstore/shm.py); refuses with FAILED_PRECONDITION unless --allow-shared-memory.
         "BatchGetShared": shm.method_handler(shm.SharedMemoryRows(
             servicer.shared_memory, resolve=servicer._resolve, checked_ids=servicer.checked_ids,
-            rows=servicer.rows.rows, row_bound=servicer._row_bound, prefetch=servicer.prefetch, corrupt=CorruptRow,
+            rows=servicer.rows.rows, row_bound=servicer._row_bound, prefetch=servicer.prefetch,
             budget=servicer.budget)),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

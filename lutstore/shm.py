@@ -40,7 +40,7 @@ from typing import Callable
 
 import grpc
 
-from lutstore.store_api import StoreUnavailable
+from lutstore.read_status import abort_on_read_errors
 from lutstore.v1 import lutstore_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -253,14 +253,13 @@ class SharedMemoryRows:
     given (the servicer's), so this module imports nothing of the server."""
 
     def __init__(self, registry: SegmentRegistry | None, resolve: Callable, checked_ids: Callable,
-                 rows: Callable, row_bound: Callable, prefetch, corrupt: type[Exception], budget=None):
+                 rows: Callable, row_bound: Callable, prefetch, budget=None):
         self.registry = registry   # None: --allow-shared-memory not given
         self.resolve = resolve         # (table, version, context) -> TableMeta
         self.checked_ids = checked_ids  # (token_ids, meta, context) -> distinct ascending ids
         self.rows = rows               # (meta, ids) -> stored values
         self.row_bound = row_bound     # meta -> the most bytes one stored row takes
         self.prefetch = prefetch       # an Executor: the next group is read while this one is written
-        self.corrupt = corrupt         # the exception rows() raises for a damaged row
         self.budget = budget           # guard.ByteBudget: the rows read at once count against it (None: no bound)
 
     def BatchGetShared(self, request: pb.BatchGetSharedRequest,
@@ -322,30 +321,25 @@ class SharedMemoryRows:
         starts = range(0, len(ids), per_read)
         pending = None
         try:
-            for k, start in enumerate(starts):
-                group = ids[start : start + per_read]
-                values = pending.result() if pending is not None else self.rows(meta, group)
-                # Read the next group while this one is written (multi-get, CRC and pwritev release
-                # the GIL), as BatchGet reads message k+1 while gRPC sends message k.
-                nxt = start + per_read
-                pending = self.prefetch.submit(self.rows, meta, ids[nxt : nxt + per_read]) \
-                    if k + 1 < len(starts) else None
-                group_bytes = sum(len(v) for v in values)
-                if position + group_bytes > size:  # zstd rows only: count what the whole batch needs, then refuse
-                    need = position + group_bytes + sum(len(v) for s in range(start + per_read, len(ids), per_read)
-                                                        for v in self.rows(meta, ids[s : s + per_read]))
-                    self._too_small(meta, len(ids), need, size, context)
-                for value in values:
-                    offsets.append(position)
-                    lengths.append(len(value))
-                    position += len(value)
-                _pwrite_all(fd, values, offsets[start])
-        except self.corrupt as e:
-            log.error("%s", e)
-            context.abort(grpc.StatusCode.DATA_LOSS, str(e))
-        except StoreUnavailable as e:   # a cluster node down: may succeed later, as for BatchGet
-            log.warning("%s", e)
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            with abort_on_read_errors(context):   # a damaged row: DATA_LOSS; a node down: UNAVAILABLE
+                for k, start in enumerate(starts):
+                    group = ids[start : start + per_read]
+                    values = pending.result() if pending is not None else self.rows(meta, group)
+                    # Read the next group while this one is written (multi-get, CRC and pwritev release
+                    # the GIL), as BatchGet reads message k+1 while gRPC sends message k.
+                    nxt = start + per_read
+                    pending = self.prefetch.submit(self.rows, meta, ids[nxt : nxt + per_read]) \
+                        if k + 1 < len(starts) else None
+                    group_bytes = sum(len(v) for v in values)
+                    if position + group_bytes > size:  # zstd rows only: count what the whole batch needs, then refuse
+                        need = position + group_bytes + sum(len(v) for s in range(start + per_read, len(ids), per_read)
+                                                            for v in self.rows(meta, ids[s : s + per_read]))
+                        self._too_small(meta, len(ids), need, size, context)
+                    for value in values:
+                        offsets.append(position)
+                        lengths.append(len(value))
+                        position += len(value)
+                    _pwrite_all(fd, values, offsets[start])
         except OSError as e:  # /dev/shm full, ...
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"shared memory: cannot write the segment: {e.strerror}; use BatchGet")

@@ -531,10 +531,7 @@ class Store(VersionIndex):
 
     def begin_table(self, name: str, fmt: RowFormat, vocab_size: int, source_form: str) -> TableWriter:
         self._require_primary("writing a table")
-        if not name or "/" in name or len(name) > 200:
-            raise StoreError(f"bad table name {name!r}: use 1-200 characters, no '/'")
-        if vocab_size < 1 or vocab_size >= 2**32:
-            raise StoreError(f"vocab_size must be in 1..2^32-1, got {vocab_size}")
+        check_new_table(name, vocab_size)
         with self._lock:
             counters = self._counters()
             live_ids = [m.table_id for vs in self._by_name.values() for m in vs.values()]
@@ -641,6 +638,26 @@ def write_artifact(name: str, index: int, data: bytes | Path, put: Callable[[int
     return ArtifactMeta(name, size, digest.hexdigest(), index, chunks)
 
 
+def check_new_table(name: str, vocab_size: int) -> None:
+    """What begin_table accepts (both backends): a name of 1-200 characters without '/', and a
+    vocabulary that token ids of 32 bits can index."""
+    if not name or "/" in name or len(name) > 200:
+        raise StoreError(f"bad table name {name!r}: use 1-200 characters, no '/'")
+    if vocab_size < 1 or vocab_size >= 2**32:
+        raise StoreError(f"vocab_size must be in 1..2^32-1, got {vocab_size}")
+
+
+def check_rows(name: str, fmt: RowFormat, first: int, vocab_size: int, values: list[bytes]) -> None:
+    """What add_rows accepts (both backends), checked before any is written: rows first.. within
+    vocab_size, each a stored value of fmt (more than its CRC; exactly stored_bytes when fixed)."""
+    if first + len(values) > vocab_size:
+        raise StoreError(f"table {name!r}: more rows than vocab_size {vocab_size}")
+    fixed = fmt.stored_bytes
+    for k, value in enumerate(values):
+        if len(value) <= CRC_BYTES or (fixed is not None and len(value) != fixed):
+            raise StoreError(f"row {first + k} is {len(value)} bytes; expected {fixed or 'more than 4'}")
+
+
 def check_complete(name: str, done: bool, rows_added: int, vocab_size: int) -> None:
     """A table writer may commit once, after exactly vocab_size rows (both backends)."""
     if done:
@@ -713,13 +730,9 @@ class TableWriter:
 
     def add_rows(self, values: list[bytes]) -> None:
         """Stored values (codec.encode_rows) of the next token ids, in order."""
-        if self._next_token + len(values) > self.vocab_size:
-            raise StoreError(f"table {self.name!r}: more rows than vocab_size {self.vocab_size}")
-        fixed = self.fmt.stored_bytes
+        check_rows(self.name, self.fmt, self._next_token, self.vocab_size, values)
         tid = self.table_id
         for value in values:
-            if len(value) <= CRC_BYTES or (fixed is not None and len(value) != fixed):
-                raise StoreError(f"row {self._next_token} is {len(value)} bytes; expected {fixed or 'more than 4'}")
             self._rows_writer()[_ROW.pack(b"r", tid, self._next_token)] = value
             self._crcs.update(value[-CRC_BYTES:])
             self._stored_bytes += len(value)

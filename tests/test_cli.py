@@ -100,18 +100,10 @@ def test_verbose_after_the_subcommand(tmp_path):
     write_table(db, "t")
     r = lutstore("info", "-vv", "--db", str(db))
     assert r.returncode == 0 and "t v1" in r.stdout, r.stderr
-    proc = subprocess.Popen([sys.executable, "-m", "lutstore.cli", "serve", "-v", "--db", str(db), "--port", "0"],
-                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if "lutstore: serving" in line:
-                break
-        assert any(" INFO " in line for line in lines), "".join(lines)   # -v took effect
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+    server = start_server(db, "-v", verbose=0)   # `serve ... -v`: after the subcommand only
+    lines = list(server.output)   # up to its ready line
+    assert any(" INFO " in line for line in lines), "".join(lines)   # -v took effect
+    assert server.stop(30, strict=True) == 0
 
 
 def test_version_and_defaults_in_help():

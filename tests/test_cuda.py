@@ -56,13 +56,9 @@ def gpu_daemon(tmp_path_factory):
         assert cli.main(["ingest", str(ckpt), "--db", str(db), "--name", enc, "--encoding", enc,
                          "--no-progress", *extra]) == 0
     server = start_server(db)
-    old = os.environ.get("LUTSTORE_CACHE")
-    os.environ["LUTSTORE_CACHE"] = str(root / "cache")
-    yield {"ckpt": ckpt, "db": db, "addr": server.address, "root": root}
-    if old is None:
-        os.environ.pop("LUTSTORE_CACHE", None)
-    else:
-        os.environ["LUTSTORE_CACHE"] = old
+    with pytest.MonkeyPatch.context() as env:   # this module's client cache; restored afterwards
+        env.setenv("LUTSTORE_CACHE", str(root / "cache"))
+        yield {"ckpt": ckpt, "db": db, "addr": server.address, "root": root}
     server.stop()
 
 

@@ -15,13 +15,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 from test_metrics import metrics_port, scrape, value
 
+from lutstore.child_server import ChildServer
 from lutstore.cli import main as cli_main
 from lutstore.codec import Encoding, RowFormat
 from lutstore.store import SECONDARY_PREFIX, Store
@@ -323,26 +323,12 @@ def test_serve_info_verify_need_read_access_only(base, read_only_db) -> None:
     db = read_only_db
     prefix = _unprivileged_prefix(db)
     before = sorted(os.listdir(db))
-    proc = subprocess.Popen([*prefix, sys.executable, "-m", "lutstore.cli", "serve", "--db", str(db), "--port", "0",
-                             "--workers", "4"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    try:
-        output = []
-        match = None
-        deadline = time.monotonic() + 60
-        for line in proc.stdout:
-            output.append(line)
-            match = READY.search(line)
-            if match or time.monotonic() > deadline:
-                break
-        assert match, f"{prefix}: " + "".join(output)
-        with grpc.insecure_channel(f"127.0.0.1:{match.group(2)}") as channel:
+    with ChildServer([*prefix, sys.executable, "-m", "lutstore.cli", "serve", "--db", str(db), "--port", "0",
+                      "--workers", "4"], READY, cwd=REPO) as server:
+        with grpc.insecure_channel(f"127.0.0.1:{server.ready.group(2)}") as channel:
             stub = pb_grpc.LutStoreStub(channel)
             assert batch_get(stub, "t", [0, 255]) == [(0, base["values"]["t"][0]), (255, base["values"]["t"][255])]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-    assert proc.returncode == 0
+        assert server.stop(30, strict=True) == 0
     for command in ("info", "verify"):
         done = lutstore(command, "--db", str(db), prefix=prefix)
         assert done.returncode == 0, done.stderr

@@ -46,13 +46,9 @@ def daemon(tmp_path_factory):
                          "--no-progress"]) == 0
     server = start_server(db)
     cache = root / "cache"
-    old = os.environ.get("LUTSTORE_CACHE")
-    os.environ["LUTSTORE_CACHE"] = str(cache)
-    yield {"ckpt": ckpt, "other": other, "addr": server.address, "cache": cache, "root": root}
-    if old is None:
-        os.environ.pop("LUTSTORE_CACHE", None)
-    else:
-        os.environ["LUTSTORE_CACHE"] = old
+    with pytest.MonkeyPatch.context() as env:   # this module's client cache; restored afterwards
+        env.setenv("LUTSTORE_CACHE", str(cache))
+        yield {"ckpt": ckpt, "other": other, "addr": server.address, "cache": cache, "root": root}
     server.stop()
 
 
