@@ -15,7 +15,9 @@ slot KV cache); all of them share ONE RemoteTable, so a row fetched for one
 user is a cache hit for the next. Binds to 127.0.0.1 unless --host says
 otherwise; with an API key (--api-key-file, or $LUTSERVE_API_KEY) the /v1
 routes want `Authorization: Bearer KEY`. Errors are OpenAI-shaped:
-{"error": {"message", "type", "param", "code"}}.
+{"error": {"message", "type", "param", "code"}}; a body over --max-body-bytes
+gets 413, a request finding --max-queue prompts waiting gets 429 with
+Retry-After, and a client that disconnects (streamed or not) frees its slot.
 
 FastAPI (on Starlette) + uvicorn: pydantic checks every request parameter
 and names the bad one, and uvicorn is the common production ASGI server.
@@ -568,6 +570,11 @@ def create_app(state: ServeState, max_body_bytes: int = DEFAULT_MAX_BODY) -> Fas
             msg = f"unknown parameter {param!r}"
         elif err.get("type") == "json_invalid":
             msg, param = "the request body is not valid JSON", None
+        elif param is None:
+            msg = f"the request body must be a JSON object of parameters: {err.get('msg')}"
+        elif param == "prompt" and err.get("type") != "missing":
+            # pydantic reports the union's first member ("prompt.str: ..."): say what is accepted
+            msg = "prompt must be a string, a list of strings, a list of token ids, or a list of token-id lists"
         else:
             where = ".".join(loc)
             msg = f"{where}: {err.get('msg')}" if where else str(err.get("msg"))
