@@ -61,7 +61,7 @@ DEFAULT_MAX_TOKENS = 16        # as the OpenAI completions API
 MAX_LOGPROBS = 20
 MAX_STOP = 4
 MAX_STOP_CHARS = 256           # per stop string: a stream holds back that many characters
-MIN_TEMPERATURE = 1e-5         # below it, greedy (as vLLM): logits / 1e-39 overflow to inf and NaN the sampler
+MIN_TEMPERATURE = 1e-5         # below it, greedy (as vLLM): logits / ~0 (1e-300 is 0 in fp32) NaN the sampler
 DEFAULT_MAX_BODY = 1 << 20     # bytes of one request body (--max-body-bytes)
 RETRY_AFTER_S = 1              # the Retry-After of a 429 (queue full)
 
@@ -433,7 +433,7 @@ async def _cancel_on_disconnect(request: Request, run: Run) -> None:
 async def complete(state: ServeState, req: CompletionRequest, request: Request) -> Response:
     choices, max_tokens, stops = _check(state, req)
     run = Run(state, req, choices, max_tokens, stops)
-    watcher = asyncio.ensure_future(_cancel_on_disconnect(request, run))
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, run))
     try:
         async for _ in run.events():
             pass
@@ -525,7 +525,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and int(length) > self.max_bytes:   # h11 has checked it is a number
-            return await self._refuse(send, int(length))
+            return await self._refuse(scope, send, int(length))
         body, more = bytearray(), True
         while more:
             message = await receive()
@@ -534,7 +534,7 @@ class BodyLimit:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_bytes:
-                return await self._refuse(send, None)
+                return await self._refuse(scope, send, None)
         replayed = False
 
         async def replay():
@@ -546,11 +546,11 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send, length: int | None) -> None:
+    async def _refuse(self, scope, send, length: int | None) -> None:
         size = f"{length} bytes" if length is not None else f"over {self.max_bytes} bytes"
         response = APIError(413, f"the request body is {size}; at most {self.max_bytes} are allowed "
                                  f"(--max-body-bytes)", code="request_too_large").response()
-        await response({"type": "http"}, None, send)
+        await response(scope, None, send)
 
 
 def create_app(state: ServeState, max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:

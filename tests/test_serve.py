@@ -453,9 +453,10 @@ def _cancelled(ep: Endpoint) -> float:
 
 def test_a_non_streamed_request_whose_client_leaves_frees_its_slot(tight) -> None:
     """The known bug: a non-streamed completion went on to max_tokens after its client left, holding
-    the slot. With one slot and one queue place: a long request takes the slot, a second waits, a
-    third gets 429 + Retry-After; the first client leaves -> its request is cancelled at once and the
-    second gets the slot; the second leaves -> the slot is free."""
+    the slot. With one slot and one queue place: a long request takes the slot, a second waits, one
+    more gets 429 + Retry-After; the first client leaves -> its request is cancelled at once and the
+    second gets the slot; a third waits and leaves -> its queue place frees; the second leaves -> the
+    slot is free."""
     ep = tight
     generated_before, cancelled_before = _metric(ep, "lutserve_generation_tokens_total"), _cancelled(ep)
     long = {"prompt": _ids(5, 1), "max_tokens": LONG_RUN, "temperature": 0.8}
@@ -469,8 +470,12 @@ def test_a_non_streamed_request_whose_client_leaves_frees_its_slot(tight) -> Non
     first.close()                                               # the first client goes away, unanswered
     _wait_for("the first request cancelled, the second in the slot",
               lambda: _cancelled(ep) == cancelled_before + 1 and _queue(ep) == 0 and _running(ep) == 1, 10)
+    third = _send(ep, {**long, "prompt": _ids(5, 3)})        # a waiting client that leaves frees its queue place
+    _wait_for("the third request waits for the slot", lambda: _queue(ep) == 1)
+    third.close()
+    _wait_for("the third request cancelled", lambda: _cancelled(ep) == cancelled_before + 2 and _queue(ep) == 0, 10)
     second.close()
-    _wait_for("the slot free", lambda: _cancelled(ep) == cancelled_before + 2 and _running(ep) == 0, 10)
+    _wait_for("the slot free", lambda: _cancelled(ep) == cancelled_before + 3 and _running(ep) == 0, 10)
     assert _metric(ep, "lutserve_generation_tokens_total") - generated_before < LONG_RUN   # both stopped early
     ok = _client(ep).completions.create(model="long", prompt=_ids(5, 3), max_tokens=4, temperature=0)
     assert ok.usage.completion_tokens == 4
