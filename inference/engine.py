@@ -167,6 +167,11 @@ class Engine:
     def running(self) -> int:
         return len(self._active)
 
+    @property
+    def alive(self) -> bool:
+        """Is the engine thread running (False after stop, or if it died)?"""
+        return self._thread.is_alive()
+
     # -- the loop ---------------------------------------------------------------------------
     def _loop(self) -> None:
         with torch.inference_mode():
@@ -180,7 +185,7 @@ class Engine:
                     self._drop_cancelled()
                     admitted = self._admit()
                 for seq in admitted:
-                    self._announce(seq)
+                    self._guarded([seq], lambda: self._announce(seq))
                 prefilling = next((s for s in self._active if s.pos < len(s.prompt)), None)
                 if prefilling is not None:
                     self._guarded([prefilling], lambda: self._prefill_chunk(prefilling))

@@ -15,7 +15,9 @@ slot KV cache); all of them share ONE RemoteTable, so a row fetched for one
 user is a cache hit for the next. Binds to 127.0.0.1 unless --host says
 otherwise; with an API key (--api-key-file, or $LUTSERVE_API_KEY) the /v1
 routes want `Authorization: Bearer KEY`. Errors are OpenAI-shaped:
-{"error": {"message", "type", "param", "code"}}.
+{"error": {"message", "type", "param", "code"}}; a body over --max-body-bytes
+gets 413, a request finding --max-queue prompts waiting gets 429 with
+Retry-After, and a client that disconnects (streamed or not) frees its slot.
 
 FastAPI (on Starlette) + uvicorn: pydantic checks every request parameter
 and names the bad one, and uvicorn is the common production ASGI server.
@@ -42,7 +44,7 @@ from typing import Any, AsyncIterator, Union
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -58,20 +60,25 @@ API_KEY_ENV = "LUTSERVE_API_KEY"
 DEFAULT_MAX_TOKENS = 16        # as the OpenAI completions API
 MAX_LOGPROBS = 20
 MAX_STOP = 4
+MAX_STOP_CHARS = 256           # per stop string: a stream holds back that many characters
+MIN_TEMPERATURE = 1e-5         # below it, greedy (as vLLM): logits / ~0 (1e-300 is 0 in fp32) NaN the sampler
+DEFAULT_MAX_BODY = 1 << 20     # bytes of one request body (--max-body-bytes)
+RETRY_AFTER_S = 1              # the Retry-After of a 429 (queue full)
 
 
 # -- errors in the OpenAI shape ---------------------------------------------------------------
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def engine_error(error: BaseException) -> APIError:
@@ -83,13 +90,15 @@ def engine_error(error: BaseException) -> APIError:
     if isinstance(error, EngineStopped):
         return APIError(503, str(error), "server_error", None, "shutting_down")
     if isinstance(error, QueueFull):
-        return APIError(429, f"server busy: {error}; retry later", "rate_limit_error", None, "queue_full")
+        return APIError(429, f"server busy: {error}; retry later", "rate_limit_error", None, "queue_full",
+                        {"Retry-After": str(RETRY_AFTER_S)})
     return APIError(500, f"generation failed: {type(error).__name__}: {error}", "server_error", None, None)
 
 
 # -- the request ---------------------------------------------------------------------------------
 class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Python's json (Starlette's request.json) reads NaN and Infinity literals: refuse them by name
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str | None = None
     prompt: Union[str, list[str], list[int], list[list[int]]]
@@ -209,6 +218,10 @@ def _tokenize(state: ServeState, prompt) -> list[tuple[list[int], str]]:
         prompts = list(prompt)
     if not prompts:
         raise APIError(400, "prompt is empty", param="prompt")
+    if state.engine is not None and len(prompts) > state.engine.max_queue:
+        # each prompt waits in the engine's queue: more than it holds would be refused (429) forever
+        raise APIError(400, f"prompt is a list of {len(prompts)} prompts; at most {state.engine.max_queue} "
+                            f"(--max-queue) in one request", param="prompt")
     out = []
     for p in prompts:
         if isinstance(p, str):
@@ -224,7 +237,7 @@ def _tokenize(state: ServeState, prompt) -> list[tuple[list[int], str]]:
                                param="prompt")
             text = state.tokenizer.decode(ids, skip_special_tokens=False) if state.tokenizer else ""
         if not ids:
-            raise APIError(400, "the prompt encodes to no tokens", param="prompt")
+            raise APIError(400, "the prompt is empty (it encodes to no tokens)", param="prompt")
         out.append((ids, text))
     return out
 
@@ -240,14 +253,19 @@ def _check(state: ServeState, req: CompletionRequest) -> tuple[list[Choice], int
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > MAX_STOP:
         raise APIError(400, f"stop has {len(stops)} sequences; at most {MAX_STOP} are allowed", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise APIError(400, f"a stop sequence has {max(len(s) for s in stops)} characters; at most {MAX_STOP_CHARS} "
+                            f"are allowed", param="stop")
     stops = [s for s in stops if s]
     choices = []
     for i, (ids, text) in enumerate(_tokenize(state, req.prompt)):
         if len(ids) + max_tokens > state.context:
+            # as OpenAI: a prompt that leaves no room names the prompt, else max_tokens asks for too much
+            param = "prompt" if len(ids) + min(max_tokens, 1) > state.context else "max_tokens"
             raise APIError(400, f"This model's maximum context length is {state.context} tokens. However, you "
                                 f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} "
-                                f"for the completion). Please reduce the prompt or max_tokens.",
-                           param="prompt", code="context_length_exceeded")
+                                f"for the completion). Please reduce the {param}.",
+                           param=param, code="context_length_exceeded")
         choices.append(Choice(i, ids, text))
     if max_tokens == 0 and not req.echo:
         raise APIError(400, "max_tokens=0 generates nothing; pass echo=true to score the prompt", param="max_tokens")
@@ -262,10 +280,14 @@ class Run:
                  stops: list[str]) -> None:
         self.state, self.req, self.choices, self.stops = state, req, choices, stops
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.disconnected = False                                 # the client went away (non-streamed)
         self.loop = asyncio.get_running_loop()
         self.hold = max((len(s) for s in stops), default=1) - 1   # chars kept back: a stop may be starting
-        sampling = SamplingConfig(req.temperature if req.temperature is not None else 1.0,
-                                  max(0, req.top_k or 0), req.top_p if req.top_p is not None else 1.0)
+        temperature = req.temperature if req.temperature is not None else 1.0
+        # a top_k past the vocabulary cuts nothing (and 10**30 would overflow the engine's int64 tensor)
+        sampling = SamplingConfig(temperature if temperature >= MIN_TEMPERATURE else 0.0,
+                                  min(max(0, req.top_k or 0), state.vocab_size),
+                                  req.top_p if req.top_p is not None else 1.0)
         stop_ids = frozenset() if state.eos_id is None else frozenset([state.eos_id])
         try:
             for c in choices:
@@ -396,14 +418,31 @@ def _echo_text(req: CompletionRequest, c: Choice) -> str:
     return c.prompt_text if req.echo else ""
 
 
-async def complete(state: ServeState, req: CompletionRequest) -> JSONResponse:
+async def _cancel_on_disconnect(request: Request, run: Run) -> None:
+    """Cancel the run when its client goes away.
+
+    After the body is read, the ASGI receive() returns only when the connection is lost
+    (http.disconnect), as Starlette's StreamingResponse listens for it; the engine frees the
+    run's slots (or queue places) at its next step boundary."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    run.disconnected = True
+    run.cancel()
+
+
+async def complete(state: ServeState, req: CompletionRequest, request: Request) -> Response:
     choices, max_tokens, stops = _check(state, req)
     run = Run(state, req, choices, max_tokens, stops)
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, run))
     try:
         async for _ in run.events():
             pass
     finally:
+        watcher.cancel()
         run.cancel()
+    if run.disconnected:
+        state.metrics.requests.labels("cancelled").inc()
+        return Response(status_code=499)                 # nobody reads it (nginx's "client closed request")
     failed = next((c.error for c in choices if c.error is not None), None)
     if failed is not None:
         state.metrics.requests.labels("error").inc()
@@ -470,8 +509,53 @@ async def stream(state: ServeState, req: CompletionRequest) -> StreamingResponse
 
 
 # -- the app --------------------------------------------------------------------------------------------
-def create_app(state: ServeState) -> FastAPI:
+class BodyLimit:
+    """ASGI middleware: a request body over max_bytes gets 413 before the app sees it.
+
+    A Content-Length over the limit is refused unread (uvicorn discards the rest as it arrives,
+    so the client still reads the 413); a chunked body is read up to the limit (memory stays
+    bounded) and then replayed to the app, whose later receive() calls (the disconnect watch)
+    go to the connection."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and int(length) > self.max_bytes:   # h11 has checked it is a number
+            return await self._refuse(scope, send, int(length))
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return                                           # gone before the body arrived
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await self._refuse(scope, send, None)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, send, length: int | None) -> None:
+        size = f"{length} bytes" if length is not None else f"over {self.max_bytes} bytes"
+        response = APIError(413, f"the request body is {size}; at most {self.max_bytes} are allowed "
+                                 f"(--max-body-bytes)", code="request_too_large").response()
+        await response(scope, None, send)
+
+
+def create_app(state: ServeState, max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
     app = FastAPI(title="lutstore MoLE completions", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, e: APIError) -> JSONResponse:
@@ -486,6 +570,11 @@ def create_app(state: ServeState) -> FastAPI:
             msg = f"unknown parameter {param!r}"
         elif err.get("type") == "json_invalid":
             msg, param = "the request body is not valid JSON", None
+        elif param is None:
+            msg = f"the request body must be a JSON object of parameters: {err.get('msg')}"
+        elif param == "prompt" and err.get("type") != "missing":
+            # pydantic reports the union's first member ("prompt.str: ..."): say what is accepted
+            msg = "prompt must be a string, a list of strings, a list of token ids, or a list of token-id lists"
         else:
             where = ".".join(loc)
             msg = f"{where}: {err.get('msg')}" if where else str(err.get("msg"))
@@ -513,11 +602,13 @@ def create_app(state: ServeState) -> FastAPI:
                                             "owned_by": "lutstore", "max_model_len": state.context}]}
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         if state.engine is None:
             raise APIError(503, "the model is still loading", "server_error", code="not_ready")
+        if not state.engine.alive:
+            raise APIError(503, "the engine has stopped", "server_error", code="shutting_down")
         try:
-            return await (stream(state, req) if req.stream else complete(state, req))
+            return await (stream(state, req) if req.stream else complete(state, req, request))
         except APIError:
             state.metrics.requests.labels("rejected").inc()
             raise
@@ -526,6 +617,8 @@ def create_app(state: ServeState) -> FastAPI:
     async def health() -> JSONResponse:
         if state.engine is None:
             return JSONResponse({"status": "loading"}, status_code=503)
+        if not state.engine.alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
         if not await state.daemon_alive():
             return JSONResponse({"status": "daemon unreachable"}, status_code=503)
         return JSONResponse({"status": "ok", "model": state.model_name, "running": state.engine.running,
@@ -553,7 +646,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per slot, prompt + completion (default 0: the model's max_position_embeddings)")
     p.add_argument("--prefill-chunk", type=int, default=64,
                    help="prompt tokens prefilled per step, between decode steps of the running batch (default 64)")
-    p.add_argument("--max-queue", type=int, default=1024, help="requests allowed to wait for a slot (default 1024)")
+    p.add_argument("--max-queue", type=int, default=1024,
+                   help="prompts allowed to wait for a slot (default 1024); past it a request gets 429 with "
+                        f"Retry-After: {RETRY_AFTER_S}")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
+                   help=f"largest request body; a larger one gets 413 (default {DEFAULT_MAX_BODY}: 1 MiB)")
     p.add_argument("--static-batching", action="store_true",
                    help="admit requests only when the batch is empty (for comparison with continuous batching)")
     p.add_argument("--in-process-table", action="store_true",
@@ -584,7 +681,7 @@ def load(args: argparse.Namespace) -> ServeState:
     if not args.lut_addr:
         raise UserError("--lut-addr is required (the address of a `lutstore serve` daemon)")
     for flag, value in (("--max-batch", args.max_batch), ("--prefill-chunk", args.prefill_chunk),
-                        ("--max-queue", args.max_queue)):
+                        ("--max-queue", args.max_queue), ("--max-body-bytes", args.max_body_bytes)):
         if value < 1:
             raise UserError(f"{flag} must be at least 1")
     device = check_device(args.device)
@@ -642,7 +739,7 @@ def run(args: argparse.Namespace) -> int:
                 finally:
                     self._captured_signals.clear()
 
-    config = uvicorn.Config(create_app(state), log_level="warning" if args.verbose == 0 else "info",
+    config = uvicorn.Config(create_app(state, args.max_body_bytes), log_level="warning" if args.verbose == 0 else "info",
                             timeout_graceful_shutdown=5, access_log=args.verbose > 0)
     try:
         Server(config).run(sockets=[sock])

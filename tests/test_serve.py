@@ -3,7 +3,9 @@
 
 One endpoint (max 20 slots, prefill chunks of 8 tokens) on a daemon serving an fp32 table
 ingested from a small train-form checkpoint; a second one, with an API key and no row
-cache, for authentication and a daemon that dies.
+cache, for authentication and a daemon that dies; a third, `tight` (one slot, a queue of
+one, 4 KiB bodies, a 4096-token model without EOS so a request runs as long as asked), for
+clients that leave, a full queue and oversized bodies.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import http.client
 import json
 import os
 import random
+import shutil
 import threading
 import time
 import urllib.error
@@ -62,6 +65,31 @@ def setup(tmp_path_factory):
         os.environ["LUTSTORE_CACHE"] = old
 
 
+LONG_CONTEXT, LONG_RUN = 4096, 4000      # the tight endpoint's model: a request of LONG_RUN tokens runs for seconds
+TIGHT_BODY = 4096
+
+
+@pytest.fixture(scope="module")
+def tight(setup):
+    """One slot, one queue place, 4 KiB bodies: the same weights with a 4096-token context and no EOS
+    (a copy of the checkpoint with its config changed), on a daemon of its own."""
+    root = setup["root"]
+    ckpt = root / "ckpt-long"
+    shutil.copytree(root / "ckpt", ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config.update(max_position_embeddings=LONG_CONTEXT, eos_token_id=None)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    db = root / "db-long"
+    assert cli.main(["ingest", str(ckpt), "--db", str(db), "--name", "long", "--encoding", "fp32",
+                     "--no-progress"]) == 0
+    daemon = start_server(db)
+    endpoint = Endpoint(daemon.address, "--max-batch", "1", "--max-queue", "1", "--max-body-bytes", str(TIGHT_BODY),
+                        env=setup["env"])
+    yield endpoint
+    assert endpoint.stop() == 0, "".join(endpoint.output)
+    daemon.stop()
+
+
 def _client(endpoint: Endpoint, key: str = "none") -> openai.OpenAI:
     return openai.OpenAI(base_url=endpoint.base_url, api_key=key, max_retries=0, timeout=60)
 
@@ -75,6 +103,34 @@ def _post(endpoint: Endpoint, path: str, body: bytes | dict, headers: dict | Non
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def _raw(endpoint: Endpoint, body: bytes | list[bytes], path: str = "/v1/completions") -> tuple[int, dict, dict]:
+    """POST raw bytes (a list: sent chunked, without Content-Length): (status, headers, JSON body)."""
+    url = urlparse(endpoint.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    try:
+        conn.request("POST", path, iter(body) if isinstance(body, list) else body,
+                     {"content-type": "application/json"}, encode_chunked=isinstance(body, list))
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def _send(endpoint: Endpoint, body: dict) -> http.client.HTTPConnection:
+    """Send a request and leave its answer unread (the caller closes the connection to go away)."""
+    url = urlparse(endpoint.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+    return conn
+
+
+def _wait_for(what: str, condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"still not true after {timeout:.0f}s: {what}"
+        time.sleep(0.02)
 
 
 def _get(endpoint: Endpoint, path: str) -> tuple[int, str]:
@@ -308,31 +364,137 @@ def test_cancelled_stream_frees_its_slot(setup) -> None:
     assert _metric(ep, "lutserve_generation_tokens_total") - generated_before < 240   # it stopped early
 
 
+def _in_process_text(remote, prompt: str, max_tokens: int) -> str:
+    """What inference.generate gives greedily for the prompt, as completion text."""
+    tok = remote.backbone.tokenizer
+    ids = tok.encode(prompt).ids
+    out = generate(remote.backbone.model, remote.source, [ids], max_tokens, eos_id=remote.backbone.args.eos_token_id)
+    return tok.decode(ids + out.tokens[0])[len(tok.decode(ids)):]
+
+
+# (body, status, the parameter named, code): each gets an OpenAI-shaped error, none a 500
+BAD_REQUESTS = [
+    ({"prompt": _ids(CONTEXT + 1, 1), "max_tokens": 0, "echo": True}, 400, "prompt", "context_length_exceeded"),
+    ({"prompt": _ids(CONTEXT, 1)}, 400, "prompt", "context_length_exceeded"),
+    ({"prompt": _ids(250, 1), "max_tokens": 10}, 400, "max_tokens", "context_length_exceeded"),
+    ({"prompt": "the", "max_tokens": 10**30}, 400, "max_tokens", "context_length_exceeded"),
+    ({"prompt": "the", "max_tokens": -1}, 400, "max_tokens", None),
+    ({"prompt": "the", "temperature": -1}, 400, "temperature", None),
+    ({"prompt": "the", "temperature": 2.5}, 400, "temperature", None),
+    (b'{"prompt": "the", "temperature": NaN}', 400, "temperature", None),      # Python's json reads these
+    (b'{"prompt": "the", "temperature": Infinity}', 400, "temperature", None),
+    (b'{"prompt": "the", "top_p": NaN}', 400, "top_p", None),
+    (b'{"prompt": "the", "top_p": -Infinity}', 400, "top_p", None),
+    ({"prompt": "the", "top_p": 0}, 400, "top_p", None),
+    ({"prompt": "the", "top_p": 1.5}, 400, "top_p", None),
+    ({"prompt": "the", "logprobs": 21}, 400, "logprobs", None),
+    ({"prompt": "the", "logprobs": -1}, 400, "logprobs", None),
+    ({"prompt": "the", "n": 2}, 400, "n", None),
+    ({"prompt": "the", "n": 0}, 400, "n", None),
+    ({"prompt": "the", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
+    ({"prompt": "the", "stop": "x" * 300}, 400, "stop", None),
+    ({"prompt": "the", "bogus": 1}, 400, "bogus", None),
+    ({"prompt": [5, 999]}, 400, "prompt", None),
+    ({"prompt": [5, -1]}, 400, "prompt", None),
+    ({"prompt": [[5], [VOCAB]]}, 400, "prompt", None),
+    ({"prompt": [5, 1.5]}, 400, "prompt", None),
+    ({"prompt": []}, 400, "prompt", None),
+    ({"prompt": ""}, 400, "prompt", None),
+    ({"prompt": ["the", ""]}, 400, "prompt", None),
+    ({"prompt": [[]]}, 400, "prompt", None),
+    ({"prompt": [[5]] * 1025}, 400, "prompt", None),                          # more than --max-queue can hold
+    ({"max_tokens": 4}, 400, "prompt", None),
+    ({"prompt": "the", "model": "gpt-9"}, 404, "model", "model_not_found"),
+    (b"{not json", 400, None, None),
+    (b"[1, 2]", 400, None, None),
+    (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None, None),   # json.loads: RecursionError
+    (b'{"prompt": "the", "max_tokens": 1' + b"0" * 5000 + b"}", 400, None, None),  # past Python's int digit limit
+    (json.dumps({"prompt": "the", "user": "x" * (1 << 20)}).encode(), 413, None, "request_too_large"),
+]
+
+
 def test_errors_are_openai_shaped_and_others_keep_going(setup) -> None:
-    ep = setup["endpoint"]
+    """A burst of bad requests, and hostile but valid ones, while a stream runs: each bad one gets an
+    OpenAI-shaped 4xx naming its parameter, the valid ones answer, the stream is untouched, and then a
+    normal request still equals the in-process generate (the engine thread survived)."""
+    ep, remote = setup["endpoint"], setup["remote"]
     client = _client(ep)
-    with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(lambda: "".join(
-            c.choices[0].text for c in client.completions.create(model="m32", prompt="the water", max_tokens=60,
-                                                                 temperature=0, stream=True)))
-        _assert_openai_error(*_post(ep, "/v1/completions", {"prompt": _ids(250, 1), "max_tokens": 10}), 400,
-                             "prompt", "context_length_exceeded")
-        _assert_openai_error(*_post(ep, "/v1/completions", {"prompt": "the", "temperature": -1}), 400, "temperature")
-        _assert_openai_error(*_post(ep, "/v1/completions", {"prompt": "the", "top_p": 0}), 400, "top_p")
-        _assert_openai_error(*_post(ep, "/v1/completions", {"prompt": "the", "logprobs": 99}), 400, "logprobs")
-        _assert_openai_error(*_post(ep, "/v1/completions", {"prompt": "the", "max_tokens": -1}), 400, "max_tokens")
-        _assert_openai_error(*_post(ep, "/v1/completions", {"prompt": "the", "n": 2}), 400, "n")
-        _assert_openai_error(*_post(ep, "/v1/completions", {"prompt": "the", "bogus": 1}), 400, "bogus")
-        _assert_openai_error(*_post(ep, "/v1/completions", {"prompt": [5, 999]}), 400, "prompt")
-        _assert_openai_error(*_post(ep, "/v1/completions", {"prompt": []}), 400, "prompt")
-        _assert_openai_error(*_post(ep, "/v1/completions", {"prompt": "the", "model": "gpt-9"}), 404, "model",
-                             "model_not_found")
-        _assert_openai_error(*_post(ep, "/v1/completions", b"{not json"), 400)
-        with pytest.raises(openai.BadRequestError, match="maximum context length"):
-            client.completions.create(model="m32", prompt="the", max_tokens=CONTEXT)
-        text = running.result(timeout=60)
-    want = client.completions.create(model="m32", prompt="the water", max_tokens=60, temperature=0).choices[0].text
-    assert text == want
+    running = iter(client.completions.create(model="m32", prompt="the water", max_tokens=200, temperature=0,
+                                             stream=True))
+    pieces = [next(running).choices[0].text]                  # it has a slot and is decoding
+    # valid, if odd: top_k past the vocabulary (no cut; 10**30 overflowed the engine's tensor), a temperature
+    # so small it divided to inf (greedy now), a negative seed
+    greedy = client.completions.create(model="m32", prompt="the", max_tokens=6, temperature=0).choices[0].text
+    for extra in ({"top_k": 10**30, "temperature": 1.0}, {"temperature": 1e-300}, {"seed": -1, "temperature": 0.5}):
+        status, body = _post(ep, "/v1/completions", {"prompt": "the", "max_tokens": 6, **extra})
+        assert status == 200, (extra, body)
+        if extra.get("temperature") == 1e-300:
+            assert body["choices"][0]["text"] == greedy
+    for body, status, param, code in BAD_REQUESTS:
+        got, answer = _post(ep, "/v1/completions", body)
+        assert got == status, (body if isinstance(body, bytes) else json.dumps(body)[:200], answer)
+        _assert_openai_error(got, answer, status, param, code)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model="m32", prompt="the", max_tokens=CONTEXT)
+    text = "".join(pieces + [c.choices[0].text for c in running])
+    assert text == client.completions.create(model="m32", prompt="the water", max_tokens=200,
+                                             temperature=0).choices[0].text
+    assert client.completions.create(model="m32", prompt="the water is", max_tokens=30,
+                                     temperature=0).choices[0].text == _in_process_text(remote, "the water is", 30)
+
+
+def _queue(ep: Endpoint) -> float:
+    return _metric(ep, "lutserve_queue_length")
+
+
+def _cancelled(ep: Endpoint) -> float:
+    return _metric(ep, 'lutserve_requests_total{status="cancelled"}')
+
+
+def test_a_non_streamed_request_whose_client_leaves_frees_its_slot(tight) -> None:
+    """The known bug: a non-streamed completion went on to max_tokens after its client left, holding
+    the slot. With one slot and one queue place: a long request takes the slot, a second waits, one
+    more gets 429 + Retry-After; the first client leaves -> its request is cancelled at once and the
+    second gets the slot; a third waits and leaves -> its queue place frees; the second leaves -> the
+    slot is free."""
+    ep = tight
+    generated_before, cancelled_before = _metric(ep, "lutserve_generation_tokens_total"), _cancelled(ep)
+    long = {"prompt": _ids(5, 1), "max_tokens": LONG_RUN, "temperature": 0.8}
+    first = _send(ep, long)
+    _wait_for("the first request has the slot", lambda: _running(ep) == 1)
+    second = _send(ep, {**long, "prompt": _ids(5, 2)})
+    _wait_for("the second request waits for the slot", lambda: _queue(ep) == 1)
+    status, headers, body = _raw(ep, json.dumps({**long, "max_tokens": 4}).encode())
+    _assert_openai_error(status, body, 429, code="queue_full")
+    assert int(headers["retry-after"]) >= 1
+    first.close()                                               # the first client goes away, unanswered
+    _wait_for("the first request cancelled, the second in the slot",
+              lambda: _cancelled(ep) == cancelled_before + 1 and _queue(ep) == 0 and _running(ep) == 1, 10)
+    third = _send(ep, {**long, "prompt": _ids(5, 3)})        # a waiting client that leaves frees its queue place
+    _wait_for("the third request waits for the slot", lambda: _queue(ep) == 1)
+    third.close()
+    _wait_for("the third request cancelled", lambda: _cancelled(ep) == cancelled_before + 2 and _queue(ep) == 0, 10)
+    second.close()
+    _wait_for("the slot free", lambda: _cancelled(ep) == cancelled_before + 3 and _running(ep) == 0, 10)
+    assert _metric(ep, "lutserve_generation_tokens_total") - generated_before < LONG_RUN   # both stopped early
+    ok = _client(ep).completions.create(model="long", prompt=_ids(5, 3), max_tokens=4, temperature=0)
+    assert ok.usage.completion_tokens == 4
+
+
+def test_a_body_over_the_limit_gets_413(tight) -> None:
+    """--max-body-bytes 4096: over it 413, with a Content-Length or chunked (read only up to the limit);
+    a body just under it, chunked or not, is served."""
+    small = {"prompt": "the water", "max_tokens": 2, "temperature": 0}
+    over = json.dumps({**small, "user": "x" * TIGHT_BODY}).encode()
+    for body in (over, [over[:1000], over[1000:]]):
+        status, _, answer = _raw(tight, body)
+        _assert_openai_error(status, answer, 413, code="request_too_large")
+        assert "--max-body-bytes" in answer["error"]["message"]
+    under = json.dumps({**small, "user": "x" * (TIGHT_BODY - 100)}).encode()
+    assert len(under) <= TIGHT_BODY
+    for body in (under, [under[:1000], under[1000:]]):
+        status, _, answer = _raw(tight, body)
+        assert status == 200 and answer["usage"]["completion_tokens"] == 2, answer
 
 
 def test_health_metrics_and_auth_and_a_dead_daemon(setup, tmp_path) -> None:
