@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import random
 import shutil
 import threading
@@ -51,18 +50,14 @@ def setup(tmp_path_factory):
     assert cli.main(["ingest", str(ckpt), "--db", str(db), "--name", "m32", "--encoding", "fp32", "--no-progress"]) == 0
     daemon = start_server(db)
     env = {"LUTSTORE_CACHE": str(root / "cache")}
-    old = os.environ.get("LUTSTORE_CACHE")
-    os.environ["LUTSTORE_CACHE"] = env["LUTSTORE_CACHE"]
-    endpoint = Endpoint(daemon.address, "--max-batch", "20", "--prefill-chunk", "8", env=env)
-    remote = open_remote(daemon.address, "m32")          # the in-process reference: same daemon, same backbone
-    yield {"root": root, "db": db, "daemon": daemon, "endpoint": endpoint, "env": env, "remote": remote}
-    remote.close()
-    assert endpoint.stop() == 0, "".join(endpoint.output)
+    with pytest.MonkeyPatch.context() as patch:          # this module's client cache; restored afterwards
+        patch.setenv("LUTSTORE_CACHE", env["LUTSTORE_CACHE"])
+        endpoint = Endpoint(daemon.address, "--max-batch", "20", "--prefill-chunk", "8", env=env)
+        remote = open_remote(daemon.address, "m32")      # the in-process reference: same daemon, same backbone
+        yield {"root": root, "db": db, "daemon": daemon, "endpoint": endpoint, "env": env, "remote": remote}
+        remote.close()
+        assert endpoint.stop() == 0, "".join(endpoint.output)
     daemon.stop()
-    if old is None:
-        os.environ.pop("LUTSTORE_CACHE", None)
-    else:
-        os.environ["LUTSTORE_CACHE"] = old
 
 
 LONG_CONTEXT, LONG_RUN = 4096, 4000      # the tight endpoint's model: a request of LONG_RUN tokens runs for seconds
