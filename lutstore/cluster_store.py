@@ -217,10 +217,11 @@ def _connect_failure(error: BaseException, cfg: ClusterConfig) -> str:
         return (f"no TLS handshake answer within {min(cfg.timeout_seconds, 5.0):g} s: the nodes may speak plain "
                 f"TCP (then use redis-cluster://)")
     if "Connection closed by server" in text or "Protocol error" in text:
-        if cfg.tls:
-            given = "does not trust tls_cert_file" if cfg.tls_cert_file else \
-                "requires a client certificate (tls_cert_file, tls_key_file)"
-            return f"a node closed the connection after the TLS handshake: it probably {given}"
+        if cfg.tls:  # a TLS server refusing a client certificate may just close (no alert)
+            given = "not trust tls_cert_file" if cfg.tls_cert_file else \
+                "require a client certificate (tls_cert_file, tls_key_file)"
+            return (f"a node closed the connection after the TLS handshake: it may {given} (or a TLS "
+                    f"proxy in front of it cannot reach it)")
         return ("a node closed the connection (or did not answer in RESP) as a TLS server does to plain TCP: if "
                 "the cluster speaks TLS, use rediss-cluster://")
     return str(error).splitlines()[0] if str(error) else type(error).__name__

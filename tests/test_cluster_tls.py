@@ -8,6 +8,7 @@ one-line error that names it, never a hang."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -143,12 +144,12 @@ def test_mutual_tls_needs_the_client_certificate(cluster, tmp_path: Path) -> Non
     cluster.terminators.require_client_cert = True
     url = cluster.url(namespace=_ns())
     _fails_with(_cli("info", "--db", url), "closed the connection after the TLS handshake",
-                "requires a client certificate (tls_cert_file, tls_key_file)")
+                "may require a client certificate (tls_cert_file, tls_key_file)")
     # A certificate the nodes do not trust (its CA is not theirs) is refused the same way.
     untrusted = cluster.url(namespace=_ns(), tls_ca_file=str(files.ca_cert), tls_cert_file=str(files.other_ca_cert),
                             tls_key_file=str(files.other_ca_cert.with_suffix(".key")))
     _fails_with(_cli("info", "--db", untrusted), "closed the connection after the TLS handshake",
-                "does not trust tls_cert_file")
+                "may not trust tls_cert_file")
     mutual = cluster.url(namespace=_ns(), tls_cert_file=str(files.client_cert), tls_key_file=str(files.client_key))
     ckpt = make_checkpoint(tmp_path / "m", vocab=32)
     done = _cli("ingest", str(ckpt), "--db", mutual, "--name", "m", "--no-progress")
@@ -168,6 +169,34 @@ def test_bad_tls_files_are_named(cluster, tmp_path: Path) -> None:
              ("tls_cert_file", "not a PEM certificate and its unencrypted private key")),
             ({"tls_key_file": str(files.client_key)}, ("tls_key_file needs tls_cert_file",))):
         _fails_with(_cli("info", "--db", cluster.url(**options)), *fragments)
+
+
+def test_a_tls_server_that_alerts_on_a_missing_client_certificate_is_named(cluster) -> None:
+    """A server built on OpenSSL (valkey's own TLS, stunnel, ...) answers a missing client
+    certificate with a TLS alert, where the asyncio terminator just closes: `openssl s_server`."""
+    files = cluster.tls
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([openssl_binary(), "s_server", "-quiet", "-accept", f"127.0.0.1:{port}",
+                               "-cert", str(files.server_cert), "-key", str(files.server_key), "-Verify", "1",
+                               "-CAfile", str(files.ca_cert)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # until it listens (a probe without a handshake is just dropped)
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "openssl s_server did not start"
+                time.sleep(0.05)
+        url = f"rediss-cluster://127.0.0.1:{port}?tls_ca_file={files.ca_cert}&timeout_seconds=3"
+        _fails_with(_cli("info", "--db", url, timeout=30), "TLS handshake refused",
+                    "may require a client certificate")
+    finally:
+        server.kill()
+        server.wait()
 
 
 def test_zz_after_a_failover_reads_follow_the_promoted_replica_over_tls(cluster, tmp_path: Path) -> None:
