@@ -87,9 +87,10 @@ class ClusterConfig:
     (default: $LUTSTORE_CLUSTER_PASSWORD if set; never the password itself), tls_ca_file=PATH,
     tls_cert_file=PATH, tls_key_file=PATH (TLS only: refused with redis-cluster://, where they would
     send the password in the clear), tls_check_hostname=0 (verify the chain but not that the
-    certificate names the host the cluster announces; default 1), read_from_replicas=1, retry_seconds=S (how long a read or
-    write waits for a failover before UNAVAILABLE, default 5), lease_seconds=S (an ingest that stops
-    renewing its lease this long is a leftover, default 30), timeout_seconds=S (socket, default 10)."""
+    certificate names the host the cluster announces; default 1), read_from_replicas=1,
+    retry_seconds=S (how long a read or write waits for a failover before UNAVAILABLE, default 5),
+    lease_seconds=S (an ingest that stops renewing its lease this long is a leftover, default 30),
+    timeout_seconds=S (socket, default 10)."""
 
     seeds: list[tuple[str, int]]
     namespace: str = "lut"
@@ -189,14 +190,19 @@ def _no_key_password() -> str:
     raise StoreError("tls_key_file is encrypted; give an unencrypted key (readable by this user only)")
 
 
+def _causes(error: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while error is not None and len(chain) < 8:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
 def _connect_failure(error: BaseException, cfg: ClusterConfig) -> str:
     """A one-line reason for a failed connection that says what to check: the TLS verification,
     a client certificate, or TLS vs plain TCP (both sides of that mismatch only show up as a
     closed connection, a timeout or garbage)."""
-    chain, e = [], error
-    while e is not None and len(chain) < 8:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
+    chain = _causes(error)
     verify = next((e for e in chain if isinstance(e, ssl.SSLCertVerificationError)), None)
     if verify is not None:
         reason = verify.verify_message or str(verify)
@@ -422,7 +428,8 @@ class ClusterStore(VersionIndex):
             raise StoreError(f"{cfg.describe()} refused the password ({e}); check password_file / password_env") from None
         except (redis.RedisError, RedisClusterException, OSError) as e:
             text = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if "auth" in text.lower() or "password" in text.lower():
+            tls_failed = any(isinstance(c, ssl.SSLError) for c in _causes(e))  # "authority key ..." is no password
+            if not tls_failed and ("auth" in text.lower() or "password" in text.lower()):
                 raise StoreError(f"{cfg.describe()} refused the password ({text}); check password_file / "
                                  f"password_env") from None
             raise StoreError(f"cannot reach {cfg.describe()}: {_connect_failure(e, cfg)}") from None

@@ -31,7 +31,8 @@ from ckpt_factory import make_checkpoint  # noqa: E402
 from conftest import REPO  # noqa: E402
 from tls_proxy import openssl_binary  # noqa: E402
 
-pytestmark = pytest.mark.skipif(openssl_binary() is None, reason="the openssl CLI (makes the test certificates) is missing")
+pytestmark = pytest.mark.skipif(openssl_binary() is None,
+                                reason="the openssl CLI (makes the test certificates) is missing")
 _count = iter(range(1, 1 << 30))
 
 
@@ -55,7 +56,7 @@ def cluster(tls_cluster):
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "LUTSTORE_CLUSTER_PASSWORD"}
     return subprocess.run([sys.executable, "-m", "lutstore.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env=env, stdin=subprocess.DEVNULL)
 
 
 def _fails_with(done: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -162,11 +163,16 @@ def test_bad_tls_files_are_named(cluster, tmp_path: Path) -> None:
     files = cluster.tls
     not_pem = tmp_path / "not.pem"
     not_pem.write_text("hello\n")
+    encrypted = tmp_path / "encrypted.key"  # would make OpenSSL prompt for a pass phrase on the terminal
+    subprocess.run([openssl_binary(), "ec", "-in", str(files.client_key), "-out", str(encrypted), "-aes256",
+                    "-passout", "pass:secret"], check=True, capture_output=True)
     for options, fragments in (
             ({"tls_ca_file": str(tmp_path / "missing.pem")}, ("cannot read tls_ca_file", "No such file")),
             ({"tls_ca_file": str(not_pem)}, ("tls_ca_file", "not a PEM CA certificate")),
             ({"tls_cert_file": str(files.client_cert), "tls_key_file": str(files.server_key)},
              ("tls_cert_file", "not a PEM certificate and its unencrypted private key")),
+            ({"tls_cert_file": str(files.client_cert), "tls_key_file": str(encrypted)},
+             ("tls_key_file is encrypted",)),
             ({"tls_key_file": str(files.client_key)}, ("tls_key_file needs tls_cert_file",))):
         _fails_with(_cli("info", "--db", cluster.url(**options)), *fragments)
 

@@ -61,8 +61,8 @@ def _make_leaf(folder: Path, name: str, ca: tuple[Path, Path], extensions: str) 
     (folder / f"{name}.ext").write_text("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
                                         "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
                                         + extensions)
-    _openssl("req", "-new", *_KEY, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN=lutstore test {name}",
-             cwd=folder)
+    _openssl("req", "-new", *_KEY, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+             "-subj", f"/CN=lutstore test {name}", cwd=folder)
     _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-days", _DAYS,
              "-set_serial", f"0x{secrets.token_hex(8)}", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=folder)
     return folder / f"{name}.pem", folder / f"{name}.key"
@@ -72,10 +72,11 @@ def make_tls_files(folder: Path) -> TlsFiles:
     """A throwaway CA with a server and a client certificate, and an unrelated second CA."""
     folder.mkdir(parents=True, exist_ok=True)
     ca = _make_ca(folder, "ca")
-    server = _make_leaf(folder, "server", ca, "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    server_auth = "extendedKeyUsage=serverAuth\nsubjectAltName="
+    server = _make_leaf(folder, "server", ca, server_auth + "IP:127.0.0.1,DNS:localhost\n")
     client = _make_leaf(folder, "client", ca, "extendedKeyUsage=clientAuth\n")
     other_ca, _ = _make_ca(folder, "other-ca")
-    elsewhere = _make_leaf(folder, "elsewhere", ca, "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:elsewhere.invalid\n")
+    elsewhere = _make_leaf(folder, "elsewhere", ca, server_auth + "DNS:elsewhere.invalid\n")
     for key in folder.glob("*.key"):
         key.chmod(0o600)
     return TlsFiles(ca[0], server[0], server[1], client[0], client[1], other_ca, *elsewhere)
