@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 import threading
 import time
 from concurrent import futures
@@ -84,9 +85,12 @@ class ClusterConfig:
     """`redis-cluster://HOST:PORT[,HOST:PORT...][?OPTIONS]` (`rediss-cluster://`: TLS). Options:
     namespace=NAME (key prefix, default lut), username=NAME, password_file=PATH or password_env=VAR
     (default: $LUTSTORE_CLUSTER_PASSWORD if set; never the password itself), tls_ca_file=PATH,
-    tls_cert_file=PATH, tls_key_file=PATH, read_from_replicas=1, retry_seconds=S (how long a read or
-    write waits for a failover before UNAVAILABLE, default 5), lease_seconds=S (an ingest that stops
-    renewing its lease this long is a leftover, default 30), timeout_seconds=S (socket, default 10)."""
+    tls_cert_file=PATH, tls_key_file=PATH (TLS only: refused with redis-cluster://, where they would
+    send the password in the clear), tls_check_hostname=0 (verify the chain but not that the
+    certificate names the host the cluster announces; default 1), read_from_replicas=1,
+    retry_seconds=S (how long a read or write waits for a failover before UNAVAILABLE, default 5),
+    lease_seconds=S (an ingest that stops renewing its lease this long is a leftover, default 30),
+    timeout_seconds=S (socket, default 10)."""
 
     seeds: list[tuple[str, int]]
     namespace: str = "lut"
@@ -94,6 +98,7 @@ class ClusterConfig:
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    tls_check_hostname: bool = True
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     read_from_replicas: bool = False
@@ -119,7 +124,8 @@ class ClusterConfig:
             raise StoreError("cluster URL names no seed node: use redis-cluster://HOST:PORT[,HOST:PORT...]")
         q = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         known = {"namespace", "username", "password_file", "password_env", "tls", "tls_ca_file", "tls_cert_file",
-                 "tls_key_file", "read_from_replicas", "retry_seconds", "lease_seconds", "timeout_seconds"}
+                 "tls_key_file", "tls_check_hostname", "read_from_replicas", "retry_seconds", "lease_seconds",
+                 "timeout_seconds"}
         if "password" in q:
             raise StoreError("the cluster URL must not carry the password; use ?password_file=PATH or ?password_env=VAR")
         unknown = sorted(set(q) - known)
@@ -130,8 +136,15 @@ class ClusterConfig:
         if not _NAMESPACE.match(cfg.namespace):
             raise StoreError(f"bad namespace {cfg.namespace!r}: 1-64 of A-Z a-z 0-9 _ . -")
         cfg.username = q.get("username") or None
-        cfg.tls_ca_file, cfg.tls_cert_file, cfg.tls_key_file = (q.get(k) for k in ("tls_ca_file", "tls_cert_file",
-                                                                                  "tls_key_file"))
+        cfg.tls_ca_file, cfg.tls_cert_file, cfg.tls_key_file = (q.get(k) or None for k in (
+            "tls_ca_file", "tls_cert_file", "tls_key_file"))
+        cfg.tls_check_hostname = q.get("tls_check_hostname", "1") not in ("0", "false", "no")
+        given = [k for k in ("tls_ca_file", "tls_cert_file", "tls_key_file", "tls_check_hostname") if k in q]
+        if given and not cfg.tls:
+            raise StoreError(f"{', '.join(given)} given, but {parts.scheme}:// is plain TCP (the password would go "
+                             f"in the clear): use rediss-cluster:// for TLS")
+        if cfg.tls:
+            _check_tls_files(cfg)
         cfg.read_from_replicas = q.get("read_from_replicas", "0") in ("1", "true", "yes")
         for name in ("retry_seconds", "lease_seconds", "timeout_seconds"):
             if name in q:
@@ -148,6 +161,76 @@ class ClusterConfig:
     def describe(self) -> str:
         seeds = ",".join(f"{h}:{p}" for h, p in self.seeds)
         return f"cluster {seeds} (namespace {self.namespace})"
+
+
+def _check_tls_files(cfg: ClusterConfig) -> None:
+    """Load the CA and the client certificate once up front, so a missing or wrong file is named
+    as such (not reported later as an unreachable cluster)."""
+    if cfg.tls_key_file and not cfg.tls_cert_file:
+        raise StoreError("tls_key_file needs tls_cert_file (the client certificate)")
+    context = ssl.create_default_context()
+    for option, load in (("tls_ca_file", lambda: context.load_verify_locations(cafile=cfg.tls_ca_file)),
+                         ("tls_cert_file", lambda: context.load_cert_chain(cfg.tls_cert_file, cfg.tls_key_file,
+                                                                            password=_no_key_password))):
+        path = getattr(cfg, option)
+        if not path:
+            continue
+        try:
+            load()
+        except OSError as e:  # ssl.SSLError is an OSError too, but has no strerror
+            if isinstance(e, ssl.SSLError) or not e.strerror:
+                what = "a PEM CA certificate" if option == "tls_ca_file" else \
+                    "a PEM certificate and its unencrypted private key (tls_key_file, if apart)"
+                raise StoreError(f"{option} {path}: not {what} ({e})") from None
+            raise StoreError(f"cannot read {option} {e.filename or path}: {e.strerror}") from None
+
+
+def _no_key_password() -> str:
+    # An encrypted key would otherwise make OpenSSL prompt on the terminal (a daemon has none).
+    raise StoreError("tls_key_file is encrypted; give an unencrypted key (readable by this user only)")
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while error is not None and len(chain) < 8:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _connect_failure(error: BaseException, cfg: ClusterConfig) -> str:
+    """A one-line reason for a failed connection that says what to check: the TLS verification,
+    a client certificate, or TLS vs plain TCP (both sides of that mismatch only show up as a
+    closed connection, a timeout or garbage)."""
+    chain = _causes(error)
+    verify = next((e for e in chain if isinstance(e, ssl.SSLCertVerificationError)), None)
+    if verify is not None:
+        reason = verify.verify_message or str(verify)
+        if "mismatch" in reason.lower():
+            return (f"TLS certificate verification failed: {reason} (a node's certificate must name the host "
+                    f"or IP the cluster announces; tls_check_hostname=0 skips only that check)")
+        trusted = f"tls_ca_file {cfg.tls_ca_file}" if cfg.tls_ca_file else "the system's CAs (set tls_ca_file)"
+        return f"TLS certificate verification failed: {reason}; is the cluster's certificate signed by {trusted}?"
+    tls_error = next((e for e in chain if isinstance(e, ssl.SSLError)), None)
+    text = " ".join(str(e) for e in chain)
+    if tls_error is not None:
+        reason = tls_error.reason or str(tls_error)
+        if "ALERT" in reason or "CERTIFICATE" in reason:
+            return (f"TLS handshake refused ({reason}): the nodes may require a client certificate "
+                    f"signed by a CA they trust (tls_cert_file, tls_key_file)")
+        return f"TLS handshake failed ({reason}): does the cluster speak TLS? (plain TCP: redis-cluster://)"
+    if cfg.tls and "handshake" in text and "timed out" in text:
+        return (f"no TLS handshake answer within {min(cfg.timeout_seconds, 5.0):g} s: the nodes may speak plain "
+                f"TCP (then use redis-cluster://)")
+    if "Connection closed by server" in text or "Protocol error" in text:
+        if cfg.tls:  # a TLS server refusing a client certificate may just close (no alert)
+            given = "not trust tls_cert_file" if cfg.tls_cert_file else \
+                "require a client certificate (tls_cert_file, tls_key_file)"
+            return (f"a node closed the connection after the TLS handshake: it may {given} (or a TLS "
+                    f"proxy in front of it cannot reach it)")
+        return ("a node closed the connection (or did not answer in RESP) as a TLS server does to plain TCP: if "
+                "the cluster speaks TLS, use rediss-cluster://")
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def _read_password(path: str | None, env: str | None) -> str | None:
@@ -332,18 +415,24 @@ class ClusterStore(VersionIndex):
                             socket_connect_timeout=min(cfg.timeout_seconds, 5.0), require_full_coverage=False,
                             load_balancing_strategy=LoadBalancingStrategy.ROUND_ROBIN if cfg.read_from_replicas else None)
         if cfg.tls:
+            # Verification is always on (ssl_cert_reqs "required"); the host name check can be turned off.
             kwargs.update(ssl=True, ssl_ca_certs=cfg.tls_ca_file, ssl_certfile=cfg.tls_cert_file,
-                          ssl_keyfile=cfg.tls_key_file)
+                          ssl_keyfile=cfg.tls_key_file, ssl_cert_reqs="required",
+                          ssl_check_hostname=cfg.tls_check_hostname)
+            if not cfg.tls_check_hostname:
+                log.warning("tls_check_hostname=0: cluster certificates are verified against the CA but not "
+                            "against the host names")
         try:
             rc = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in cfg.seeds], **kwargs)
         except redis.AuthenticationError as e:
             raise StoreError(f"{cfg.describe()} refused the password ({e}); check password_file / password_env") from None
         except (redis.RedisError, RedisClusterException, OSError) as e:
             text = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if "auth" in text.lower() or "password" in text.lower():
+            tls_failed = any(isinstance(c, ssl.SSLError) for c in _causes(e))  # "authority key ..." is no password
+            if not tls_failed and ("auth" in text.lower() or "password" in text.lower()):
                 raise StoreError(f"{cfg.describe()} refused the password ({text}); check password_file / "
                                  f"password_env") from None
-            raise StoreError(f"cannot reach {cfg.describe()}: {text}") from None
+            raise StoreError(f"cannot reach {cfg.describe()}: {_connect_failure(e, cfg)}") from None
         store = cls(cfg, rc, mode)
         try:
             store.refresh()

