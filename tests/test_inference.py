@@ -366,3 +366,19 @@ def test_nf4_logprobs_within_the_measured_bound_of_the_fp32_table(daemon) -> Non
         remote.close()
     print(f"nf4 vs fp32 table: max |delta log p| = {worst:.3g}")
     assert 0 < worst <= NF4_BOUND
+
+
+@pytest.mark.parametrize("fingerprint", ["VICTIM", "../victim", ""])
+def test_backbone_cache_refuses_a_fingerprint_that_is_not_a_digest(tmp_path, fingerprint) -> None:
+    """The fingerprint comes from the daemon and names the cache folder that a failed check deletes:
+    a daemon answering a path must not get a folder outside the cache removed."""
+    from lutstore.v1 import lutstore_pb2 as pb
+    victim = tmp_path / "victim"
+    (victim / "keep").mkdir(parents=True)
+    cache = tmp_path / "cache"
+    fingerprint = str(victim) if fingerprint == "VICTIM" else fingerprint
+    info = pb.TableInfo(name="m", version=1, fingerprint=fingerprint,
+                        artifacts=[pb.ArtifactInfo(name="config.json", size=2, sha256="0" * 64)])
+    with pytest.raises(UserError, match="not a sha256 digest"):
+        ensure_backbone(None, info, cache_dir=cache)
+    assert (victim / "keep").is_dir()
