@@ -45,8 +45,8 @@ from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
 
 from lutstore.codec import CRC_BYTES, RowFormat
-from lutstore.store import (ArtifactMeta, StoreError, TableMeta, VersionIndex, check_complete, table_fingerprint,
-                            write_artifact)
+from lutstore.store import (ArtifactMeta, StoreError, TableMeta, VersionIndex, check_complete, check_table_name,
+                            table_fingerprint, write_artifact)
 from lutstore.store_api import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -411,8 +411,7 @@ class ClusterStore(VersionIndex):
 
     def begin_table(self, name: str, fmt: RowFormat, vocab_size: int, source_form: str) -> ClusterTableWriter:
         self._require_primary("writing a table")
-        if not name or "/" in name or len(name) > 200:
-            raise StoreError(f"bad table name {name!r}: use 1-200 characters, no '/'")
+        check_table_name(name)
         if vocab_size < 1 or vocab_size >= 2**32:
             raise StoreError(f"vocab_size must be in 1..2^32-1, got {vocab_size}")
         self.remove_leftovers()

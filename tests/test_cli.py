@@ -353,3 +353,21 @@ def test_node_example_without_npm_ci_says_so(tmp_path):
                        text=True, timeout=60)
     err = r.stderr.strip()
     assert r.returncode == 1 and len(err.splitlines()) == 1 and "npm ci" in err and str(copy) in err, err
+
+
+def test_table_names_that_would_break_listing_or_output_are_refused(tmp_path):
+    """A name with a byte that is not UTF-8 (a lone surrogate in Python) was stored, and then every
+    ListTables of the daemon failed (no gRPC string can carry it); control characters garbled `info`."""
+    ckpt = make_checkpoint(tmp_path / "m", vocab=32)
+    db = tmp_path / "db"
+    assert lutstore("ingest", str(ckpt), "--db", str(db), "--no-progress").returncode == 0
+    for name in ("bad\udcff", "new\nline", "tab\there", "a/b", "x" * 201):
+        err = one_line_error(lutstore("ingest", str(ckpt), "--db", str(db), "--name", name, "--no-progress"),
+                             "lutstore ingest: error:")
+        assert "bad table name" in err
+    odd = tmp_path / "odd\nname"     # the default name is the folder's
+    shutil.copytree(ckpt, odd)
+    assert "bad table name" in one_line_error(lutstore("ingest", str(odd), "--db", str(db), "--no-progress"),
+                                              "lutstore ingest: error:")
+    assert lutstore("ingest", str(ckpt), "--db", str(db), "--name", "modèle-été", "--no-progress").returncode == 0
+    assert versions(db) == [("m", 1), ("modèle-été", 1)]
