@@ -241,3 +241,18 @@ def test_bad_security_flags_are_one_line_errors(db_path: Path, tmp_path: Path, c
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_token_file_other_users_can_read_is_warned_about(tmp_path: Path, caplog) -> None:
+    from lutstore.security import read_token
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o644)
+    with caplog.at_level("WARNING", logger="lutstore.security"):
+        assert read_token(None, token_file) == TOKEN
+    assert "readable by other users (mode 644)" in caplog.text and "chmod 600" in caplog.text
+    caplog.clear()
+    token_file.chmod(0o600)
+    with caplog.at_level("WARNING", logger="lutstore.security"):
+        assert read_token(None, token_file) == TOKEN
+    assert caplog.text == ""
