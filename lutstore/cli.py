@@ -52,8 +52,18 @@ def _version() -> str:
         return __version__
 
 
+DESCRIPTION = """\
+Store and serve the lookup tables of Mixture-of-Lookup-Experts models.
+
+    lutstore ingest path/to/checkpoint --name mole   # a table, into --db
+    lutstore serve                                   # gRPC on 127.0.0.1:50051
+    python -m inference.generate --lut-addr 127.0.0.1:50051 --prompt "The water"
+
+`lutstore COMMAND --help` lists a command's options and their defaults."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lutstore", description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="lutstore", description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"lutstore {_version()}")
     add_verbose(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
