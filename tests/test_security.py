@@ -256,3 +256,15 @@ def test_a_token_file_other_users_can_read_is_warned_about(tmp_path: Path, caplo
     with caplog.at_level("WARNING", logger="lutstore.security"):
         assert read_token(None, token_file) == TOKEN
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize("name", ["../escape.txt", "/tmp/lutstore-escape.txt", "a/../../escape.txt"])
+def test_artifact_names_cannot_leave_the_download_folder(db_path: Path, tmp_path: Path, serve, name) -> None:
+    """Artifact names come from the daemon; the client writes none outside the folder it was given."""
+    write_table(db_path, "t", vocab_size=8, artifacts={"config.json": b"{}", name: b"planted"})
+    server = serve(db_path)
+    dest = tmp_path / "dl" / "backbone"
+    with LutClient(server.address) as client:
+        with pytest.raises(LutError, match="escapes"):
+            client.fetch_artifacts("t", dest)
+    assert not (tmp_path / "dl" / "escape.txt").exists() and not Path("/tmp/lutstore-escape.txt").exists()
