@@ -232,6 +232,10 @@ def test_user_errors_are_one_line(daemon, capsys) -> None:
         (["--lut-addr", "127.0.0.1:1", "--retry-seconds", "0.5", "--prompt", "the"], "127.0.0.1:1"),
         (["--lut-addr", daemon["addr"], "--table", "m32", "--prompt", "the " * 250, "--max-new-tokens", "10"],
          "context of 256"),
+        (["--lut-addr", daemon["addr"], "--table", "m32", "--version", str(2**40), "--prompt", "the"],
+         "version must be an integer in 0..2^32-1"),
+        (["--lut-addr", daemon["addr"], "--table", "m32", "--version", "-3", "--prompt", "the"],
+         "version must be an integer in 0..2^32-1"),
     ]
     for argv, needle in cases:
         assert generate.main(argv) == 2
