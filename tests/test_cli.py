@@ -371,3 +371,17 @@ def test_table_names_that_would_break_listing_or_output_are_refused(tmp_path):
                                               "lutstore ingest: error:")
     assert lutstore("ingest", str(ckpt), "--db", str(db), "--name", "modèle-été", "--no-progress").returncode == 0
     assert versions(db) == [("m", 1), ("modèle-été", 1)]
+
+
+def test_output_into_a_closed_pipe_stops_quietly(tmp_path):
+    """`lutstore info | head -1` printed a BrokenPipeError traceback once head had left."""
+    db = tmp_path / "db"
+    for name in ("a", "b", "c"):
+        write_table(db, name, vocab_size=8, artifacts={f"f{i}.json": b"{}" for i in range(50)})
+    for argv in (["info"], ["get", "a", *map(str, range(8))]):
+        proc = subprocess.Popen([sys.executable, "-m", "lutstore.cli", *argv, "--db", str(db)], cwd=REPO, env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()               # the reader leaves before the first line
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 141, err
+        assert err == "", err
