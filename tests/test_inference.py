@@ -386,3 +386,15 @@ def test_backbone_cache_refuses_a_fingerprint_that_is_not_a_digest(tmp_path, fin
     with pytest.raises(UserError, match="not a sha256 digest"):
         ensure_backbone(None, info, cache_dir=cache)
     assert (victim / "keep").is_dir()
+
+
+def test_generate_into_a_closed_pipe_stops_quietly(daemon) -> None:
+    """`generate ... | head -c 10` ended in a BrokenPipeError traceback once head had left."""
+    cmd = [sys.executable, "-m", "inference.generate", "--lut-addr", daemon["addr"], "--table", "m32",
+           "--max-new-tokens", "20", "--prompt", "the water of"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, LUTSTORE_CACHE=str(daemon["cache"])))
+    proc.stdout.close()               # the reader leaves before the first token
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err, err
