@@ -385,3 +385,16 @@ def test_output_into_a_closed_pipe_stops_quietly(tmp_path):
         err = proc.stderr.read().decode()
         assert proc.wait(timeout=120) == 141, err
         assert err == "", err
+
+
+def test_a_database_folder_anyone_can_write_is_warned_about(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "m", vocab=32)
+    db = tmp_path / "shared-db"
+    db.mkdir()
+    db.chmod(0o777)
+    r = lutstore("ingest", str(ckpt), "--db", str(db), "--no-progress")
+    assert r.returncode == 0 and "writable by every local user (mode 777)" in r.stderr, r.stderr
+    assert "writable by every local user" in lutstore("info", "--db", str(db)).stderr
+    db.chmod(0o755)
+    r = lutstore("info", "--db", str(db))
+    assert r.returncode == 0 and r.stderr == "", r.stderr
