@@ -18,6 +18,7 @@ import json
 import math
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from lutstore.errors import LutError, UserError
 
 log = logging.getLogger(__name__)
 
+FINGERPRINT = re.compile(r"[0-9a-f]{64}")   # a table fingerprint is a sha256 hex digest (store.table_fingerprint)
 MARKER = "lutstore-table.json"   # which table (fingerprint) a cached folder belongs to
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -68,6 +70,11 @@ def verify_backbone(folder: Path, info) -> None:
 def ensure_backbone(client, info, cache_dir: Path | None = None) -> Path:
     """The verified local folder of the table's artifacts, fetching them if absent or damaged."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
+    # The fingerprint comes from the daemon and names a folder we may delete (rmtree below): anything
+    # but a sha256 digest ("/home/me", "../..") would point that at a folder outside the cache.
+    if not FINGERPRINT.fullmatch(info.fingerprint):
+        raise BackboneMismatch(f"table {info.name!r} v{info.version}: the daemon sent fingerprint "
+                               f"{info.fingerprint[:80]!r}, not a sha256 digest; refusing to use it as a cache folder name")
     dest = root / info.fingerprint
     if dest.is_dir():
         try:

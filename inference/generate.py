@@ -27,6 +27,7 @@ if __name__ == "__main__":   # before torch loads: a Ctrl-C during the import is
 import argparse
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,13 +316,19 @@ def cli_main(prog: str, parser: argparse.ArgumentParser, body, argv: list[str] |
     # received row messages reuse freed memory instead of faulting fresh pages in (lutstore/alloc.py).
     alloc.keep_freed_memory()
     try:
-        return body(args)
+        status = body(args)
+        sys.stdout.flush()   # here, so that a reader who left is met below, not at exit
+        return status
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `generate ... | head`: the reader has what it wanted; stop quietly, as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141   # 128 + SIGPIPE
 
 
 def main(argv: list[str] | None = None) -> int:

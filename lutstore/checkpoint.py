@@ -213,15 +213,32 @@ class Checkpoint:
             out.update({name: wf for name in wf.names()})
         return out
 
+    def _attention_widths(self) -> tuple[int, int]:
+        """Output widths of q_proj and of k_proj / v_proj, from the config's head counts (checked
+        here, so that a table whose backbone the client cannot build is never ingested)."""
+        raw, where, D = self.config.raw, self.path / "config.json", self.config.hidden_size
+        heads = raw.get("num_attention_heads")
+        kv = raw.get("num_key_value_heads") or heads
+        for key, v in (("num_attention_heads", heads), ("num_key_value_heads", kv)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise UserError(f"{where}: `{key}` must be a positive integer, got {v!r}")
+        if D % heads or heads % kv:
+            raise UserError(f"{where}: hidden_size {D} must be a multiple of num_attention_heads {heads}, "
+                            f"and num_attention_heads a multiple of num_key_value_heads {kv}")
+        return D, kv * (D // heads)
+
     def _validate_shapes(self) -> None:
         c = self.config
         V, L, N, D, I = c.vocab_size, c.num_layers, c.num_experts, c.hidden_size, c.intermediate_size
         expected: dict[str, tuple[int, ...]] = {EMBED: (V, D), "model.norm.weight": (D,), "lm_head.weight": (V, D)}
+        Q, KV = self._attention_widths()
         for i in range(L):
             p = f"model.layers.{i}."
             expected |= {p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
                          p + "mlp.up_proj.weight": (I, D), p + "mlp.down_proj.weight": (D, I),
-                         p + "router.weight": (N, D)}
+                         p + "router.weight": (N, D),
+                         p + "self_attn.q_proj.weight": (Q, D), p + "self_attn.k_proj.weight": (KV, D),
+                         p + "self_attn.v_proj.weight": (KV, D), p + "self_attn.o_proj.weight": (D, Q)}
             if self.form == "train":
                 expected[p + "expert_layernorm.weight"] = (D,)
                 for j in range(N):

@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import textwrap
 from pathlib import Path
 
 from lutstore.paths import default_db_path
+
+EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE, what a shell reports for a tool stopped by a closed pipe
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -52,8 +55,18 @@ def _version() -> str:
         return __version__
 
 
+DESCRIPTION = """\
+Store and serve the lookup tables of Mixture-of-Lookup-Experts models.
+
+    lutstore ingest path/to/checkpoint --name mole   # a table, into --db
+    lutstore serve                                   # gRPC on 127.0.0.1:50051
+    python -m inference.generate --lut-addr 127.0.0.1:50051 --prompt "The water"
+
+`lutstore COMMAND --help` lists a command's options and their defaults."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lutstore", description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="lutstore", description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"lutstore {_version()}")
     add_verbose(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -172,7 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # serve has its own graceful SIGTERM handling; the others clean up on the way out
     with contextlib.nullcontext() if args.command == "serve" else interrupts.sigterm_raises():
-        return _run(args)
+        try:
+            status = _run(args)
+            sys.stdout.flush()   # here, so that a reader who left is met below, not at exit
+            return status
+        except BrokenPipeError:
+            # `lutstore info | head`: the reader has what it wanted; stop quietly, as `cat` does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_BROKEN_PIPE
 
 
 def _run(args: argparse.Namespace) -> int:

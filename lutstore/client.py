@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import operator
 import os
 import socket
 import tempfile
@@ -145,6 +146,7 @@ class LutClient:
         cached = self._infos.get((name, version))
         if cached is not None:
             return cached
+        _check_version(version)
         req = pb.GetTableInfoRequest(table=name, version=version)
         info = self.retry.run(lambda: self._stub.GetTableInfo(req, timeout=self.timeout))
         self._infos[(name, info.version)] = info
@@ -422,6 +424,17 @@ def _is_loopback(address: str) -> bool:
     if "," in address:
         return False
     return protocol.is_loopback_host(address.strip().rpartition(":")[0])
+
+
+def _check_version(version: int) -> None:
+    """protobuf would raise a bare ValueError ("Value out of range") from the request's constructor."""
+    try:
+        ok = not isinstance(version, bool) and 0 <= operator.index(version) < 2**32
+    except TypeError:
+        ok = False
+    if not ok:
+        raise LutError(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"table version must be an integer in 0..2^32-1 (0: the latest), got {version!r}")
 
 
 def _as_ids(ids: Iterable[int]) -> Iterable[int]:

@@ -7,10 +7,14 @@ instead of silently becoming a folder named "scheme:".
 
 from __future__ import annotations
 
+import logging
 import re
+import stat
 from pathlib import Path
 
 from lutstore.errors import UserError
+
+log = logging.getLogger(__name__)
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -49,4 +53,17 @@ def check_db(db: str | Path, create: bool = False) -> str | Path:
     if create and path.is_dir() and not _is_database(path) and any(path.iterdir()):
         raise UserError(f"--db {path} is a non-empty folder that is not a lutstore database; "
                         f"give a new or empty folder (refusing to mix database files into it)")
+    _warn_if_anyone_can_write(path)
     return path
+
+
+def _warn_if_anyone_can_write(path: Path) -> None:
+    """A database folder every local user may write (a `mkdir` under umask 0, a folder in /tmp made
+    for sharing) lets any of them replace the files the daemon serves: say so, once, at start."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return   # not created yet: ingest makes it with this process's umask
+    if mode & stat.S_IWOTH:
+        log.warning("--db %s is writable by every local user (mode %03o): any of them can replace the tables "
+                    "it serves; `chmod o-w %s`", path, mode & 0o777, path)

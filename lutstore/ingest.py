@@ -38,7 +38,7 @@ from lutstore.checkpoint import EMBED, TABLE, Checkpoint
 from lutstore.codec import CRC_BYTES, Encoding, RowFormat, encode_rows
 from lutstore.errors import UserError
 from lutstore.interrupts import Terminated, deferred
-from lutstore.store import Store, TableMeta, TableWriter
+from lutstore.store import Store, TableMeta, TableWriter, check_table_name
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +239,7 @@ def ingest_checkpoint(ckpt_dir: str | Path, db_path: str | Path, name: str | Non
     if keep_versions < 0:
         raise UserError(f"--keep-versions must be >= 0, got {keep_versions}")
     name = name or ckpt_dir.resolve().name
+    check_table_name(name)   # before any work (the store checks it again)
     ckpt = Checkpoint.open(ckpt_dir)
     try:
         _check_tokenizer(ckpt, allow_no_tokenizer)

@@ -37,6 +37,7 @@ import struct
 import tempfile
 import threading
 import time
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal
@@ -639,10 +640,9 @@ def write_artifact(name: str, index: int, data: bytes | Path, put: Callable[[int
 
 
 def check_new_table(name: str, vocab_size: int) -> None:
-    """What begin_table accepts (both backends): a name of 1-200 characters without '/', and a
-    vocabulary that token ids of 32 bits can index."""
-    if not name or "/" in name or len(name) > 200:
-        raise StoreError(f"bad table name {name!r}: use 1-200 characters, no '/'")
+    """What begin_table accepts (both backends): a name check_table_name accepts, and a vocabulary
+    that token ids of 32 bits can index."""
+    check_table_name(name)
     if vocab_size < 1 or vocab_size >= 2**32:
         raise StoreError(f"vocab_size must be in 1..2^32-1, got {vocab_size}")
 
@@ -664,6 +664,21 @@ def check_complete(name: str, done: bool, rows_added: int, vocab_size: int) -> N
         raise StoreError("table writer already finished")
     if rows_added != vocab_size:
         raise StoreError(f"table {name!r}: {rows_added} rows added, vocab_size is {vocab_size}")
+
+
+def check_table_name(name: str) -> None:
+    """Raise StoreError unless `name` can name a table: 1-200 characters, no '/', no control
+    characters (NUL, newline: they would garble `info` and the logs), and valid UTF-8 (a folder name
+    with a stray byte arrives as a lone surrogate, which no gRPC string field can carry: one such
+    table made every ListTables fail)."""
+    bad = not name or "/" in name or len(name) > 200 or any(unicodedata.category(c) == "Cc" for c in name)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        bad = True
+    if bad:
+        raise StoreError(f"bad table name {name!r}: use 1-200 characters of valid UTF-8, no '/' and no control "
+                         f"characters (--name NAME sets it; the default is the checkpoint folder's name)")
 
 
 def table_fingerprint(vocab_size: int, fmt: RowFormat, crc_digest: bytes, artifacts: list[ArtifactMeta],

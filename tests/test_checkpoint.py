@@ -148,3 +148,29 @@ def test_checkpoint_folder_is_a_file(tmp_path):
     f = tmp_path / "weights.bin"
     f.write_bytes(b"x")
     _expect_error(f, "not a folder")
+
+
+def test_attention_shape_mismatch_and_head_counts(tmp_path):
+    """The backbone's attention weights are checked too: such a table was ingested, and only
+    `generate` found that its backbone does not fit its config."""
+    from safetensors.torch import save_file
+    path = make_checkpoint(tmp_path / "m", vocab=64)
+    tensors = load_tensors(path)
+    tensors["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(31, 32)
+    save_file(tensors, str(path / "model.safetensors"))
+    _expect_error(path, "model.layers.1.self_attn.k_proj.weight", "[31, 32]", "[32, 32]")
+
+    gqa = make_checkpoint(tmp_path / "gqa", vocab=64)          # 4 heads sharing 2 key/value heads: fine
+    tensors = load_tensors(gqa)
+    for i in range(2):
+        for proj in ("k_proj", "v_proj"):
+            tensors[f"model.layers.{i}.self_attn.{proj}.weight"] = torch.zeros(16, 32)
+    save_file(tensors, str(gqa / "model.safetensors"))
+    cfg = json.loads((gqa / "config.json").read_text())
+    (gqa / "config.json").write_text(json.dumps({**cfg, "num_key_value_heads": 2}))
+    Checkpoint.open(gqa).close()
+    (gqa / "config.json").write_text(json.dumps({**cfg, "num_key_value_heads": 3}))
+    _expect_error(gqa, "multiple of num_key_value_heads 3")
+    del cfg["num_attention_heads"]
+    (gqa / "config.json").write_text(json.dumps(cfg))
+    _expect_error(gqa, "`num_attention_heads` must be a positive integer")

@@ -345,3 +345,48 @@ def test_node_example_without_npm_ci_says_so(tmp_path):
                        text=True, timeout=60)
     err = r.stderr.strip()
     assert r.returncode == 1 and len(err.splitlines()) == 1 and "npm ci" in err and str(copy) in err, err
+
+
+def test_table_names_that_would_break_listing_or_output_are_refused(tmp_path):
+    """A name with a byte that is not UTF-8 (a lone surrogate in Python) was stored, and then every
+    ListTables of the daemon failed (no gRPC string can carry it); control characters garbled `info`."""
+    ckpt = make_checkpoint(tmp_path / "m", vocab=32)
+    db = tmp_path / "db"
+    assert lutstore("ingest", str(ckpt), "--db", str(db), "--no-progress").returncode == 0
+    for name in ("bad\udcff", "new\nline", "tab\there", "a/b", "x" * 201):
+        err = one_line_error(lutstore("ingest", str(ckpt), "--db", str(db), "--name", name, "--no-progress"),
+                             "lutstore ingest: error:")
+        assert "bad table name" in err
+    odd = tmp_path / "odd\nname"     # the default name is the folder's
+    shutil.copytree(ckpt, odd)
+    assert "bad table name" in one_line_error(lutstore("ingest", str(odd), "--db", str(db), "--no-progress"),
+                                              "lutstore ingest: error:")
+    assert lutstore("ingest", str(ckpt), "--db", str(db), "--name", "modèle-été", "--no-progress").returncode == 0
+    assert versions(db) == [("m", 1), ("modèle-été", 1)]
+
+
+def test_output_into_a_closed_pipe_stops_quietly(tmp_path):
+    """`lutstore info | head -1` printed a BrokenPipeError traceback once head had left."""
+    db = tmp_path / "db"
+    for name in ("a", "b", "c"):
+        write_table(db, name, vocab_size=8, artifacts={f"f{i}.json": b"{}" for i in range(50)})
+    for argv in (["info"], ["get", "a", *map(str, range(8))]):
+        proc = subprocess.Popen([sys.executable, "-m", "lutstore.cli", *argv, "--db", str(db)], cwd=REPO, env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()               # the reader leaves before the first line
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 141, err
+        assert err == "", err
+
+
+def test_a_database_folder_anyone_can_write_is_warned_about(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "m", vocab=32)
+    db = tmp_path / "shared-db"
+    db.mkdir()
+    db.chmod(0o777)
+    r = lutstore("ingest", str(ckpt), "--db", str(db), "--no-progress")
+    assert r.returncode == 0 and "writable by every local user (mode 777)" in r.stderr, r.stderr
+    assert "writable by every local user" in lutstore("info", "--db", str(db)).stderr
+    db.chmod(0o755)
+    r = lutstore("info", "--db", str(db))
+    assert r.returncode == 0 and r.stderr == "", r.stderr

@@ -228,6 +228,10 @@ def test_user_errors_are_one_line(daemon, capsys) -> None:
         (["--lut-addr", "127.0.0.1:1", "--retry-seconds", "0.5", "--prompt", "the"], "127.0.0.1:1"),
         (["--lut-addr", daemon["addr"], "--table", "m32", "--prompt", "the " * 250, "--max-new-tokens", "10"],
          "context of 256"),
+        (["--lut-addr", daemon["addr"], "--table", "m32", "--version", str(2**40), "--prompt", "the"],
+         "version must be an integer in 0..2^32-1"),
+        (["--lut-addr", daemon["addr"], "--table", "m32", "--version", "-3", "--prompt", "the"],
+         "version must be an integer in 0..2^32-1"),
     ]
     for argv, needle in cases:
         assert generate.main(argv) == 2
@@ -362,3 +366,31 @@ def test_nf4_logprobs_within_the_measured_bound_of_the_fp32_table(daemon) -> Non
         remote.close()
     print(f"nf4 vs fp32 table: max |delta log p| = {worst:.3g}")
     assert 0 < worst <= NF4_BOUND
+
+
+@pytest.mark.parametrize("fingerprint", ["VICTIM", "../victim", ""])
+def test_backbone_cache_refuses_a_fingerprint_that_is_not_a_digest(tmp_path, fingerprint) -> None:
+    """The fingerprint comes from the daemon and names the cache folder that a failed check deletes:
+    a daemon answering a path must not get a folder outside the cache removed."""
+    from lutstore.v1 import lutstore_pb2 as pb
+    victim = tmp_path / "victim"
+    (victim / "keep").mkdir(parents=True)
+    cache = tmp_path / "cache"
+    fingerprint = str(victim) if fingerprint == "VICTIM" else fingerprint
+    info = pb.TableInfo(name="m", version=1, fingerprint=fingerprint,
+                        artifacts=[pb.ArtifactInfo(name="config.json", size=2, sha256="0" * 64)])
+    with pytest.raises(UserError, match="not a sha256 digest"):
+        ensure_backbone(None, info, cache_dir=cache)
+    assert (victim / "keep").is_dir()
+
+
+def test_generate_into_a_closed_pipe_stops_quietly(daemon) -> None:
+    """`generate ... | head -c 10` ended in a BrokenPipeError traceback once head had left."""
+    cmd = [sys.executable, "-m", "inference.generate", "--lut-addr", daemon["addr"], "--table", "m32",
+           "--max-new-tokens", "20", "--prompt", "the water of"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, LUTSTORE_CACHE=str(daemon["cache"])))
+    proc.stdout.close()               # the reader leaves before the first token
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err, err

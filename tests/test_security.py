@@ -241,3 +241,30 @@ def test_bad_security_flags_are_one_line_errors(db_path: Path, tmp_path: Path, c
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_token_file_other_users_can_read_is_warned_about(tmp_path: Path, caplog) -> None:
+    from lutstore.security import read_token
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o644)
+    with caplog.at_level("WARNING", logger="lutstore.security"):
+        assert read_token(None, token_file) == TOKEN
+    assert "readable by other users (mode 644)" in caplog.text and "chmod 600" in caplog.text
+    caplog.clear()
+    token_file.chmod(0o600)
+    with caplog.at_level("WARNING", logger="lutstore.security"):
+        assert read_token(None, token_file) == TOKEN
+    assert caplog.text == ""
+
+
+@pytest.mark.parametrize("name", ["../escape.txt", "/tmp/lutstore-escape.txt", "a/../../escape.txt"])
+def test_artifact_names_cannot_leave_the_download_folder(db_path: Path, tmp_path: Path, serve, name) -> None:
+    """Artifact names come from the daemon; the client writes none outside the folder it was given."""
+    write_table(db_path, "t", vocab_size=8, artifacts={"config.json": b"{}", name: b"planted"})
+    server = serve(db_path)
+    dest = tmp_path / "dl" / "backbone"
+    with LutClient(server.address) as client:
+        with pytest.raises(LutError, match="escapes"):
+            client.fetch_artifacts("t", dest)
+    assert not (tmp_path / "dl" / "escape.txt").exists() and not Path("/tmp/lutstore-escape.txt").exists()
