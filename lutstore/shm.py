@@ -13,7 +13,9 @@ Who may have the server write: only a caller who holds a writable descriptor
 of the segment, that is, who could write it itself. The server never opens a
 path by name (it did, /dev/shm/NAME, and checked only the file's owner: any
 local user could have a root daemon write into a root-only file). A handed
-descriptor must be open for writing (F_GETFL) and a regular file (fstat);
+descriptor must be open for writing (F_GETFL) and a memfd or tmpfs file (F_GET_SEALS answers
+only for those): a file on another file system, FUSE above all, could make the server's writes
+block for as long as its owner likes, holding a worker each time;
 segment_bytes must lie within its size at the time of the call, and every
 row's bytes are checked to fit in segment_bytes before anything is written.
 Rows come from the servicer's RowSource, so the hot-row LRU and the checksum
@@ -235,6 +237,10 @@ def _check(data: bytes, fds: list[int]) -> str | None:
         return "the descriptor is not open for writing"
     if not stat.S_ISREG(os.fstat(fds[0]).st_mode):
         return "the descriptor is not a regular file or memfd"
+    try:
+        fcntl.fcntl(fds[0], fcntl.F_GET_SEALS)
+    except OSError:
+        return "the descriptor is not a memfd or a tmpfs file (shared memory only)"
     return None
 
 

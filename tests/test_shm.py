@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 from rocksdict import Options, Rdict
 
-from conftest import write_table
+from conftest import REPO, write_table
 from lutstore.client import LutClient, LutError
 from lutstore.codec import Encoding, RowFormat
 from lutstore.shm_segment import HELLO, Segment, SegmentRefused
@@ -206,6 +208,31 @@ def test_bad_segments_are_refused(db_path: Path, serve, segment, tmp_path: Path)
             break
         assert time.monotonic() < deadline, (code, message)
         time.sleep(0.05)
+
+
+def _on_shared_memory(fd: int) -> bool:
+    try:
+        fcntl.fcntl(fd, fcntl.F_GET_SEALS)   # answers for memfd and tmpfs files only
+        return True
+    except OSError:
+        return False
+
+
+def test_a_file_on_disk_is_not_a_segment(db_path: Path, serve, tmp_path: Path) -> None:
+    """A writable file on a disk (or FUSE) file system is refused: the server's writes to it could
+    block for as long as its owner likes (FUSE), holding a worker each time."""
+    write_table(db_path, "t", vocab_size=16)
+    server = serve(db_path, "--allow-shared-memory")
+    for folder in (tmp_path, db_path.parent, REPO):
+        with tempfile.NamedTemporaryFile(dir=folder) as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            if _on_shared_memory(f.fileno()):
+                continue
+            assert hand_over(socket_of(server.address), HELLO, [f.fileno()]).startswith(
+                "ERR the descriptor is not a memfd or a tmpfs file")
+            return
+    pytest.skip("no folder off tmpfs to make a file in")
 
 
 def _refused_segment(path: str) -> None:
