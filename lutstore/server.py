@@ -48,6 +48,14 @@ HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 class LutStoreServicer(pb_grpc.LutStoreServicer):
     def __init__(self, catalog: Catalog, rows: RowSource, max_batch_rows: int, max_message_bytes: int,
                  prefetch_threads: int = PREFETCH_THREADS, max_sessions: int = 8,
@@ -116,6 +124,12 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
         latest: dict[str, TableMeta] = {}
         for meta in self.catalog.store.tables():  # sorted by (name, version): the last one wins
             latest[meta.name] = meta
+        # A name stored before names were checked may not be valid UTF-8 (a lone surrogate): no gRPC
+        # string can carry it, and one such table made every ListTables fail. Leave it out, say why.
+        for name in [n for n in latest if not _utf8(n)]:
+            log.warning("table %r is left out of ListTables: its name is not valid UTF-8; `lutstore drop` it "
+                        "(or re-ingest under a new --name)", name)
+            del latest[name]
         return pb.ListTablesResponse(tables=[self.table_info(m) for m in latest.values()])
 
     def GetTableInfo(self, request: pb.GetTableInfoRequest, context: grpc.ServicerContext) -> pb.TableInfo:

@@ -309,3 +309,22 @@ def test_row_source_caches_verified_rows_only(db_path: Path) -> None:
         with pytest.raises(CorruptRow, match="row 7 of table 'r' v1"):
             rows.rows(meta, [6, 7])
         assert cache.get((meta.table_id, 7)) is None
+
+
+def test_a_stored_name_that_is_not_utf8_is_left_out_of_list_tables(db_path, serve, monkeypatch) -> None:
+    """Databases written before names were checked may hold a name with a lone surrogate (a folder
+    name with a stray byte): ListTables leaves it out and says so, instead of failing for everyone."""
+    import lutstore.store as store_mod
+
+    write_table(db_path, "good", vocab_size=8)
+    monkeypatch.setattr(store_mod, "check_table_name", lambda name: None)   # the old, unchecked writer
+    write_table(db_path, "bad\udcff", vocab_size=8)
+    monkeypatch.undo()
+    server = serve(db_path)
+    with LutClient(server.address) as client:
+        assert [t.name for t in client.tables()] == ["good"]
+        assert client.get_rows("good", [1]).shape[0] == 1
+    deadline = time.monotonic() + 5       # the log line is drained by a thread
+    while "is left out of ListTables: its name is not valid UTF-8" not in "".join(server.output):
+        assert time.monotonic() < deadline, "".join(server.output)
+        time.sleep(0.05)
