@@ -431,6 +431,9 @@ def test_errors_are_openai_shaped_and_others_keep_going(setup) -> None:
         _assert_openai_error(got, answer, status, param, code)
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         client.completions.create(model="m32", prompt="the", max_tokens=CONTEXT)
+    # an endpoint this server does not have (chat: the model is a plain LM) is an OpenAI-shaped 404 too
+    got, answer = _post(ep, "/v1/chat/completions", {"model": "m32", "messages": [{"role": "user", "content": "hi"}]})
+    assert got == 404 and answer["error"]["type"] == "invalid_request_error", answer
     text = "".join(pieces + [c.choices[0].text for c in running])
     assert text == client.completions.create(model="m32", prompt="the water", max_tokens=200,
                                              temperature=0).choices[0].text
