@@ -25,6 +25,12 @@ and names the bad one, and uvicorn is the common production ASGI server.
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":   # before torch loads: a Ctrl-C during the import is one line, not a traceback
+    from lutstore.interrupts import quiet_keyboard_interrupt
+    quiet_keyboard_interrupt("serve")
+
 import argparse
 import asyncio
 import contextlib
@@ -33,7 +39,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 import uuid

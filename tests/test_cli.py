@@ -201,10 +201,11 @@ def test_sigterm_during_ingest_aborts_cleanly(tmp_path):
     assert versions(db) == [("t", 1)]
 
 
-@pytest.mark.parametrize("module", ["inference.generate", "inference.evaluate"])
+@pytest.mark.parametrize("module", ["inference.generate", "inference.evaluate", "inference.serve"])
 def test_ctrl_c_while_torch_loads_is_one_line(module, tmp_path):
     argv = ["--lut-addr", "127.0.0.1:1", "--retry-seconds", "30"]
-    argv += ["--prompt", "x"] if module.endswith("generate") else ["--token-ids", str(tmp_path / "ids.npy")]
+    argv += {"inference.generate": ["--prompt", "x"], "inference.evaluate": ["--token-ids", str(tmp_path / "ids.npy")],
+             "inference.serve": ["--port", "0"]}[module]
     proc = subprocess.Popen([sys.executable, "-m", module, *argv], cwd=REPO, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     maps = Path(f"/proc/{proc.pid}/maps")
