@@ -227,9 +227,9 @@ def add_remote_args(p: argparse.ArgumentParser) -> None:
                    help="use this local backbone folder instead of the fetched one (checked against the table's "
                         "sha256s; default: fetched once into $LUTSTORE_CACHE/<fingerprint>, else "
                         "~/.cache/lutstore/<fingerprint>)")
-    p.add_argument("--lut-cache-mb", type=float, default=256, help="device memory budget of the row cache in MiB (default 256)")
-    p.add_argument("--retry-seconds", type=float, default=10.0, help="how long to retry an unreachable daemon, in seconds (default 10)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--lut-cache-mb", type=float, default=256, help="device memory budget of the row cache (MiB)")
+    p.add_argument("--retry-seconds", type=float, default=10.0, help="how long to retry an unreachable daemon")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default float32, as the official loader)")
     p.add_argument("--tls-ca", type=Path, help="PEM CA certificate: connect with TLS, trusting this CA (default plaintext)")
     p.add_argument("--auth-token", help="bearer token the daemon asks for (visible in `ps`: prefer --auth-token-file)")
@@ -237,7 +237,7 @@ def add_remote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shared-memory", choices=["auto", "on", "off"], default="auto",
                    help="same-host fast path (daemon started with --allow-shared-memory): auto uses it for loopback "
                         "addresses when the daemon allows it, else plain BatchGet; on fails at start unless the "
-                        "daemon allows it (default auto)")
+                        "daemon allows it")
 
 
 def client_options(args: argparse.Namespace) -> dict:

@@ -56,6 +56,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from inference.engine import (Engine, EngineStopped, FailedEvent, FinishedEvent, PromptLogprobsEvent, QueueFull,
                               Sequence, TokenEvent)
 from inference.generate import add_remote_args, cli_main, client_options
+from lutstore.cli import HelpFormatter
+from lutstore.security import warn_if_others_can_read
 from inference.sampling import SamplingConfig
 from lutstore.errors import UserError
 
@@ -641,7 +643,7 @@ def create_app(state: ServeState, max_body_bytes: int = DEFAULT_MAX_BODY) -> Fas
 # -- the CLI ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m inference.serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_remote_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed at start)")
@@ -674,6 +676,7 @@ def read_api_key(path: Path | None) -> str | None:
             raise UserError(f"cannot read --api-key-file {path}: {e.strerror}") from None
         if not key:
             raise UserError(f"--api-key-file {path} is empty")
+        warn_if_others_can_read(path, "--api-key-file")
         return key
     return os.environ.get(API_KEY_ENV) or None
 

@@ -38,20 +38,20 @@ def read_token(token: str | None, token_file: Path | None) -> str | None:
             raise UserError(f"cannot read auth token file {token_file}: {e.strerror}") from e
         if not token:
             raise UserError(f"auth token file {token_file} is empty")
-        _warn_if_others_can_read(Path(token_file))
+        warn_if_others_can_read(Path(token_file), "auth token file")
     return token or None
 
 
-def _warn_if_others_can_read(path: Path) -> None:
-    """A token in a file that every local user can read protects nothing from them (as ssh says of
+def warn_if_others_can_read(path: Path, what: str) -> None:
+    """A secret in a file that every local user can read protects nothing from them (as ssh says of
     a private key): say so, once, at start."""
     try:
         mode = path.stat().st_mode
     except OSError:
         return
     if mode & 0o044:
-        log.warning("auth token file %s is readable by other users (mode %03o): `chmod 600 %s`",
-                    path, mode & 0o777, path)
+        log.warning("%s %s is readable by other users (mode %03o): `chmod 600 %s`",
+                    what, path, mode & 0o777, path)
 
 
 def _read(path: Path, what: str) -> bytes:

@@ -116,7 +116,8 @@ def test_version_and_defaults_in_help():
         assert re.match(rf"\S+ .*?\(default: {re.escape(default)}\)", text), (flag, text[:200])
     drop = lutstore("drop", "--help").stdout
     assert "table name" in drop and "the version to delete" in drop
-    for module, needle in (("inference.generate", "(default: 256)"), ("inference.evaluate", "(default: 10.0)")):
+    for module, needle in (("inference.generate", "(default: 256)"), ("inference.evaluate", "(default: 10.0)"),
+                           ("inference.serve", "(default: auto)")):
         out = " ".join(run(module, "--help").stdout.split())
         assert needle in out and "~/.cache/lutstore" in out and "$LUTSTORE_CACHE" in out
 

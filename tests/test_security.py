@@ -268,3 +268,18 @@ def test_artifact_names_cannot_leave_the_download_folder(db_path: Path, tmp_path
         with pytest.raises(LutError, match="escapes"):
             client.fetch_artifacts("t", dest)
     assert not (tmp_path / "dl" / "escape.txt").exists() and not Path("/tmp/lutstore-escape.txt").exists()
+
+
+def test_an_api_key_file_other_users_can_read_is_warned_about(tmp_path: Path, caplog) -> None:
+    from inference.serve import read_api_key
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-local\n")
+    key_file.chmod(0o640)
+    with caplog.at_level("WARNING", logger="lutstore.security"):
+        assert read_api_key(key_file) == "sk-local"
+    assert "--api-key-file" in caplog.text and "(mode 640)" in caplog.text
+    caplog.clear()
+    key_file.chmod(0o600)
+    with caplog.at_level("WARNING", logger="lutstore.security"):
+        assert read_api_key(key_file) == "sk-local"
+    assert caplog.text == ""
