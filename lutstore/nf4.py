@@ -19,8 +19,10 @@ coarser (subnormal) scale, and below 3e-8 scale 0 (zeros back): ERROR_BOUND hold
 Speed: a midpoint binary search (np.searchsorted) ran at 40 ns a value. Instead a uniform grid of
 GRID cells over [-1, 1] (each cell narrower than the closest two midpoints, so it holds at most
 one) gives, per cell, the code at its left edge and the midpoint inside it: q = low[cell] +
-(y > mid[cell]), two small-table gathers. Each chunk is encoded PIECE_VALUES at a time so every
-pass stays in the CPU cache; torch does the fp16 -> fp32 conversion and block absmax (numpy's are
+(y > mid[cell]), two small-table gathers. Each chunk is encoded PIECE_VALUES (whole layers) at a
+time: 2^18 values (1 MB of float32 per temporary) measured 539 MB/s on one thread and 659 MB/s on
+codec's two encode threads, against 351 and 240 MB/s at 2^15 (per-pass overhead, and the two
+threads contending for the GIL between many small passes); torch does the fp16 -> fp32 conversion and block absmax (numpy's are
 4x slower), numpy the rest (torch's gathers were slower).
 """
 
@@ -42,7 +44,7 @@ MIDPOINTS = ((CODE[1:] + CODE[:-1]) / np.float32(2)).astype(np.float32)   # 15, 
 ERROR_BOUND = float((CODE[1] - CODE[0]) / 2) * (1 + 2.0**-10)
 
 GRID = 1024
-PIECE_VALUES = 1 << 15
+PIECE_VALUES = 1 << 18
 _EDGES = (-1.0 + 2.0 * np.arange(GRID + 1) / GRID).astype(np.float32)          # cell c = [edge c, edge c+1)
 _LOW = np.searchsorted(MIDPOINTS, _EDGES, side="left").astype(np.uint8)      # code of the cell's left edge
 _CELL_MID = np.append(MIDPOINTS, np.float32(np.inf)).astype(np.float32)[_LOW]  # the midpoint in the cell (or inf)
