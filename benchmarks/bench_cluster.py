@@ -106,7 +106,7 @@ def batchget(dbs: dict[str, Path | str], meta: TableMeta, vocab: int, batches: t
             for _ in range(ROUNDS):  # turns: a load swing on a shared machine hits every method
                 for m, (call, id_batches) in calls.items():
                     samples[m] += time_requests(call, id_batches, seconds / ROUNDS, -(-min_requests // ROUNDS))
-            row = {m: summarise(samples[m], nbytes) for m in METHODS}
+            row = {m: summarise(samples[m], nbytes, b) for m in METHODS}
             for m in METHODS:
                 points.append({"batch": b, "method": m, "bytes_per_request": nbytes, **row[m]})
             g = {m: row[m]["gbps"] for m in METHODS}

@@ -17,7 +17,8 @@ from typing import Any
 from lutstore import alloc
 from testing.daemon import Daemon
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# $LUTSTORE_BENCH_RESULTS sends result files and plots elsewhere (the tests' smoke runs: never into the repo)
+RESULTS_DIR = Path(os.environ.get("LUTSTORE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def machine() -> dict[str, Any]:
