@@ -131,6 +131,7 @@ def decode(url: str, vocab: int, quick: bool) -> dict:
         ["--mode", "fixed", "--skip-offload", "--batches", "1,8" if quick else "1,8,32",
          "--steps", "16" if quick else "64", "--repeats", "2" if quick else "3",
          "--ttft-prompt", "512" if quick else "2048", "--warm-tokens", "2048" if quick else "8192"])
+    bench_decode.resolve_args(dargs)          # fixed-step times: a GPU's step-time file, else the defaults
     dargs.threads = torch.get_num_threads()
     margs = bench_decode.paper_args(vocab)
     lut_model = Transformer(margs, "lut").eval()

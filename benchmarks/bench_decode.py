@@ -687,19 +687,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        args.device = resolve_device(args.device)
-        step_ms, prefill_ms, card = step_time_defaults()
-    except UserError as e:
-        print(f"bench_decode: error: {e}", file=sys.stderr)
-        return 2
+def resolve_args(args: argparse.Namespace) -> dict:
+    """The parsed flags made ready for measure(): the device checked, the fixed-step times taken from
+    the flags, else a GPU's step-time file, else the built-in defaults. Returns where they came from.
+    UserError for a device this machine lacks or a bad step-time file."""
+    args.device = resolve_device(args.device)
+    step_ms, prefill_ms, card = step_time_defaults()
     step_source = {"step_ms": "flag" if args.fixed_step_ms else (str(GPU_STEP_TIMES) if card else "built-in default"),
                    "prefill_ms": "flag" if args.fixed_prefill_ms else (str(GPU_STEP_TIMES) if card else "built-in default"),
                    "card": card}
     args.fixed_step_ms = args.fixed_step_ms or step_ms
     args.fixed_prefill_ms = args.fixed_prefill_ms if args.fixed_prefill_ms is not None else prefill_ms
+    return step_source
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        step_source = resolve_args(args)
+    except UserError as e:
+        print(f"bench_decode: error: {e}", file=sys.stderr)
+        return 2
     if args.quick:
         args.vocab = min(args.vocab, 2048)
         args.steps = min(args.steps, 16)

@@ -323,10 +323,11 @@ def test_bench_cluster_runs_end_to_end(tmp_path: Path, valkey_cluster) -> None:
     env = dict(os.environ, LUTSTORE_BENCH_RESULTS=str(tmp_path / "results"))
     r = subprocess.run([sys.executable, "-m", "benchmarks.bench_cluster", "--vocab", "48", "--replicas", "0",
                         "--batches", "1,4", "--seconds", "0.05", "--min-requests", "2", "--hot-rows", "8",
-                        "--skip-decode", "--name", "smoke"], cwd=REPO, env=env, capture_output=True, text=True,
+                        "--quick", "--name", "smoke"], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     result = json.loads((tmp_path / "results" / "smoke.json").read_text())
     assert {p["method"] for p in result["batchget"]} == {"rocksdb_cold", "rocksdb_hot", "cluster_cold", "cluster_hot"}
     assert {p["batch"] for p in result["batchget"]} == {1, 4} and all(p["gbps"] > 0 for p in result["batchget"])
     assert set(result["ingest_mb_s"]) == {"rocksdb", "cluster"}
+    assert set(result["decode_fixed"]["batches"]) == {"1", "8"}, result["decode_fixed"]
