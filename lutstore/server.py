@@ -10,8 +10,10 @@ their stored encoding; the client decodes.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import signal
+import socket
 import threading
 import time
 from concurrent import futures
@@ -54,6 +56,29 @@ def _utf8(name: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """UserError naming the exact reason when host:port cannot be listened on: gRPC's own failure is
+    one vague exception after a core log line; a plain bind of the same address says why."""
+    if port == 0:
+        return
+    where = f"cannot listen on {host}:{port}"
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise UserError(f"{where}: cannot resolve {host!r} ({e.strerror})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as gRPC does: TIME_WAIT is no conflict
+        try:
+            probe.bind(sockaddr)
+        except OSError as e:
+            reason = {errno.EADDRINUSE: f"port {port} is in use (another lutstore serve? `ss -ltnp 'sport = :{port}'` "
+                                        f"names it; --port 0 picks a free one)",
+                      errno.EADDRNOTAVAIL: f"{host} is not an address of this host",
+                      errno.EACCES: "permission denied (ports below 1024 need privileges)"}.get(e.errno, e.strerror)
+            raise UserError(f"{where}: {reason}") from None
 
 
 class LutStoreServicer(pb_grpc.LutStoreServicer):
@@ -457,6 +482,7 @@ def _serve_with(args: argparse.Namespace, store: Store, credentials: grpc.Server
     reflection.enable_server_reflection([SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
 
     address = f"{args.host}:{args.port}"
+    check_can_listen(args.host, args.port)
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:

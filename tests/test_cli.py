@@ -13,6 +13,7 @@ import pty
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -392,3 +393,20 @@ def test_a_database_folder_anyone_can_write_is_warned_about(tmp_path):
     db.chmod(0o755)
     r = lutstore("info", "--db", str(db))
     assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_serve_on_a_busy_port_or_a_foreign_address_is_one_line(tmp_path: Path) -> None:
+    """The exact reason, in one line, and nothing from gRPC's core before it."""
+    db = tmp_path / "db"
+    write_table(db, "t", vocab_size=8)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = lutstore("serve", "--db", str(db), "--port", str(port))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: port {port} is in use" in r.stderr
+    r = lutstore("serve", "--db", str(db), "--host", "192.0.2.1", "--port", "50051")   # TEST-NET-1: nobody's
+    last = r.stderr.strip().splitlines()[-1]        # (after the plaintext-off-loopback warning)
+    assert r.returncode == 2 and "add_port" not in r.stderr, r.stderr
+    assert last == "lutstore serve: error: cannot listen on 192.0.2.1:50051: 192.0.2.1 is not an address of this host"
