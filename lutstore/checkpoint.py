@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from lutstore.errors import UserError
+from lutstore.interrupts import raise_if_signalled
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +278,7 @@ class Checkpoint:
         try:
             return self._file_of[name].tensor(name)
         except Exception as e:
+            raise_if_signalled()   # a SIGTERM inside the read can surface as the reader's own error
             raise UserError(f"cannot read tensor {name} from {self._file_of[name].path}: {e}") from None
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
@@ -284,6 +286,7 @@ class Checkpoint:
         try:
             return self._file_of[name].rows(name, start, stop)
         except Exception as e:
+            raise_if_signalled()
             raise UserError(f"cannot read {name} rows {start}..{stop} from {self._file_of[name].path}: {e}") from None
 
     def backbone_names(self) -> list[str]:

@@ -5,6 +5,9 @@
   instead of the process vanishing with rc -15.
 - `deferred()` holds SIGTERM and SIGINT back over a step that must not be cut
   in half (an ingest's commit), then delivers them.
+- `raise_if_signalled()` re-raises a signal that an extension swallowed: a
+  handler's exception raised inside C code that calls back into Python (a
+  safetensors read) can come out as that code's own error instead.
 - `quiet_keyboard_interrupt(prog)` prints "PROG: interrupted" instead of a
   traceback for a Ctrl-C that lands before main() runs (while torch imports).
 """
@@ -26,33 +29,57 @@ class Terminated(BaseException):
 
 
 _held: list[int] | None = None   # signals that arrived inside deferred(); None outside it
+_signalled: int | None = None    # the last signal whose handler raised, inside sigterm_raises()
 
 
 def _on_sigterm(signum, frame) -> None:
+    global _signalled
     if _held is not None:
         _held.append(signum)
         return
+    _signalled = signum
     raise Terminated()
 
 
 def _on_sigint(signum, frame) -> None:
+    global _signalled
     if _held is not None:
         _held.append(signum)
         return
+    _signalled = signum
     raise KeyboardInterrupt()
+
+
+def raise_if_signalled() -> None:
+    """Raise Terminated / KeyboardInterrupt again if a handler raised one since sigterm_raises()
+    began: call it where an error is about to be reported as something else (`except Exception`
+    around an extension), so a SIGTERM is never misread as, say, a damaged checkpoint."""
+    if _signalled == signal.SIGTERM:
+        raise Terminated()
+    if _signalled == signal.SIGINT:
+        raise KeyboardInterrupt()
 
 
 @contextmanager
 def sigterm_raises() -> Iterator[None]:
-    """Inside the block SIGTERM raises Terminated in the main thread; the previous handler comes back after."""
+    """Inside the block SIGTERM raises Terminated in the main thread (and SIGINT KeyboardInterrupt, as
+    always); the previous handlers come back after."""
+    global _signalled
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    _signalled = None
+    # SIGINT keeps its meaning (KeyboardInterrupt); our handler only also notes it for raise_if_signalled
+    # (an ignored SIGINT, as in a shell's background job, stays ignored)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _on_sigterm)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_sigint)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _signalled = None
 
 
 @contextmanager

@@ -32,6 +32,7 @@ from lutstore.address import AddressError, parse_addresses
 from lutstore.client import LutClient
 from lutstore.codec import decode_row
 from lutstore.dbpath import is_cluster_url
+from lutstore.errors import UserError
 from lutstore.store import Store, row_key
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -410,3 +411,33 @@ def test_serve_on_a_busy_port_or_a_foreign_address_is_one_line(tmp_path: Path) -
     last = r.stderr.strip().splitlines()[-1]        # (after the plaintext-off-loopback warning)
     assert r.returncode == 2 and "add_port" not in r.stderr, r.stderr
     assert last == "lutstore serve: error: cannot listen on 192.0.2.1:50051: 192.0.2.1 is not an address of this host"
+
+
+def test_sigterm_swallowed_by_a_tensor_read_is_still_sigterm(tmp_path, monkeypatch) -> None:
+    """A SIGTERM whose Terminated is raised inside an extension that calls back into Python can come
+    out as that extension's own error (seen: safetensors reporting "could not determine the shape of
+    object type 'torch.storage.UntypedStorage'"); the checkpoint reader must not call that a damaged
+    checkpoint, and ingest must end as terminated (143)."""
+    from lutstore import interrupts
+    from lutstore.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.open(make_checkpoint(tmp_path / "m", vocab=32))
+    name = next(iter(ckpt.names()))
+    source = ckpt._file_of[name]
+    real = source.tensor
+
+    def read_while_terminated(n):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)    # the handler raises Terminated here...
+            return real(n)
+        except BaseException as e:                  # ...and the extension turns it into its own error
+            raise TypeError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from e
+
+    monkeypatch.setattr(source, "tensor", read_while_terminated)
+    with pytest.raises(interrupts.Terminated):
+        with interrupts.sigterm_raises():
+            ckpt.tensor(name)
+    monkeypatch.setattr(source, "tensor", lambda n: (_ for _ in ()).throw(TypeError("truncated")))
+    with pytest.raises(UserError, match="cannot read tensor"):   # no signal: a plain read error stays one
+        with interrupts.sigterm_raises():
+            ckpt.tensor(name)
