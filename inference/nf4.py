@@ -9,10 +9,9 @@ or cache can keep rows as uint8 [n, L, P] and dequantise, per layer, only the ro
 
 dequantize_nf4 is device-agnostic (CPU and CUDA tensors): one gather of a 256-entry table of
 byte -> (low-nibble value, high-nibble value) and one multiply by the block scales. On the CPU in
-float32 the gather is numpy's take of one int64 per byte (the two float32 values of a pair seen as
-one word), indexed by the uint8 codes themselves: 2-2.5x faster than torch's index_select at 1-8
-rows (no int64 index tensor to build; measured 18/92/373 vs 41/196/523 us per 160M-16E layer for
-1/8/32 rows), and the same bits, since both multiply the same float32 values.
+float32 it is lutstore.nf4.decode, the numpy decoder every client shares: its gather of one int64
+word per byte was 2-2.5x faster than torch's index_select at 1-8 rows (18/92/373 vs 41/196/523 us
+per 160M-16E layer for 1/8/32 rows), and gives the same bits (the same float32 products).
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from lutstore.codec import Encoding, RowFormat
 from inference.lut import InProcessTable
 
 _PAIRS: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-_PAIR_WORDS: np.ndarray | None = None     # [256] int64: the float32 pairs, one word per byte
 
 
 def _pairs(device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -53,23 +51,12 @@ def dequantize_nf4(pieces: Tensor, fmt: RowFormat, dtype: torch.dtype = torch.fl
     lead = pieces.shape[:-1]
     flat = pieces.reshape(-1, pieces.shape[-1])
     if flat.device.type == "cpu" and dtype == torch.float32:
-        return torch.from_numpy(_dequantize_cpu(flat.numpy(), nblocks, block)).view(*lead, n, d)
+        return torch.from_numpy(nf4.decode(flat.numpy(), block)).view(*lead, n, d)
     scales = flat[:, :2 * nblocks].contiguous().view(torch.float16).to(dtype)        # [m, nblocks]
     codes = flat[:, 2 * nblocks:].reshape(-1).long()
     values = _pairs(pieces.device, dtype).index_select(0, codes)                      # [m * N*D/2, 2]
     values = values.view(-1, nblocks, block) * scales.unsqueeze(-1)
     return values.view(*lead, n, d)
-
-
-def _dequantize_cpu(flat: np.ndarray, nblocks: int, block: int) -> np.ndarray:
-    """uint8 [m, P] -> float32 [m, nblocks, block]: dequantize_nf4 on the CPU, through numpy."""
-    global _PAIR_WORDS
-    if _PAIR_WORDS is None:
-        _PAIR_WORDS = _pairs(torch.device("cpu"), torch.float32).contiguous().numpy().view(np.int64).reshape(256)
-    scales = np.ascontiguousarray(flat[:, :2 * nblocks]).view(np.float16).astype(np.float32)
-    values = np.take(_PAIR_WORDS, flat[:, 2 * nblocks:]).view(np.float32).reshape(len(flat), nblocks, block)
-    values *= scales[..., None]
-    return values
 
 
 class Nf4Table(InProcessTable):
