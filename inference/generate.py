@@ -27,7 +27,6 @@ if __name__ == "__main__":   # before torch loads: a Ctrl-C during the import is
 import argparse
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from lutstore import alloc
 from lutstore.address import parse_addresses, why_unreachable
 from lutstore.cli import HelpFormatter, add_verbose
 from lutstore.errors import LutError, UserError
+from lutstore.interrupts import quiet_on_closed_pipe
 
 log = logging.getLogger(__name__)
 
@@ -316,19 +316,13 @@ def cli_main(prog: str, parser: argparse.ArgumentParser, body, argv: list[str] |
     # received row messages reuse freed memory instead of faulting fresh pages in (lutstore/alloc.py).
     alloc.keep_freed_memory()
     try:
-        status = body(args)
-        sys.stdout.flush()   # here, so that a reader who left is met below, not at exit
-        return status
+        return quiet_on_closed_pipe(lambda: body(args))   # `generate ... | head`: 141, quietly
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        # `generate ... | head`: the reader has what it wanted; stop quietly, as `cat` does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141   # 128 + SIGPIPE
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,14 +9,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import sys
 import textwrap
 from pathlib import Path
 
 from lutstore.paths import default_db_path
-
-EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE, what a shell reports for a tool stopped by a closed pipe
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -185,14 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # serve has its own graceful SIGTERM handling; the others clean up on the way out
     with contextlib.nullcontext() if args.command == "serve" else interrupts.sigterm_raises():
-        try:
-            status = _run(args)
-            sys.stdout.flush()   # here, so that a reader who left is met below, not at exit
-            return status
-        except BrokenPipeError:
-            # `lutstore info | head`: the reader has what it wanted; stop quietly, as `cat` does
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return EXIT_BROKEN_PIPE
+        return interrupts.quiet_on_closed_pipe(lambda: _run(args))   # `lutstore info | head`
 
 
 def _run(args: argparse.Namespace) -> int:

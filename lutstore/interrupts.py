@@ -8,20 +8,24 @@
 - `raise_if_signalled()` re-raises a signal that an extension swallowed: a
   handler's exception raised inside C code that calls back into Python (a
   safetensors read) can come out as that code's own error instead.
+- `quiet_on_closed_pipe(body)` ends a tool whose reader left (`info | head`)
+  with 141 and no BrokenPipeError traceback, as `cat` does.
 - `quiet_keyboard_interrupt(prog)` prints "PROG: interrupted" instead of a
   traceback for a Ctrl-C that lands before main() runs (while torch imports).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 EXIT_SIGTERM = 128 + signal.SIGTERM   # what a shell reports for a process ended by SIGTERM
 EXIT_SIGINT = 128 + signal.SIGINT
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE   # what a shell reports for a tool stopped by a closed pipe
 
 
 class Terminated(BaseException):
@@ -101,6 +105,18 @@ def deferred() -> Iterator[None]:
             signal.signal(s, handler)
         if held:
             raise Terminated() if signal.SIGTERM in held else KeyboardInterrupt()
+
+
+def quiet_on_closed_pipe(body: Callable[[], int]) -> int:
+    """body()'s exit status, its output flushed here so that a reader who left is met here, not at
+    exit; if the reader left, EXIT_BROKEN_PIPE quietly: it has what it wanted."""
+    try:
+        status = body()
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit's flush
+        return EXIT_BROKEN_PIPE
 
 
 def quiet_keyboard_interrupt(prog: str) -> None:
