@@ -29,8 +29,8 @@ from lutstore.cache import ByteLRU
 from lutstore.errors import UserError
 from lutstore.metrics import Metrics
 from lutstore.backend import open_store
-from lutstore.rows import Catalog, CorruptRow, Refresher, RowSource  # noqa: F401  (CorruptRow: tests import it from here)
-from lutstore.store import DatabaseDamaged, Store, StoreError, TableMeta, TableNotFound, VersionGone
+from lutstore.rows import Catalog, Refresher, RowSource
+from lutstore.store import DatabaseDamaged, Store, StoreError, TableMeta, TableNotFound, VersionGone, is_utf8
 from lutstore.protocol import ENCODING_TO_PB, SERVICE_NAME, is_loopback_host
 from lutstore.read_status import abort_on_read_errors
 from lutstore.v1 import lutstore_pb2 as pb
@@ -48,14 +48,6 @@ ZSTD_FRAME_SLACK = 64  # a zstd frame of incompressible data is at most a few by
 REQUEST_SLACK_BYTES = 64 << 10  # a request's table name, layer_ends, ... beyond its token ids
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
-
-
-def _utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def check_can_listen(host: str, port: int) -> None:
@@ -151,7 +143,7 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
             latest[meta.name] = meta
         # A name stored before names were checked may not be valid UTF-8 (a lone surrogate): no gRPC
         # string can carry it, and one such table made every ListTables fail. Leave it out, say why.
-        for name in [n for n in latest if not _utf8(n)]:
+        for name in [n for n in latest if not is_utf8(n)]:
             log.warning("table %r is left out of ListTables: its name is not valid UTF-8; `lutstore drop` it "
                         "(or re-ingest under a new --name)", name)
             del latest[name]

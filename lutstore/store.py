@@ -666,17 +666,23 @@ def check_complete(name: str, done: bool, rows_added: int, vocab_size: int) -> N
         raise StoreError(f"table {name!r}: {rows_added} rows added, vocab_size is {vocab_size}")
 
 
+def is_utf8(name: str) -> bool:
+    """Can a gRPC string field carry name? Not if it holds a lone surrogate (os.fsdecode's stand-in
+    for a byte that is not UTF-8)."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def check_table_name(name: str) -> None:
     """Raise StoreError unless `name` can name a table: 1-200 characters, no '/', no control
     characters (NUL, newline: they would garble `info` and the logs), and valid UTF-8 (a folder name
     with a stray byte arrives as a lone surrogate, which no gRPC string field can carry: one such
     table made every ListTables fail)."""
-    bad = not name or "/" in name or len(name) > 200 or any(unicodedata.category(c) == "Cc" for c in name)
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        bad = True
-    if bad:
+    if not name or "/" in name or len(name) > 200 or any(unicodedata.category(c) == "Cc" for c in name) \
+            or not is_utf8(name):
         raise StoreError(f"bad table name {name!r}: use 1-200 characters of valid UTF-8, no '/' and no control "
                          f"characters (--name NAME sets it; the default is the checkpoint folder's name)")
 

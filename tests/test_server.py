@@ -22,7 +22,7 @@ from lutstore.cache import ByteLRU
 from lutstore.cli import main as cli_main
 from lutstore.client import LutClient, LutError
 from lutstore.codec import Encoding, RowFormat, decode_rows
-from lutstore.server import CorruptRow, RowSource
+from lutstore.rows import CorruptRow, RowSource
 from lutstore.store import Store, row_key
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
