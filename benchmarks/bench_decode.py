@@ -555,6 +555,11 @@ def measure(setup: Setup, args: argparse.Namespace, mode: str, rng_seed: int = 0
 
 # ---- targets, plot, CLI --------------------------------------------------------------------
 
+def remote_variants(res: dict) -> list[tuple[str, str]]:
+    """(key suffix, label) of each lutstore path a batch's results hold: gRPC, and shared memory when run."""
+    return [(suffix, " (shm)" if suffix else "") for suffix in ("", "_shm") if "remote_warm" + suffix in res]
+
+
 def report_nf4_targets(name: str, result: dict) -> list[dict]:
     """Issue 14's targets for an nf4 table: lutstore nf4 vs the in-process fp16 table (cold >= 0.95x in
     fixed-step mode, the steady state warm-zipf >= 0.95x, TTFT 2048 cold <= 1.2x) and vs the in-process
@@ -562,10 +567,7 @@ def report_nf4_targets(name: str, result: dict) -> list[dict]:
     targets, mode = [], result["mode"]
     for b, res in result["batches"].items():
         tag = f"{name} nf4 {mode} b{b}"
-        for suffix in ("", "_shm"):
-            if "remote_warm" + suffix not in res:
-                continue
-            via = " (shm)" if suffix else ""
+        for suffix, via in remote_variants(res):
             cold, warm, zipf = (res[c + suffix] for c in ("remote_cold", "remote_warm", "remote_warm_zipf"))
             targets.append(common.target(f"{tag} cold{via} tok/s vs in-process fp16", cold["vs_inprocess"],
                                          0.95 if mode == "fixed" else 0.8))
@@ -585,10 +587,7 @@ def report_targets(name: str, result: dict) -> list[dict]:
     targets = []
     for b, res in result["batches"].items():
         tag = f"{name} {result['mode']} b{b}"
-        for suffix in ("", "_shm"):
-            if "remote_warm" + suffix not in res:
-                continue
-            via = " (shm)" if suffix else ""
+        for suffix, via in remote_variants(res):
             targets.append(common.target(f"{tag} warm{via} tok/s vs in-process", res["remote_warm" + suffix]["vs_inprocess"], 0.95))
             targets.append(common.target(f"{tag} cold{via} tok/s vs in-process", res["remote_cold" + suffix]["vs_inprocess"], 0.8))
         if name == "160m" and "offload" in res:
