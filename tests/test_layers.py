@@ -164,6 +164,20 @@ def test_session_of_whole_rows_and_a_closed_session(db_path, serve) -> None:
         assert err.value.code == grpc.StatusCode.CANCELLED
 
 
+def _decode_steps_equal(source: RemoteTable, reference: InProcessTable, steps: int, vocab: int, batch: int,
+                        widths: int, seed: int, exact: bool) -> None:
+    """Decode-like steps of random ids (1..widths tokens each) through source: every layer's rows equal
+    the reference's (bit for bit when exact)."""
+    rng = np.random.default_rng(seed)
+    tolerance = {"rtol": 0, "atol": 0} if exact else {}
+    for step in range(steps):
+        idx = torch.from_numpy(rng.integers(0, vocab, (batch, 1 + step % widths)))
+        source.request(idx)
+        got, want = source.rows(idx), reference.gather(idx)
+        for layer in range(source.num_layers):
+            torch.testing.assert_close(got.layer(layer).float().cpu(), want[:, :, layer].float(), **tolerance)
+
+
 @pytest.mark.parametrize("encoding", [Encoding.FP16, Encoding.INT8, Encoding.NF4])
 @pytest.mark.parametrize("how", ["sliced-session", "whole-session", "sliced-calls", "whole-calls"])
 def test_remote_table_rows_equal_in_process_every_way(db_path, serve, encoding: Encoding, how: str) -> None:
@@ -177,15 +191,8 @@ def test_remote_table_rows_equal_in_process_every_way(db_path, serve, encoding: 
         reference = InProcessTable.from_client(client, "t")
         with RemoteTable(client, "t", cache_bytes=1 << 20, layer_split=split, session=how.endswith("session")) as source:
             assert source.layer_ends == ([1, 2, 4, 6] if split == "auto" else [])
-            rng = np.random.default_rng(0)
-            for step in range(12):
-                idx = torch.from_numpy(rng.integers(0, 50, (3, 1 + step % 3)))
-                source.request(idx)
-                got = source.rows(idx)
-                for layer in range(6):
-                    exact = {"rtol": 0, "atol": 0} if encoding is Encoding.NF4 else {}
-                    torch.testing.assert_close(got.layer(layer).float(), reference.gather(idx)[:, :, layer].float(),
-                                               **exact)
+            _decode_steps_equal(source, reference, steps=12, vocab=50, batch=3, widths=3, seed=0,
+                                exact=encoding is Encoding.NF4)
             assert source.stats().misses > 0 and source.stats().hits > 0
             if encoding is Encoding.NF4:   # packed in the cache: L * P bytes a row, 0.27x of fp16 at B = 64
                 assert source.row_device_bytes == fmt.num_layers * fmt.nf4_layer_bytes
@@ -280,12 +287,5 @@ def test_staged_rows_equal_in_process_through_evictions(db_path, serve, device: 
         probe.close()
         with RemoteTable(client, "t", device=target, cache_bytes=6 * row_bytes, layer_split=split) as source:
             source._stage = True     # the device path, also on the CPU
-            rng = np.random.default_rng(3)
-            for step in range(20):
-                idx = torch.from_numpy(rng.integers(0, 40, (2, 1 + step % 4)))
-                source.request(idx)
-                got = source.rows(idx)
-                for layer in range(4):
-                    torch.testing.assert_close(got.layer(layer).float().cpu(), reference.gather(idx)[:, :, layer],
-                                               rtol=0, atol=0)
+            _decode_steps_equal(source, reference, steps=20, vocab=40, batch=2, widths=4, seed=3, exact=True)
             assert source.capacity == 6 and source.stats().misses > 6
