@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference.generate import add_remote_args, cli_main, connect
+from inference.connection import add_remote_args, connect
+from inference.generate import cli_main
 from inference.lut import InProcessTable, LutSource
 from inference.model import Transformer
 from lutstore.address import parse_addresses

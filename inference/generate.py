@@ -34,13 +34,14 @@ from typing import Callable
 
 import torch
 
+from inference.connection import add_remote_args, connect
 from inference.lut import LutSource, LutStats
 from inference.model import Transformer
 from inference.sampling import SamplingConfig, sample
 from lutstore import alloc
-from lutstore.address import parse_addresses, why_unreachable
+from lutstore.address import parse_addresses
 from lutstore.cli import HelpFormatter, add_verbose
-from lutstore.errors import LutError, UserError
+from lutstore.errors import UserError
 from lutstore.interrupts import quiet_on_closed_pipe
 
 log = logging.getLogger(__name__)
@@ -215,63 +216,6 @@ class TextStream:
             self.out.write(text[len(self.printed):])
             self.out.flush()
             self.printed = text
-
-
-def add_remote_args(p: argparse.ArgumentParser) -> None:
-    """Flags shared by generate and evaluate for reaching a daemon."""
-    p.add_argument("--lut-addr", help="lutstore daemon address host:port, e.g. 127.0.0.1:50051 "
-                                      "(or h1:p,h2:p for replicas)")
-    p.add_argument("--table", help="table name (default: the only table the daemon serves)")
-    p.add_argument("--version", type=int, default=0, help="table version (default: 0, the latest)")
-    p.add_argument("--backbone", type=Path,
-                   help="use this local backbone folder instead of the fetched one (checked against the table's "
-                        "sha256s; default: fetched once into $LUTSTORE_CACHE/<fingerprint>, else "
-                        "~/.cache/lutstore/<fingerprint>)")
-    p.add_argument("--lut-cache-mb", type=float, default=256, help="device memory budget of the row cache (MiB)")
-    p.add_argument("--retry-seconds", type=float, default=10.0, help="how long to retry an unreachable daemon")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default float32, as the official loader)")
-    p.add_argument("--tls-ca", type=Path, help="PEM CA certificate: connect with TLS, trusting this CA (default plaintext)")
-    p.add_argument("--auth-token", help="bearer token the daemon asks for (visible in `ps`: prefer --auth-token-file)")
-    p.add_argument("--auth-token-file", type=Path, help="read the bearer token from this file")
-    p.add_argument("--shared-memory", choices=["auto", "on", "off"], default="auto",
-                   help="same-host fast path (daemon started with --allow-shared-memory): auto uses it for loopback "
-                        "addresses when the daemon allows it, else plain BatchGet; on fails at start unless the "
-                        "daemon allows it")
-
-
-def client_options(args: argparse.Namespace) -> dict:
-    """TLS and token keyword arguments of open_remote from the flags of add_remote_args."""
-    from lutstore.security import read_token
-
-    shared_memory = {"auto": "auto", "on": True, "off": False}[args.shared_memory]
-    return {"tls_ca": args.tls_ca, "auth_token": read_token(args.auth_token, args.auth_token_file),
-            "shared_memory": shared_memory}
-
-
-def connect(prog: str, args: argparse.Namespace, device: str, dtype: torch.dtype):
-    """open_remote for the flags of add_remote_args: the address checked at once, a line on stderr
-    while an unreachable daemon is retried, and --shared-memory on checked against the daemon."""
-    from inference.backbone import open_remote
-
-    addresses = parse_addresses(args.lut_addr)
-    reason = why_unreachable(addresses)
-    if reason:
-        print(f"{prog}: connecting to {args.lut_addr} ({reason}; retrying for {args.retry_seconds:g} s)",
-              file=sys.stderr, flush=True)
-    remote = open_remote(args.lut_addr, args.table, args.version, device, dtype, args.lut_cache_mb,
-                         args.backbone, args.retry_seconds, **client_options(args))
-    if args.shared_memory == "on":
-        try:   # one row through BatchGetShared: "on" means fail now, not quietly fall back later
-            remote.client.get_payloads(remote.info.name, [0], remote.info.version)
-        except LutError as e:
-            remote.close()
-            raise UserError(f"--shared-memory on: the daemon at {args.lut_addr} refused it ({e.message}); "
-                            f"start it with --allow-shared-memory on this host, or use --shared-memory auto") from None
-        except BaseException:
-            remote.close()
-            raise
-    return remote
 
 
 def _short(text: str, limit: int = 60) -> str:

@@ -55,7 +55,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference.engine import (Engine, EngineStopped, FailedEvent, FinishedEvent, PromptLogprobsEvent, QueueFull,
                               Sequence, TokenEvent)
-from inference.generate import add_remote_args, cli_main, client_options
+from inference.connection import add_remote_args, client_options
+from inference.generate import cli_main
 from lutstore.cli import HelpFormatter
 from lutstore.security import warn_if_others_can_read
 from inference.sampling import SamplingConfig
