@@ -39,6 +39,7 @@ from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_SECONDS = 10.0
+DRAIN_QUIET_SECONDS = 0.5   # a drain that takes longer says on stderr what it waits for
 MESSAGE_TARGET_BYTES = 4 << 20  # rows per BatchGetResponse: a few MiB, well below the limit
 PREFETCH_THREADS = 8  # calls whose next message is read ahead at once; more wait their turn
 SLICED_BLOCK_BYTES = 32 << 20  # layer-sliced BatchGet: rows read (and held) at once per block
@@ -85,6 +86,8 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
         self.max_sessions = max_sessions
         self._open_sessions = 0
         self._sessions_lock = threading.Lock()
+        self._idle_sessions: set[grpc.ServicerContext] = set()   # open, waiting for their next request
+        self._stopping = False
         # Reads the next message of multi-message BatchGets ahead; one task in flight per such call.
         self.prefetch = futures.ThreadPoolExecutor(max_workers=prefetch_threads, thread_name_prefix="lutstore-prefetch")
         self.rows = rows
@@ -240,11 +243,32 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"all {self.max_sessions} BatchGetStream sessions are in use (--max-sessions); use BatchGet")
         try:
+            with self._sessions_lock:
+                self._idle_sessions.add(context)
             for request in requests:
+                with self._sessions_lock:
+                    if self._stopping:
+                        return   # the client sends what is unanswered again, on a new stream (another replica)
+                    self._idle_sessions.discard(context)
                 yield from self.BatchGet(request, context)
+                with self._sessions_lock:
+                    if self._stopping:
+                        return
+                    self._idle_sessions.add(context)
         finally:
             with self._sessions_lock:
+                self._idle_sessions.discard(context)
                 self._open_sessions -= 1
+
+    def end_idle_sessions(self) -> int:
+        """Stopping: end every session now waiting for a request (an idle stream is no work in flight:
+        the drain must not wait for it), and each busy one after its current answer. How many ended now."""
+        with self._sessions_lock:
+            self._stopping = True
+            idle, self._idle_sessions = self._idle_sessions, set()
+        for context in idle:
+            context.cancel()   # wakes its thread, which waits in the request iterator
+        return len(idle)
 
     def _sliced(self, meta: TableMeta, ids: list[int], layer_ends: list[int],
                 context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -515,7 +539,16 @@ def _serve_with(args: argparse.Namespace, store: Store, credentials: grpc.Server
         pass
     health_servicer.enter_graceful_shutdown()  # NOT_SERVING, so balancers move away first
     # New RPCs are refused from here on; in-flight ones (streams included) get the grace period.
-    server.stop(SHUTDOWN_GRACE_SECONDS).wait()
+    stopped = server.stop(SHUTDOWN_GRACE_SECONDS)
+    sessions, watches = servicer.end_idle_sessions(), health_servicer.end_watches()
+    if sessions or watches:
+        log.info("stopping: ended %d idle BatchGetStream session(s) and %d health Watch(es)", sessions, watches)
+    if not stopped.wait(DRAIN_QUIET_SECONDS):
+        running = {m.rpartition("/")[2]: n for m, n in metrics.running().items()}
+        log.warning("stopping: waiting up to %g s for %d call(s) in flight to finish (%s)",
+                    SHUTDOWN_GRACE_SECONDS - DRAIN_QUIET_SECONDS, sum(running.values()),
+                    ", ".join(f"{m}: {n}" for m, n in sorted(running.items())) or "none left")
+        stopped.wait()
     servicer.prefetch.shutdown(wait=True)
     refresher.stopped.set()
     refresher.join()
