@@ -81,7 +81,8 @@ def test_db_that_is_a_file_a_url_or_a_foreign_folder_is_refused(tmp_path):
     work = tmp_path / "cwd"
     work.mkdir()
     for url, needle in (("redis-cluster://127.0.0.1:7000", "cannot reach"),
-                        ("http://127.0.0.1/db", "looks like a URL")):
+                        ("http://127.0.0.1/db", "looks like a URL"),
+                        ("redis://127.0.0.1:7000", "or a cluster URL, redis-cluster://HOST:PORT")):
         for argv in (["ingest", str(ckpt), "--no-progress"], ["info"], ["serve", "--port", "0"]):
             r = lutstore(argv[0], "--db", url, *argv[1:], cwd=work)
             assert needle in one_line_error(r, f"lutstore {argv[0]}: error:")
