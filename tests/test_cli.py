@@ -166,8 +166,10 @@ def test_ingest_says_what_it_did(tmp_path):
 
     first = lutstore("ingest", str(ckpt), "--db", str(db), "--name", "t", "--no-progress")
     assert first.returncode == 0 and "ingested t v1" in first.stdout, first.stderr
-    again = lutstore("ingest", str(ckpt), "--db", str(db), "--name", "t", "--no-progress")
+    again = lutstore("ingest", str(ckpt), "--db", str(db), "--name", "t")   # with its progress bars
     assert again.returncode == 0 and "already holds this checkpoint" in again.stdout and "--force" in again.stdout
+    # Decided from the checkpoint files' checksums before any row is computed: no "ingest" bar ran.
+    assert "checksum" in again.stderr and "ingest:" not in again.stderr, again.stderr
     assert versions(db) == [("bare", 1), ("t", 1)] and not any((db / "staging").iterdir())
     # Another encoding is another table content: a new version, no --force needed.
     assert "ingested t v2" in lutstore("ingest", str(ckpt), "--db", str(db), "--name", "t", "--no-progress",
