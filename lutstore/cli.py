@@ -180,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     verbose = args.verbose + getattr(args, "sub_verbose", 0)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # serve has its own graceful SIGTERM handling; the others clean up on the way out
-    with contextlib.nullcontext() if args.command == "serve" else interrupts.sigterm_raises():
+    # serve has its own graceful SIGTERM handling; the others clean up on the way out (argv None: this
+    # is the process's own command line, so a finished ingest also stays finished while Python exits)
+    with contextlib.nullcontext() if args.command == "serve" else interrupts.sigterm_raises(until_exit=argv is None):
         return interrupts.quiet_on_closed_pipe(lambda: _run(args))   # `lutstore info | head`
 
 

@@ -39,7 +39,7 @@ from lutstore.backend import is_cluster_url, open_store
 from lutstore.checkpoint import EMBED, TABLE, Checkpoint
 from lutstore.codec import CRC_BYTES, Encoding, RowFormat, encode_rows
 from lutstore.errors import UserError
-from lutstore.interrupts import Terminated, deferred
+from lutstore.interrupts import Terminated, deferred, finished
 from lutstore.store import Store, TableMeta, TableWriter, check_table_name
 
 log = logging.getLogger(__name__)
@@ -278,6 +278,9 @@ def ingest_checkpoint(ckpt_dir: str | Path, db_path: str | Path, name: str | Non
                         writer.add_artifact(SOURCE_ARTIFACT, source)
                         with deferred():  # a SIGTERM / Ctrl-C now waits for the commit to finish or fail
                             meta = writer.commit()
+                            # Done: a signal from here on cannot undo it, so the ingest finishes (its
+                            # --keep-versions drops, its report) and exits 0, saying so.
+                            finished(f"lutstore ingest: {meta.name} v{meta.version} was already committed; finishing")
                     # else: leaving the block aborts the writer and removes its staging files
             _keep_newest(store, name, keep_versions, say)
     except (KeyboardInterrupt, Terminated) as e:

@@ -207,6 +207,51 @@ def test_sigterm_during_ingest_aborts_cleanly(tmp_path):
     assert versions(db) == [("t", 1)]
 
 
+def test_sigterm_after_the_commit_lets_ingest_finish_and_exit_0(tmp_path):
+    """Once ingest has committed, a SIGTERM cannot undo it: the ingest finishes (its --keep-versions drop,
+    its report), exits 0 and says the signal came after the commit. Its stdout is a pipe we fill first,
+    so the ingest blocks on printing its report, after the commit, until we read."""
+    db = tmp_path / "db"
+    assert lutstore("ingest", str(make_checkpoint(tmp_path / "a", vocab=32)), "--db", str(db), "--name", "t",
+                    "--no-progress").returncode == 0
+    read_end, write_end = os.pipe()
+    filler = b"x" * fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)   # a full pipe: the first print blocks
+    os.write(write_end, filler)
+    proc = subprocess.Popen([sys.executable, "-m", "lutstore.cli", "ingest", str(make_checkpoint(tmp_path / "b", vocab=32,
+                             seed=4)), "--db", str(db), "--name", "t", "--no-progress", "--keep-versions", "1"],
+                            cwd=REPO, env=ENV, stdout=write_end, stderr=subprocess.PIPE)
+    os.close(write_end)
+    deadline = time.monotonic() + 120
+    while versions(db) != [("t", 2)]:   # committed, and v1 dropped: it now waits to print its report
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    with os.fdopen(read_end, "rb") as out:
+        printed = out.read()[len(filler):].decode()
+    err = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 0, (printed, err)
+    assert "ingested t v2" in printed and "dropped t v1" in printed, printed
+    assert "lutstore ingest: t v2 was already committed; finishing (SIGTERM ignored)" in err and "Traceback" not in err
+
+
+def test_a_finished_command_is_not_killed_by_sigterm_while_python_exits(tmp_path):
+    """After the entry point's block (sigterm_raises(until_exit=True)) a finished command's process is
+    exiting: a SIGTERM then must not end it by the signal (rc -15)."""
+    code = ("import os, signal\n"
+            "from lutstore import interrupts\n"
+            "with interrupts.sigterm_raises(until_exit=True):\n"
+            "    interrupts.finished('done')\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "print('exited normally')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "exited normally\n", done
+    assert done.stderr == "done (SIGTERM ignored)\n", done.stderr
+    # Not finished, or not the process's own entry point: SIGTERM keeps its meaning after the block.
+    code = code.replace("    interrupts.finished('done')\n", "    pass\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGTERM, done
+
+
 @pytest.mark.parametrize("module", ["inference.generate", "inference.evaluate", "inference.serve"])
 def test_ctrl_c_while_torch_loads_is_one_line(module, tmp_path):
     argv = ["--lut-addr", "127.0.0.1:1", "--retry-seconds", "30"]
