@@ -11,6 +11,7 @@ import json
 import os
 import pty
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -280,6 +281,45 @@ def test_token_ids_that_are_not_npy(tmp_path):
     np.save(tmp_path / "ids.npy", np.arange(1, 9))
     r = run("inference.evaluate", "--checkpoint", str(ckpt), "--token-ids", str(tmp_path / "ids.npy"))
     assert r.returncode == 0 and json.loads(r.stdout)["tokens"] == 8, r.stderr
+
+
+def test_readme_own_checkpoint_lines_run_as_written_with_two_tables(tmp_path):
+    """README's "Your own checkpoint" block, run line by line (its database through $LUTSTORE_DB, its
+    fixed ports swapped for free ones) against a daemon that serves two tables: every line works."""
+    from inference.endpoint_process import READY as ENDPOINT_READY
+    from lutstore.child_server import ChildServer
+
+    block = (REPO / "README.md").read_text().split("## Your own checkpoint", 1)[1].split("\n## ", 1)[0]
+    lines = [line.strip().split("   #")[0].strip() for line in block.splitlines() if line.startswith("    ")]
+    assert any(line.startswith("python -m inference.generate") for line in lines), lines
+    db, cache = tmp_path / "db", tmp_path / "cache"
+    env = {"LUTSTORE_DB": str(db), "LUTSTORE_CACHE": str(cache)}
+    ckpt = make_checkpoint(tmp_path / "mole-160m", vocab=128, layers=2, experts=4, hidden=32, heads=4, seed=7)
+    other = make_checkpoint(tmp_path / "other", vocab=64, seed=8)
+    assert lutstore("ingest", str(other), "--no-progress", env=env).returncode == 0   # a second table
+    (tmp_path / "some.txt").write_text("The water of the river runs down to the sea. " * 4)
+    servers: list = []
+    try:
+        for line in lines:
+            if line.startswith("source "):
+                continue
+            if servers:
+                line = line.replace("127.0.0.1:50051", servers[0].address)
+            argv = [a.replace("path/to/mole-160m", str(ckpt)) for a in shlex.split(line.rstrip("& "))]
+            if argv[:2] == ["lutstore", "serve"]:
+                servers.append(start_server(db))
+            elif line.endswith("&"):      # the endpoint: it starts once it has resolved its table
+                argv[argv.index("--port") + 1] = "0"
+                servers.append(ChildServer([sys.executable, *argv[1:]], ENDPOINT_READY, cwd=tmp_path,
+                                           env={"PYTHONPATH": ENV["PYTHONPATH"], **env}, timeout=120))
+            else:
+                module = "lutstore.cli" if argv[0] == "lutstore" else argv[2]
+                r = run(module, *argv[1 if argv[0] == "lutstore" else 3:], cwd=tmp_path, env=env, timeout=300)
+                assert r.returncode == 0, (line, r.stdout[-2000:], r.stderr[-2000:])
+    finally:
+        for server in reversed(servers):
+            server.stop()
+    assert len(servers) == 2, lines
 
 
 # ---- 3. addresses --------------------------------------------------------------------------
