@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=50051, help="port (0: pick a free one and print it)")
     p.add_argument("--cache-mb", type=float, default=1024, help="RAM budget of the hot-row LRU (MiB)")
     p.add_argument("--max-batch-rows", type=int, default=4096, help="most token ids in one BatchGet")
-    p.add_argument("--max-message-mb", type=float, default=8, help="largest gRPC message sent or received (MiB)")
+    p.add_argument("--max-message-mb", type=float, default=8,
+                   help="largest gRPC message sent (MiB); a request is read up to the smaller of this and what "
+                        "--max-batch-rows ids need (5 bytes an id + 64 KiB)")
     p.add_argument("--max-concurrent-streams", type=int, default=64, help="most RPCs in flight per connection")
     p.add_argument("--workers", type=int, default=16, help="server threads")
     p.add_argument("--max-sessions", type=int, default=None,
