@@ -1,0 +1,295 @@
+"""MoLE in transformers (inference.engines.hf_mole) against the project's own model and a real daemon.
+
+The reference is inference/model.py (inference.evaluate.token_logprobs, inference.generate.generate)
+on the same checkpoints; rows from lutstore come from a real `lutstore serve` over gRPC.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ckpt_factory import make_checkpoint
+from conftest import start_server
+
+transformers = pytest.importorskip("transformers")
+from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,  # noqa: E402
+                          AutoTokenizer, LlamaConfig, LlamaForCausalLM, pipeline)
+
+from inference.backbone import BackboneMismatch, load_checkpoint  # noqa: E402
+from inference.engines.hf_mole import MoleForCausalLM, MoleModel  # noqa: E402
+from inference.evaluate import token_logprobs  # noqa: E402
+from inference.generate import generate  # noqa: E402
+from inference.lut import InProcessTable  # noqa: E402
+from lutstore import cli  # noqa: E402
+from lutstore.client import LutClient  # noqa: E402
+from lutstore.errors import LutError, UserError  # noqa: E402
+
+SHAPE = dict(vocab=128, layers=2, experts=4, hidden=32, intermediate=64, heads=4)
+# fp32, measured: 0.0 (the same operations in the same order as inference/model.py); the bound leaves
+# room for a different SDPA kernel choice only
+LOGPROB_BOUND = 1e-5
+# int8 / nf4 rows: RemoteTable dequantises in torch, the downloaded table in numpy; measured <= 5e-7
+DEQUANT_BOUND = 1e-5
+F32 = torch.float32
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf")
+    return {"train": make_checkpoint(root / "train", form="train", seed=7, **SHAPE),
+            "rep": make_checkpoint(root / "rep", form="rep", weights="bin", shards=2, seed=7, **SHAPE),
+            "other": make_checkpoint(root / "other", form="train", seed=8, **SHAPE),
+            "root": root}
+
+
+@pytest.fixture(scope="module")
+def daemon(ckpts):
+    """The seed-7 model as fp32/fp16/int8/nf4 tables, and another model, in one daemon."""
+    db = ckpts["root"] / "db"
+    for name, enc, src in (("m32", "fp32", "train"), ("m16", "fp16", "train"), ("m8", "int8", "train"),
+                           ("m4", "nf4 --block-size 32", "train"), ("other", "fp16", "other")):
+        assert cli.main(["ingest", str(ckpts[src]), "--db", str(db), "--name", name, "--encoding", *enc.split(),
+                         "--no-progress"]) == 0
+    server = start_server(db)
+    with pytest.MonkeyPatch.context() as env:   # backbones fetched for the checks go to this module's cache
+        env.setenv("LUTSTORE_CACHE", str(ckpts["root"] / "cache"))
+        yield server.address
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(ckpts):
+    tok = AutoTokenizer.from_pretrained(ckpts["train"])
+    tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(3, SHAPE["vocab"], n).tolist()   # no special ids
+
+
+def _logprobs(model, ids: list[int]) -> np.ndarray:
+    idx = torch.tensor([ids])
+    with torch.no_grad():
+        logits = model(idx).logits[0, :-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, idx[0, 1:, None])[:, 0].numpy()
+
+
+def _reference(ckpt: Path):
+    backbone, table = load_checkpoint(ckpt)
+    return backbone.model, (None if table is None else InProcessTable(table))
+
+
+# -- the model ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("form,weights,shards", [("train", "safetensors", 1), ("rep", "bin", 2), ("rep", "safetensors", 3)])
+def test_logits_equal_inference_model(tmp_path, form, weights, shards) -> None:
+    ckpt = make_checkpoint(tmp_path / "m", form=form, weights=weights, shards=shards, seed=3, **SHAPE)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=F32)
+    assert type(model) is MoleForCausalLM and model.dtype == F32
+    assert model.model.moe_table.weight.shape == (128, 2 * 4 * 32)
+    ref_model, source = _reference(ckpt)
+    ids = _ids(60, seed=1)
+    delta = np.abs(_logprobs(model, ids) - token_logprobs(ref_model, source, ids)).max()
+    assert delta <= LOGPROB_BOUND, delta
+
+
+def test_auto_classes_load_mole_and_never_a_plain_llama(ckpts, tmp_path) -> None:
+    base = AutoModel.from_pretrained(ckpts["rep"], dtype=F32)
+    assert type(base) is MoleModel
+    assert base(torch.tensor([_ids(5, 0)])).last_hidden_state.shape == (1, 5, 32)
+    with pytest.raises(UserError, match="would load this MoLE checkpoint .* as a plain Llama without its experts"):
+        AutoModelForSequenceClassification.from_pretrained(ckpts["rep"])
+    # a plain Llama checkpoint still loads as Llama
+    llama = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4)).save_pretrained(llama)
+    assert type(AutoModelForCausalLM.from_pretrained(llama)) is LlamaForCausalLM
+    # architectures says MoLE but the config has no experts: refused, not guessed
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpts["rep"], broken)
+    config = json.loads((broken / "config.json").read_text())
+    del config["num_experts"]
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="has no `num_experts`: not a MoLE checkpoint"):
+        AutoModelForCausalLM.from_pretrained(broken)
+
+
+def test_greedy_left_padded_batch_equals_each_alone_and_inference_generate(ckpts, tokenizer) -> None:
+    model = AutoModelForCausalLM.from_pretrained(ckpts["train"], dtype=F32)
+    ref_model, _ = _reference(ckpts["train"])
+    prompts = ["the water was hot so", "she said", "they would like to know how many people come to see"]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    assert (batch["attention_mask"] == 0).any()   # really padded
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        batch_logits = model(**batch).logits
+    width = batch["input_ids"].shape[1]
+    for i, text in enumerate(prompts):
+        alone = tokenizer(text, return_tensors="pt")
+        n = alone["input_ids"].shape[1]
+        with torch.no_grad():
+            single = model.generate(**alone, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            single_logits = model(**alone).logits
+        assert out[i, width:].tolist() == single[0, n:].tolist(), text
+        assert torch.allclose(batch_logits[i, width - n:], single_logits[0], atol=1e-5, rtol=0), text
+        want = generate(ref_model, None, [alone["input_ids"][0].tolist()], 12, eos_id=tokenizer.eos_token_id).tokens[0]
+        got = single[0, n:].tolist()
+        assert got[:len(want)] == want, text     # HF pads after EOS; the reference stops there
+
+
+def test_sampling_beam_search_cache_and_hidden_states(ckpts, tokenizer) -> None:
+    model = AutoModelForCausalLM.from_pretrained(ckpts["rep"], dtype=F32)
+    batch = tokenizer(["the water was hot so", "she said"], return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=8, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(5)
+    a = model.generate(**batch, do_sample=True, temperature=0.8, top_k=20, **kw)
+    torch.manual_seed(5)
+    b = model.generate(**batch, do_sample=True, temperature=0.8, top_k=20, **kw)
+    assert torch.equal(a, b) and a.shape[0] == 2
+    beams = model.generate(**batch, num_beams=3, num_return_sequences=2, do_sample=False, **kw)
+    assert beams.shape[0] == 4 and beams.shape[1] > batch["input_ids"].shape[1]
+    greedy = model.generate(**batch, do_sample=False, **kw)
+    static = model.generate(**batch, do_sample=False, cache_implementation="static", **kw)
+    assert torch.equal(greedy, static)
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+    assert len(out.hidden_states) == 3 and out.hidden_states[0].shape == (2, batch["input_ids"].shape[1], 32)
+
+
+def test_pipeline_text_generation(ckpts, tokenizer) -> None:
+    generator = pipeline("text-generation", model=str(ckpts["train"]), dtype=F32)
+    assert type(generator.model) is MoleForCausalLM
+    text = generator("the water was hot so", max_new_tokens=6, do_sample=False, return_full_text=False)[0]["generated_text"]
+    ids = tokenizer("the water was hot so", return_tensors="pt")
+    model = generator.model
+    with torch.no_grad():
+        want = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert text.split() == tokenizer.decode(want[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).split()
+
+
+def test_save_pretrained_round_trip_writes_the_rep_form(ckpts, tmp_path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(ckpts["train"], dtype=F32)
+    model.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["architectures"] == ["MoleForCausalLM"] and config["model_type"] == "llama"
+    assert config["num_experts"] == 4 and "lutstore" not in config
+    from lutstore.checkpoint import Checkpoint
+    with Checkpoint.open(tmp_path / "saved") as saved:     # what `lutstore ingest` reads: an official rep form
+        assert saved.form == "rep"
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    ids = torch.tensor([_ids(40, seed=2)])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+# -- rows from lutstore ------------------------------------------------------------------------
+def _in_memory_with_served_rows(ckpt: Path, addr: str, table: str) -> MoleForCausalLM:
+    """The in-memory model whose table is every row of the served table, downloaded (dequantised in numpy)."""
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=F32)
+    with LutClient(addr) as client:
+        rows = InProcessTable.from_client(client, table, dtype=F32).table
+    model.model.moe_table.weight.copy_(rows.reshape(rows.shape[0], -1))
+    return model
+
+
+@pytest.mark.parametrize("table,bound", [("m32", 0.0), ("m16", 0.0), ("m8", DEQUANT_BOUND), ("m4", DEQUANT_BOUND)])
+def test_lutstore_table_equals_in_memory_table(ckpts, daemon, tokenizer, table, bound) -> None:
+    remote = AutoModelForCausalLM.from_pretrained(ckpts["train"], dtype=F32, lutstore={"addr": daemon, "table": table})
+    assert remote.model.moe_table is None and remote.model.lut.info.name == table
+    local = _in_memory_with_served_rows(ckpts["train"], daemon, table)
+    ids = _ids(50, seed=4)
+    assert np.abs(_logprobs(remote, ids) - _logprobs(local, ids)).max() <= bound
+    batch = tokenizer(["the water was hot so", "she said it"], return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert torch.equal(remote.generate(**batch, **kw), local.generate(**batch, **kw))
+    stats = remote.model.lut.source.stats()       # one row cache for every call
+    assert stats.hits > 0 and stats.misses <= SHAPE["vocab"]
+    remote.close()
+
+
+def test_lutstore_from_config_saves_and_loads_backbone_only(ckpts, daemon, tmp_path) -> None:
+    folder = tmp_path / "ckpt"
+    shutil.copytree(ckpts["train"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["lutstore"] = {"addr": daemon, "table": "m16", "cache_mb": 1}
+    (folder / "config.json").write_text(json.dumps(config))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=F32)
+    assert model.model.moe_table is None and model.model.lut.source.capacity > 0
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["lutstore"] == {"addr": daemon, "table": "m16", "cache_mb": 1}
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "saved" / "model.safetensors"), framework="pt") as f:
+        assert not any("moe_table" in n or "experts" in n for n in f.keys())
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=F32)
+    ids = _ids(30, seed=6)
+    assert np.array_equal(_logprobs(model, ids), _logprobs(again, ids))
+    model.close()
+    again.close()
+
+
+def test_lutstore_refuses_another_models_table(ckpts, daemon) -> None:
+    with pytest.raises(BackboneMismatch) as e:
+        AutoModelForCausalLM.from_pretrained(ckpts["train"], lutstore={"addr": daemon, "table": "other"})
+    assert "\n" not in str(e.value) and "'other'" in str(e.value)
+    with pytest.raises(UserError, match="unknown key.*'tabel'"):
+        AutoModelForCausalLM.from_pretrained(ckpts["train"], lutstore={"addr": daemon, "tabel": "m16"})
+    with pytest.raises(UserError, match="no table 'nope'"):
+        AutoModelForCausalLM.from_pretrained(ckpts["train"], lutstore={"addr": daemon, "table": "nope"})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_daemon_down_is_the_clients_one_line_error(ckpts, tmp_path, serve, tokenizer) -> None:
+    addr = f"127.0.0.1:{_free_port()}"
+    with pytest.raises(UserError) as e:      # LutError is a UserError
+        AutoModelForCausalLM.from_pretrained(ckpts["train"], lutstore={"addr": addr, "retry_seconds": 0.5})
+    assert "\n" not in str(e.value) and addr in str(e.value)
+    # a daemon that goes away between calls: the next forward raises the client's LutError
+    db = tmp_path / "db"
+    assert cli.main(["ingest", str(ckpts["train"]), "--db", str(db), "--name", "t", "--no-progress"]) == 0
+    server = serve(db)
+    model = AutoModelForCausalLM.from_pretrained(ckpts["train"], dtype=F32, lutstore={
+        "addr": server.address, "retry_seconds": 0.5, "timeout": 5, "cache_mb": 0})
+    prompt = tokenizer("the water", return_tensors="pt")
+    model.generate(**prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    server.stop()
+    with pytest.raises(LutError) as e:
+        model.generate(**prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert "\n" not in str(e.value) and e.value.code.name == "UNAVAILABLE"
+    model.close()
+
+
+def test_dtype_and_device_placement(ckpts, daemon) -> None:
+    ids = torch.tensor([_ids(20, seed=8)])
+    for kw in ({}, {"lutstore": {"addr": daemon, "table": "m16"}}):
+        model = AutoModelForCausalLM.from_pretrained(ckpts["train"], dtype=F32, **kw)
+        with torch.no_grad():
+            want = model(ids).logits
+            model.to(torch.bfloat16)
+            got = model(ids).logits
+        assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() < 0.5
+        if kw:
+            assert model.model.lut.source.dtype == torch.float16      # rows stay as stored, mixed in fp32
+        else:
+            assert model.model.moe_table.weight.dtype == torch.bfloat16
+        if torch.cuda.is_available():
+            model.to("cuda")
+            with torch.no_grad():
+                on_gpu = model(ids.cuda()).logits
+            assert on_gpu.device.type == "cuda" and (on_gpu.float().cpu() - want).abs().max() < 0.5
+            if kw:
+                assert model.model.lut.source.device.type == "cuda"
+        model.close()
