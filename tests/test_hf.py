@@ -265,7 +265,8 @@ def test_daemon_down_is_the_clients_one_line_error(ckpts, tmp_path, serve, token
         "addr": server.address, "retry_seconds": 0.5, "timeout": 5, "cache_mb": 0})
     prompt = tokenizer("the water", return_tensors="pt")
     model.generate(**prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)
-    server.stop()
+    server.proc.kill()      # it dies (a graceful stop would first wait for our open session)
+    server.proc.wait()
     with pytest.raises(LutError) as e:
         model.generate(**prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)
     assert "\n" not in str(e.value) and e.value.code.name == "UNAVAILABLE"
@@ -293,3 +294,101 @@ def test_dtype_and_device_placement(ckpts, daemon) -> None:
             if kw:
                 assert model.model.lut.source.device.type == "cuda"
         model.close()
+
+
+# -- lm-evaluation-harness ---------------------------------------------------------------------
+LL_TOL = 1e-4    # summed log-likelihood of a continuation, as tests/test_lm_eval.py holds the endpoint to
+
+
+def _reference_score(remote):
+    """ids -> (inference.evaluate.token_logprobs, is each next token the argmax) on a daemon's table."""
+    model, source = remote.backbone.model, remote.source
+
+    def score(ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        idx = torch.tensor([ids])
+        source.request(ids)
+        with torch.no_grad():
+            logits = model(idx, lut_rows=source.rows(idx))[0, :-1].float()
+        return token_logprobs(model, source, ids), (logits.argmax(-1) == idx[0, 1:]).numpy()
+
+    return score
+
+
+def _assert_same_scores(got, want_lls: dict[str, list], want_metrics: dict[str, dict]) -> float:
+    """Per choice: log-likelihoods within LL_TOL, greedy flags equal; acc / acc_norm equal, perplexity close."""
+    worst = 0.0
+    for task, want in want_lls.items():
+        assert len(got.lls(task)) == len(want), task
+        for doc, (g_row, w_row) in enumerate(zip(got.lls(task), want)):
+            assert [g for _, g in g_row] == [g for _, g in w_row], (task, doc)
+            worst = max(worst, max(abs(g - w) for (g, _), (w, _) in zip(g_row, w_row)))
+        for name, value in want_metrics[task].items():
+            if name.startswith("perplexity"):
+                assert got.results[task][name] == pytest.approx(value, rel=2 * LL_TOL), (task, name)
+            else:
+                assert got.results[task][name] == value, (task, name)
+    assert worst < LL_TOL, worst
+    return worst
+
+
+def test_lm_eval_hf_backend_scores_as_the_endpoint_does(tmp_path, monkeypatch) -> None:
+    """lm-eval's `hf` backend given the model object (rows from lutstore), offline, on the tiny local tasks
+    of tests/lm_eval_task/: the per-choice log-likelihoods, greedy flags and metrics that the same table
+    gives through inference.evaluate, and (where lm-eval's API models can run: tenacity) the numbers of
+    `local-completions` against inference.serve on that table."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate", reason="lm-eval's hf backend needs accelerate (pinned in the [dev] extra)")
+    from lm_eval_tasks import TASK_DIR, TASKS, LmEvalRun, expected, tiny_checkpoint
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setenv("LUTSTORE_CACHE", str(tmp_path / "cache"))
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from inference.backbone import open_remote
+
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    assert cli.main(["ingest", str(ckpt), "--db", str(tmp_path / "db"), "--name", "tiny", "--encoding", "fp32",
+                     "--no-progress"]) == 0
+    server = start_server(tmp_path / "db")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=F32, lutstore={"addr": server.address})
+        lm = HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(ckpt), batch_size=8)
+        out = lm_eval.simple_evaluate(model=lm, tasks=["mole_tiny"], log_samples=True, bootstrap_iters=0,
+                                      task_manager=TaskManager(include_path=str(TASK_DIR)))
+        got = LmEvalRun(out["results"], {t: sorted(out["samples"][t], key=lambda s: s["doc_id"]) for t in TASKS}, "")
+        remote = open_remote(server.address, "tiny")
+        try:
+            want = expected(lambda s: remote.backbone.tokenizer.encode(s).ids, _reference_score(remote))
+        finally:
+            remote.close()
+        worst = _assert_same_scores(got, {t: want[t]["lls"] for t in TASKS}, {t: want[t]["metrics"] for t in TASKS})
+        print(f"max |lm-eval hf backend - inference.evaluate| log-likelihood: {worst:.3g}")
+        model.close()
+        try:
+            import tenacity  # noqa: F401
+        except ImportError:
+            return
+        from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+        from inference.endpoint_process import Endpoint
+
+        endpoint = Endpoint(server.address, "--max-batch", "8", "--prefill-chunk", "8",
+                            env={"LUTSTORE_CACHE": str(tmp_path / "cache")})
+        try:   # the same run as tests/test_lm_eval.py's lm_eval CLI, in this process
+            api = LocalCompletionsAPI(model=endpoint.model, base_url=endpoint.url + "/v1/completions",
+                                      tokenizer_backend="huggingface", tokenizer=str(ckpt), tokenized_requests=True,
+                                      max_length=256, batch_size=8)
+            out = lm_eval.simple_evaluate(model=api, tasks=["mole_tiny"], log_samples=True, bootstrap_iters=0,
+                                          task_manager=TaskManager(include_path=str(TASK_DIR)))
+            served = LmEvalRun(out["results"], {t: sorted(out["samples"][t], key=lambda s: s["doc_id"]) for t in TASKS}, "")
+        finally:
+            assert endpoint.stop() == 0, "".join(endpoint.output)
+        worst = _assert_same_scores(got, {t: served.lls(t) for t in TASKS},
+                                    {t: {k: v for k, v in served.results[t].items() if k in want[t]["metrics"]}
+                                     for t in TASKS})
+        print(f"max |lm-eval hf backend - local-completions via inference.serve| log-likelihood: {worst:.3g}")
+    finally:
+        server.stop()

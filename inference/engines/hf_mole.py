@@ -170,7 +170,8 @@ class MoleDecoderLayer(GradientCheckpointingLayer):
         x = self.post_attention_layernorm(h)
         gates = torch.softmax(self.router(x).float(), dim=-1)                        # [B, T, N] fp32
         h = h + self.mlp(x)
-        mixed = torch.matmul(gates.unsqueeze(-2), lut_rows.layer(self.layer_idx).float()).squeeze(-2)
+        rows = lut_rows.layer(self.layer_idx).to(gates.device, torch.float32)   # no-op unless the table sits elsewhere
+        mixed = torch.matmul(gates.unsqueeze(-2), rows).squeeze(-2)
         return h + mixed.to(h.dtype)
 
 
@@ -208,6 +209,7 @@ class MolePreTrainedModel(PreTrainedModel):
         hub = {k: kwargs[k] for k in ("cache_dir", "force_download", "local_files_only", "proxies", "revision",
                                       "subfolder", "token") if k in kwargs}
         folder = _local_folder(pretrained_model_name_or_path, hub)
+        kwargs.pop("subfolder", None)   # folder is the subfolder already
         if not isinstance(config, PreTrainedConfig):
             explicit = {k: kwargs[k] for k in ("dtype", "torch_dtype", "quantization_config") if kwargs.get(k) is not None}
             config, kwargs = MoleConfig.from_pretrained(config or folder, return_unused_kwargs=True, **kwargs)
@@ -228,11 +230,11 @@ class MolePreTrainedModel(PreTrainedModel):
             raise UserError(f"{folder} has neither the experts (train form) nor model.moe_table (rep form); "
                             f"give lutstore={{\"addr\": \"HOST:PORT\", \"table\": \"NAME\"}} to take the rows "
                             f"from a lutstore daemon")
-        token = _TABLE_FILLED_LATER.set(settings is None and form == "train")
+        marker = _TABLE_FILLED_LATER.set(settings is None and form == "train")
         try:
             model = super().from_pretrained(folder, *model_args, config=config, **kwargs)
         finally:
-            _TABLE_FILLED_LATER.reset(token)
+            _TABLE_FILLED_LATER.reset(marker)
         base = model.base_model
         if settings is not None:
             base.attach_lutstore(settings, folder)
@@ -303,7 +305,7 @@ class MoleModel(MolePreTrainedModel):
             raise
         if self.lut is not None:
             self.lut.close()
-        self.lut = opened
+        self.lut, self._closed = opened, False
         weakref.finalize(self, opened.close)
 
     @torch.no_grad()
@@ -319,20 +321,21 @@ class MoleModel(MolePreTrainedModel):
         """Release the lutstore table (its connection and row cache); the model cannot run after this."""
         if self.lut is not None:
             self.lut.close()
+            self._closed = True
 
     def lut_rows(self, ids: Tensor):
         """LayerRows of ids [B, T]: the fetch of rows not cached starts now."""
         if self.moe_table is not None:
             return self.moe_table.source().rows(ids)
-        if self.lut is None:
-            raise UserError("this MoLE model has no table: load it with from_pretrained(..., lutstore={...}) "
-                            "or call attach_lutstore")
-        source = self.lut.source
-        if source.device != ids.device:   # the model moved: the row cache follows it (empty there)
+        if self.lut is None or getattr(self, "_closed", False):
+            raise UserError("this MoLE model has no table (or close() released it): load it with "
+                            "from_pretrained(..., lutstore={...}) or call attach_lutstore")
+        source, device = self.lut.source, self.embed_tokens.weight.device
+        if source.device != device:   # the model moved: the row cache follows it (empty there)
             from inference.lut import RemoteTable
 
             old = source
-            source = RemoteTable(self.lut.client, old.name, old.version, ids.device, cache_bytes=old._budget)
+            source = RemoteTable(self.lut.client, old.name, old.version, device, cache_bytes=old._budget)
             old.close()
             self.lut.source = source
         return source.rows(ids)
