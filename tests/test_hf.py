@@ -18,7 +18,7 @@ from ckpt_factory import make_checkpoint
 from conftest import start_server
 
 transformers = pytest.importorskip("transformers")
-from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,  # noqa: E402
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,  # noqa: E402
                           AutoTokenizer, LlamaConfig, LlamaForCausalLM, pipeline)
 
 from inference.backbone import BackboneMismatch, load_checkpoint  # noqa: E402
@@ -50,9 +50,10 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def daemon(ckpts):
-    """The seed-7 model as fp32/fp16/int8/nf4 tables, and another model, in one daemon."""
+    """The seed-7 model as fp32/fp16/bf16/int8/nf4 tables, and another model, in one daemon."""
     db = ckpts["root"] / "db"
-    for name, enc, src in (("m32", "fp32", "train"), ("m16", "fp16", "train"), ("m8", "int8", "train"),
+    for name, enc, src in (("m32", "fp32", "train"), ("m16", "fp16", "train"), ("mb16", "bf16", "train"),
+                           ("m8", "int8", "train"),
                            ("m4", "nf4 --block-size 32", "train"), ("other", "fp16", "other")):
         assert cli.main(["ingest", str(ckpts[src]), "--db", str(db), "--name", name, "--encoding", *enc.split(),
                          "--no-progress"]) == 0
@@ -103,6 +104,7 @@ def test_logits_equal_inference_model(tmp_path, form, weights, shards) -> None:
 def test_auto_classes_load_mole_and_never_a_plain_llama(ckpts, tmp_path) -> None:
     base = AutoModel.from_pretrained(ckpts["rep"], dtype=F32)
     assert type(base) is MoleModel
+    assert type(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpts["rep"]))) is MoleForCausalLM
     assert base(torch.tensor([_ids(5, 0)])).last_hidden_state.shape == (1, 5, 32)
     with pytest.raises(UserError, match="would load this MoLE checkpoint .* as a plain Llama without its experts"):
         AutoModelForSequenceClassification.from_pretrained(ckpts["rep"])
@@ -199,7 +201,8 @@ def _in_memory_with_served_rows(ckpt: Path, addr: str, table: str) -> MoleForCau
     return model
 
 
-@pytest.mark.parametrize("table,bound", [("m32", 0.0), ("m16", 0.0), ("m8", DEQUANT_BOUND), ("m4", DEQUANT_BOUND)])
+@pytest.mark.parametrize("table,bound", [("m32", 0.0), ("m16", 0.0), ("mb16", 0.0), ("m8", DEQUANT_BOUND),
+                                         ("m4", DEQUANT_BOUND)])
 def test_lutstore_table_equals_in_memory_table(ckpts, daemon, tokenizer, table, bound) -> None:
     remote = AutoModelForCausalLM.from_pretrained(ckpts["train"], dtype=F32, lutstore={"addr": daemon, "table": table})
     assert remote.model.moe_table is None and remote.model.lut.info.name == table
@@ -210,6 +213,7 @@ def test_lutstore_table_equals_in_memory_table(ckpts, daemon, tokenizer, table, 
     kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     with torch.no_grad():
         assert torch.equal(remote.generate(**batch, **kw), local.generate(**batch, **kw))
+        assert torch.equal(remote.generate(**batch, num_beams=3, **kw), local.generate(**batch, num_beams=3, **kw))
     stats = remote.model.lut.source.stats()       # one row cache for every call
     assert stats.hits > 0 and stats.misses <= SHAPE["vocab"]
     remote.close()
@@ -226,6 +230,12 @@ def test_lutstore_from_config_saves_and_loads_backbone_only(ckpts, daemon, tmp_p
     model.save_pretrained(tmp_path / "saved")
     saved = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert saved["lutstore"] == {"addr": daemon, "table": "m16", "cache_mb": 1}
+    # the argument wins over config.json; a literal token is used but never saved
+    with_token = AutoModelForCausalLM.from_pretrained(folder, lutstore={"addr": daemon, "table": "m32", "token": "s3cret"})
+    assert with_token.model.lut.info.name == "m32"
+    with_token.save_pretrained(tmp_path / "saved-token")
+    assert "s3cret" not in (tmp_path / "saved-token" / "config.json").read_text()
+    with_token.close()
     from safetensors import safe_open
     with safe_open(str(tmp_path / "saved" / "model.safetensors"), framework="pt") as f:
         assert not any("moe_table" in n or "experts" in n for n in f.keys())

@@ -220,11 +220,12 @@ class MolePreTrainedModel(PreTrainedModel):
         settings = None
         if isinstance(lutstore, LutstoreSettings):
             settings = lutstore
-            config.lutstore = lutstore.to_mapping()
         elif lutstore is not None:
-            config.lutstore = dict(lutstore)
-        if config.lutstore is not None and settings is None:
-            settings = LutstoreSettings.from_mapping(config.lutstore, "lutstore")
+            settings = LutstoreSettings.from_mapping(lutstore, "lutstore")
+        elif config.lutstore is not None:
+            settings = LutstoreSettings.from_mapping(config.lutstore, "the lutstore key of config.json")
+        if settings is not None:
+            config.lutstore = settings.to_mapping()   # what save_pretrained writes: never a literal token
         form = _checkpoint_form(folder)
         if settings is None and form not in ("train", "rep"):
             raise UserError(f"{folder} has neither the experts (train form) nor model.moe_table (rep form); "
