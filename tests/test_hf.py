@@ -108,6 +108,8 @@ def test_auto_classes_load_mole_and_never_a_plain_llama(ckpts, tmp_path) -> None
     assert base(torch.tensor([_ids(5, 0)])).last_hidden_state.shape == (1, 5, 32)
     with pytest.raises(UserError, match="would load this MoLE checkpoint .* as a plain Llama without its experts"):
         AutoModelForSequenceClassification.from_pretrained(ckpts["rep"])
+    with pytest.raises(UserError, match="checkpoint folder .*nowhere does not exist"):
+        MoleForCausalLM.from_pretrained(tmp_path / "nowhere")
     # a plain Llama checkpoint still loads as Llama
     llama = tmp_path / "llama"
     LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

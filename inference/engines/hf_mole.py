@@ -249,6 +249,8 @@ def _local_folder(name: str | os.PathLike, hub: dict[str, Any]) -> Path:
     path = Path(name)
     if path.is_dir():
         return path / hub["subfolder"] if hub.get("subfolder") else path
+    if path.exists() or path.is_absolute() or str(name).startswith((".", "~")) or str(name).count("/") > 1:
+        raise UserError(f"checkpoint folder {name} does not exist (or is not a folder)")
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(str(name), revision=hub.get("revision"), cache_dir=hub.get("cache_dir"),
