@@ -282,6 +282,7 @@ class MoleModel(MolePreTrainedModel):
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.moe_table = MoleTable(config) if config.lutstore is None else None
         self.lut: OpenTable | None = None          # the lutstore table (attach_lutstore)
+        self._closed = False
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -330,7 +331,7 @@ class MoleModel(MolePreTrainedModel):
         """LayerRows of ids [B, T]: the fetch of rows not cached starts now."""
         if self.moe_table is not None:
             return self.moe_table.source().rows(ids)
-        if self.lut is None or getattr(self, "_closed", False):
+        if self.lut is None or self._closed:
             raise UserError("this MoLE model has no table (or close() released it): load it with "
                             "from_pretrained(..., lutstore={...}) or call attach_lutstore")
         source, device = self.lut.source, self.embed_tokens.weight.device
