@@ -58,9 +58,18 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.sequence import IntermediateTensors
 
 from inference.engines.step_rows import StepRows
+from lutstore.errors import UserError
 from inference.engines.tables import TABLE_TENSOR, BackboneReference, is_table_only, table_from_checkpoint, table_from_rep_tensor
 
-log = logging.getLogger(__name__)
+# Under vLLM's "vllm" logger, so these lines come out in its format next to its own.
+log = logging.getLogger("vllm.lutstore")
+
+
+def _refuse(e: Exception) -> ValueError:
+    """A start refused: one line in the log, and the same line as the error vLLM reports."""
+    line = f"lutstore: {e}"
+    log.error("%s", line)
+    return ValueError(line)
 
 
 class MoleMLP(nn.Module):
@@ -165,12 +174,15 @@ class MoleForCausalLM(nn.Module):
         self.table = None             # inference.lut.LutSource
         settings = getattr(config, "lutstore", None)
         if settings:
-            self._open_lutstore(settings)
+            try:
+                self._open_lutstore(settings)
+            except UserError as e:   # LutError included: a bad setting, no daemon, no such table, wrong shape
+                raise _refuse(e) from None
 
     # -- the table -------------------------------------------------------------------------
     def _open_lutstore(self, values) -> None:
+        from inference.backbone import BackboneMismatch
         from inference.connection import LutstoreSettings, open_table
-        from inference.lut import LutStats  # noqa: F401  (the source's stats are the operator's view)
 
         settings = LutstoreSettings.from_mapping(values, where="the model config's \"lutstore\" key")
         if self.device.type == "cuda":
@@ -178,7 +190,7 @@ class MoleForCausalLM(nn.Module):
 
             mode = self.vllm_config.compilation_config.cudagraph_mode
             if not self.vllm_config.model_config.enforce_eager and mode not in (None, CUDAGraphMode.NONE):
-                raise ValueError("MoleForCausalLM with a lutstore table fetches rows inside the forward, which a "
+                raise UserError("MoleForCausalLM with a lutstore table fetches rows inside the forward, which a "
                                  "CUDA graph cannot capture: start vLLM with --enforce-eager")
         opened = open_table(settings, self.device, prog="vllm")
         info, c = opened.info, self.config
@@ -186,7 +198,7 @@ class MoleForCausalLM(nn.Module):
         have = (int(info.vocab_size), int(info.num_layers), int(info.num_experts), int(info.hidden_size))
         if want != have:
             opened.close()
-            raise ValueError(f"checkpoint {self.checkpoint} (V={want[0]} L={want[1]} N={want[2]} D={want[3]}) does "
+            raise BackboneMismatch(f"checkpoint {self.checkpoint} (V={want[0]} L={want[1]} N={want[2]} D={want[3]}) does "
                              f"not fit table {info.name!r} v{info.version} at {settings.addr} (V={have[0]} L={have[1]} "
                              f"N={have[2]} D={have[3]})")
         self.lutstore, self.table = opened, opened.source
@@ -229,8 +241,12 @@ class MoleForCausalLM(nn.Module):
         in-memory table (or, with lutstore, are skipped and the backbone is compared with the table's)."""
         stacked = ((".qkv_proj", ".q_proj", "q"), (".qkv_proj", ".k_proj", "k"), (".qkv_proj", ".v_proj", "v"))
         params = dict(self.named_parameters())
-        reference = (BackboneReference.of_table(self.lutstore.client, self.lutstore.info, self.checkpoint)
-                     if self.lutstore is not None else None)
+        reference = None
+        if self.lutstore is not None:
+            try:
+                reference = BackboneReference.of_table(self.lutstore.client, self.lutstore.info, self.checkpoint)
+            except UserError as e:
+                raise _refuse(e) from None
         rep_table = None
         loaded: set[str] = set()
         for name, tensor in weights:
@@ -241,7 +257,10 @@ class MoleForCausalLM(nn.Module):
                     rep_table = tensor
                 continue
             if reference is not None:
-                reference.check(name, tensor)
+                try:
+                    reference.check(name, tensor)
+                except UserError as e:   # BackboneMismatch: another model's backbone
+                    raise _refuse(e) from None
             for param_name, shard_name, shard_id in stacked:
                 if shard_name in name:
                     target = name.replace(shard_name, param_name)
@@ -255,7 +274,10 @@ class MoleForCausalLM(nn.Module):
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded.add(target)
         if reference is not None:
-            reference.finish()
+            try:
+                reference.finish()
+            except UserError as e:
+                raise _refuse(e) from None
         else:
             self._build_in_memory_table(rep_table)
         return loaded
