@@ -255,6 +255,21 @@ def test_lutstore_from_config_saves_and_loads_backbone_only(ckpts, daemon, tmp_p
     again.close()
 
 
+def test_folder_from_an_address_loads(ckpts, daemon, tmp_path) -> None:
+    """inference.engines.folder's servable folder (config with the lutstore key, backbone, tokenizer) is
+    all transformers needs: no checkpoint at hand."""
+    from inference.engines.folder import write_folder
+    from inference.connection import LutstoreSettings
+
+    folder = write_folder(LutstoreSettings(addr=daemon, table="m32"), tmp_path / "served")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=F32)
+    local = AutoModelForCausalLM.from_pretrained(ckpts["train"], dtype=F32)
+    ids = _ids(30, seed=9)
+    assert np.array_equal(_logprobs(model, ids), _logprobs(local, ids))
+    assert pipeline("text-generation", model=str(folder))("the water", max_new_tokens=2)[0]["generated_text"]
+    model.close()
+
+
 def test_lutstore_refuses_another_models_table(ckpts, daemon) -> None:
     with pytest.raises(BackboneMismatch) as e:
         AutoModelForCausalLM.from_pretrained(ckpts["train"], lutstore={"addr": daemon, "table": "other"})
