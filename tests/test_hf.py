@@ -139,6 +139,10 @@ def test_greedy_left_padded_batch_equals_each_alone_and_inference_generate(ckpts
         out = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         batch_logits = model(**batch).logits
     width = batch["input_ids"].shape[1]
+    # a pad id outside the vocabulary (and the table) is never looked up: padded positions take a real id's row
+    outside = dict(batch, input_ids=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 10_000))
+    with torch.no_grad():
+        assert torch.equal(model(**outside).logits[batch["attention_mask"] == 1], batch_logits[batch["attention_mask"] == 1])
     for i, text in enumerate(prompts):
         alone = tokenizer(text, return_tensors="pt")
         n = alone["input_ids"].shape[1]

@@ -339,7 +339,7 @@ class MoleModel(MolePreTrainedModel):
             from inference.lut import RemoteTable
 
             old = source
-            source = RemoteTable(self.lut.client, old.name, old.version, device, cache_bytes=old._budget)
+            source = RemoteTable(self.lut.client, old.name, old.version, device, cache_bytes=old.stats().cache_budget)
             old.close()
             self.lut.source = source
         return source.rows(ids)
