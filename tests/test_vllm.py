@@ -10,7 +10,7 @@ Two kinds of vLLM run, kept few because a start costs 20-60 s here:
     and the refusals at start.
 References are this repository's own engine (inference.evaluate / inference.generate), fp32.
 
-Without .venv-vllm the tests skip, unless LUTSTORE_REQUIRE_VLLM=1 (make test), where they fail.
+Without .venv-vllm (or LUTSTORE_VLLM_PYTHON) the tests skip, unless LUTSTORE_REQUIRE_VLLM=1 (make test), where they fail.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ from ckpt_factory import make_checkpoint
 from testing.daemon import Daemon
 
 REPO = Path(__file__).resolve().parent.parent
-VENV = REPO / ".venv-vllm"
-VLLM = VENV / "bin" / "vllm"
-VPY = VENV / "bin" / "python"
+# .venv-vllm by default; LUTSTORE_VLLM_PYTHON names another python with vLLM (a GPU host's: make gpu-check)
+VPY = Path(os.environ.get("LUTSTORE_VLLM_PYTHON") or REPO / ".venv-vllm" / "bin" / "python")
+VLLM = VPY.parent / "vllm"
 REQUIRED = os.environ.get("LUTSTORE_REQUIRE_VLLM") == "1"
-MISSING = None if VLLM.exists() and VPY.exists() else f"{VENV} is missing: `make install-vllm` creates it"
+MISSING = None if VLLM.exists() and VPY.exists() else f"{VPY.parent.parent} is missing: `make install-vllm` creates it"
 pytestmark = pytest.mark.skipif(MISSING is not None and not REQUIRED, reason=MISSING or "")
 
 SHAPE = dict(vocab=128, layers=2, experts=4, hidden=64, intermediate=128, heads=2)   # head_dim 32: vLLM's CPU minimum
@@ -371,7 +371,7 @@ def test_greedy_tokens_do_not_change_in_a_batch_of_8(server, prompts, reference)
 
 
 def test_daemon_killed_and_restarted_while_requests_run(server, daemon, prompts, reference) -> None:
-    client, n = server.client(), 40
+    client, n = server.client(), 96   # long enough to be running when the daemon dies, even on a fast host
     first_token = [threading.Event() for _ in range(4)]
     tokens: list[list[int]] = [[] for _ in range(4)]
     finish: list = [None] * 4
