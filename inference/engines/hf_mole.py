@@ -55,6 +55,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from inference.connection import LutstoreSettings, OpenTable, open_table
 from inference.lut import InProcessTable
+from inference.model import ROPE_SCALINGS
 from lutstore.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ class MoleConfig(LlamaConfig):
 
     model_type stays "llama" (what official checkpoints say), so a saved folder is an official
     one. As in the official code, `hidden_act` and `attention_bias` are ignored: the MLP and the
-    experts are down(GELU_erf(up(x))) and no projection has a bias."""
+    experts are down(GELU_erf(up(x))) and no projection has a bias. `rope_scaling` linear and dynamic
+    run on transformers' own rotary code (as the official code does); other kinds are refused."""
 
     num_experts: int | None = None
     lutstore: dict | None = None
@@ -82,10 +84,10 @@ class MoleConfig(LlamaConfig):
         super().__post_init__(**kwargs)
         self.attention_bias = False
         self.mlp_bias = False
-        rope = self.rope_parameters or {}
-        if rope.get("rope_type", "default") != "default":
-            log.warning("config has rope_type=%s; MoLE uses plain rotary embeddings, ignoring it", rope["rope_type"])
-            self.rope_parameters = {"rope_type": "default", "rope_theta": rope.get("rope_theta", 10000.0)}
+        rope = self.rope_parameters
+        if isinstance(rope, dict) and "type" in rope:   # transformers 4.38's key (official configs) -> rope_type
+            rope.setdefault("rope_type", rope["type"])
+            del rope["type"]
 
     def to_dict(self) -> dict[str, Any]:
         return _without_empty_lutstore(super().to_dict())
@@ -118,6 +120,10 @@ def _check_mole_config(config: MoleConfig) -> None:
     if not isinstance(config.num_experts, int) or config.num_experts < 1:
         raise UserError(f"config of {config._name_or_path or 'this model'} has no `num_experts`: not a MoLE "
                         f"checkpoint (a plain Llama loads with LlamaForCausalLM)")
+    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+    if rope_type not in ("default", *ROPE_SCALINGS):
+        raise UserError(f"config's rope scaling {rope_type!r} is not supported: MoLE (transformers 4.38's Llama) "
+                        f"knows only {' and '.join(ROPE_SCALINGS)}")
     if config.tie_word_embeddings:
         raise UserError("tie_word_embeddings=true is not a MoLE config (lm_head is a separate tensor)")
 
