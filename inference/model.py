@@ -72,6 +72,7 @@ class ModelArgs:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None   # {"type": "linear"|"dynamic", "factor": f}; None: plain rotary
+    tie_word_embeddings: bool = False            # lm_head is embed_tokens (the checkpoint may omit lm_head.weight)
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # other config keys, kept for to_config()
@@ -104,8 +105,6 @@ class ModelArgs:
                                "num_attention_heads", "num_experts") if k not in config]
         if missing:
             raise ValueError(f"config.json lacks {', '.join(missing)}; is this a MoLE checkpoint?")
-        if config.get("tie_word_embeddings"):
-            raise ValueError("tie_word_embeddings=true is not a MoLE config (lm_head is a separate tensor)")
         known = {f for f in cls.__dataclass_fields__ if f != "extra"}
         eos = config.get("eos_token_id")
         args = {k: config[k] for k in known if k in config and config[k] is not None}
@@ -346,6 +345,8 @@ class Transformer(nn.Module):
         self.args, self.form = args, form
         self.model = MoleModel(args, form)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:   # one Parameter: .to() and load_state_dict keep it shared
+            self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = Rotary(args.head_dim, args.max_position_embeddings, args.rope_theta, args.rope_scaling,
                              args.context_length)
         self.max_batch = self.max_seq = 0
@@ -455,11 +456,20 @@ class Transformer(nn.Module):
             return self.form == "lut" and (".experts." in name or ".expert_layernorm." in name)
 
         state = {k: v for k, v in tensors.items() if not unused(k)}
+        tied = self.args.tie_word_embeddings
+        if tied and "lm_head.weight" in state:
+            # the official loader would let lm_head.weight overwrite the shared tensor, embeddings included
+            head, embed = state.pop("lm_head.weight"), state.get("model.embed_tokens.weight")
+            if embed is not None and not torch.equal(head, embed):
+                raise ValueError("tie_word_embeddings=true, yet lm_head.weight differs from model.embed_tokens.weight; "
+                                 "set tie_word_embeddings to false in config.json, or remove lm_head.weight")
         own = self.state_dict()
         wrong = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
         if wrong:
             raise ValueError("checkpoint tensors do not fit the config: " + "; ".join(wrong[:5]))
         result = self.load_state_dict(state, strict=False)
+        if tied and "lm_head.weight" in result.missing_keys:   # loaded as model.embed_tokens.weight
+            result.missing_keys.remove("lm_head.weight")
         if result.missing_keys or result.unexpected_keys:
             raise ValueError(f"checkpoint does not match a {self.form}-form MoLE model: "
                              f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")

@@ -124,8 +124,6 @@ def _check_mole_config(config: MoleConfig) -> None:
     if rope_type not in ("default", *ROPE_SCALINGS):
         raise UserError(f"config's rope scaling {rope_type!r} is not supported: MoLE (transformers 4.38's Llama) "
                         f"knows only {' and '.join(ROPE_SCALINGS)}")
-    if config.tie_word_embeddings:
-        raise UserError("tie_word_embeddings=true is not a MoLE config (lm_head is a separate tensor)")
 
 
 class MoleMLP(nn.Module):
@@ -242,6 +240,12 @@ class MolePreTrainedModel(PreTrainedModel):
             model = super().from_pretrained(folder, *model_args, config=config, **kwargs)
         finally:
             _TABLE_FILLED_LATER.reset(marker)
+        head = model.get_output_embeddings()
+        if config.tie_word_embeddings and head is not None and head.weight is not model.get_input_embeddings().weight:
+            # transformers then keeps both; the official code would overwrite the embedding with lm_head
+            raise UserError(f"{folder}: tie_word_embeddings=true, yet lm_head.weight differs from "
+                            f"model.embed_tokens.weight; set tie_word_embeddings to false in config.json, "
+                            f"or remove lm_head.weight")
         base = model.base_model
         if settings is not None:
             base.attach_lutstore(settings, folder)
@@ -396,6 +400,8 @@ def _lookup_ids(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
 
 
 class MoleForCausalLM(MolePreTrainedModel, GenerationMixin):
+    # tie_word_embeddings=true (as the official code): lm_head is the embedding
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
