@@ -72,6 +72,8 @@ MAX_STOP_CHARS = 256           # per stop string: a stream holds back that many 
 MIN_TEMPERATURE = 1e-5         # below it, greedy (as vLLM): logits / ~0 (1e-300 is 0 in fp32) NaN the sampler
 DEFAULT_MAX_BODY = 1 << 20     # bytes of one request body (--max-body-bytes)
 RETRY_AFTER_S = 1              # the Retry-After of a 429 (queue full)
+# OpenAI parameters accepted only at their default value: what a request must send, if anything
+ONLY_DEFAULT = {"n": 1, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0}
 
 
 # -- errors in the OpenAI shape ---------------------------------------------------------------
@@ -586,8 +588,9 @@ def create_app(state: ServeState, max_body_bytes: int = DEFAULT_MAX_BODY) -> Fas
         else:
             where = ".".join(loc)
             msg = f"{where}: {err.get('msg')}" if where else str(err.get("msg"))
-            if param in ("n", "best_of", "presence_penalty", "frequency_penalty"):
-                msg = f"{param} is not supported (only its default); {msg}"
+            if param in ONLY_DEFAULT and err.get("type") != "missing":
+                # pydantic's bound ("Input should be <= 0") reads as if other values were allowed
+                msg = f"{param} is not supported (must be {ONLY_DEFAULT[param]})"
         return APIError(400, msg, param=param).response()
 
     @app.exception_handler(StarletteHTTPException)

@@ -441,6 +441,23 @@ def test_errors_are_openai_shaped_and_others_keep_going(setup) -> None:
                                      temperature=0).choices[0].text == _in_process_text(remote, "the water is", 30)
 
 
+def test_unsupported_sampling_fields_say_what_they_must_be(setup) -> None:
+    """n, best_of and the penalties exist only at their default: the error says so, never a bound
+    ("Input should be <= 0") that reads as if other values were allowed; the default itself is served."""
+    client = _client(setup["endpoint"])
+    for param, value, must in (("frequency_penalty", 0.5, 0), ("frequency_penalty", -0.5, 0),
+                               ("presence_penalty", 1.0, 0), ("presence_penalty", -2, 0), ("n", 2, 1),
+                               ("best_of", 3, 1)):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model="m32", prompt="the", max_tokens=2, **{param: value})
+        error = caught.value.body
+        assert error["message"] == f"{param} is not supported (must be {must})", (param, value, error)
+        assert error["param"] == param
+    ok = client.completions.create(model="m32", prompt="the", max_tokens=2, temperature=0, n=1, best_of=1,
+                                   frequency_penalty=0, presence_penalty=0.0)
+    assert ok.usage.completion_tokens >= 1
+
+
 def _queue(ep: Endpoint) -> float:
     return _metric(ep, "lutserve_queue_length")
 
