@@ -55,7 +55,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference.engine import (Engine, EngineStopped, FailedEvent, FinishedEvent, PromptLogprobsEvent, QueueFull,
                               Sequence, TokenEvent)
-from inference.connection import add_remote_args, client_options
+from inference.connection import add_remote_args, connect
 from inference.generate import cli_main
 from lutstore.cli import HelpFormatter
 from lutstore.security import warn_if_others_can_read
@@ -64,6 +64,7 @@ from lutstore.errors import UserError
 
 log = logging.getLogger(__name__)
 
+PROG = "serve"                 # how its lines on stderr begin (as cli_main's errors)
 API_KEY_ENV = "LUTSERVE_API_KEY"
 DEFAULT_MAX_TOKENS = 16        # as the OpenAI completions API
 MAX_LOGPROBS = 20
@@ -687,7 +688,7 @@ def read_api_key(path: Path | None) -> str | None:
 
 def load(args: argparse.Namespace) -> ServeState:
     """Connect to the daemon, load the backbone, start the engine."""
-    from inference.backbone import check_device, open_remote, resolve_dtype
+    from inference.backbone import check_device, resolve_dtype
     from inference.lut import InProcessTable
 
     if not args.lut_addr:
@@ -697,8 +698,7 @@ def load(args: argparse.Namespace) -> ServeState:
         if value < 1:
             raise UserError(f"{flag} must be at least 1")
     device = check_device(args.device)
-    remote = open_remote(args.lut_addr, args.table, args.version, device, resolve_dtype(args.dtype, device),
-                         args.lut_cache_mb, args.backbone, args.retry_seconds, **client_options(args))
+    remote = connect(PROG, args, device, resolve_dtype(args.dtype, device))   # says so at once if nobody answers
     try:
         bb = remote.backbone
         context = args.context or bb.args.max_position_embeddings
@@ -764,7 +764,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
-    return cli_main("serve", build_parser(), run, argv)
+    return cli_main(PROG, build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import random
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -29,7 +33,7 @@ from conftest import start_server
 
 from inference import evaluate
 from inference.backbone import open_remote
-from inference.endpoint_process import Endpoint
+from inference.endpoint_process import REPO, Endpoint
 from inference.engine import Engine, FailedEvent, FinishedEvent, Sequence
 from inference.lut import InProcessTable
 from inference.generate import generate
@@ -510,6 +514,26 @@ def test_a_body_over_the_limit_gets_413(tight) -> None:
     for body in (under, [under[:1000], under[1000:]]):
         status, _, answer = _raw(tight, body)
         assert status == 200 and answer["usage"]["completion_tokens"] == 2, answer
+
+
+def test_an_unreachable_daemon_is_said_at_once(setup) -> None:
+    """--lut-addr where nothing listens: a `connecting to ... (retrying for N s)` line while it still
+    retries (as generate and evaluate), not silence for the whole retry budget and then an error."""
+    with socket.socket() as s:                     # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "inference.serve", "--lut-addr", f"127.0.0.1:{port}",
+                             "--retry-seconds", "30", "--port", "0"], cwd=REPO, env={**os.environ, **setup["env"]},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stderr.readline()
+        running = proc.poll() is None              # the line came while it was still retrying
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert first.startswith(f"serve: connecting to 127.0.0.1:{port} (") and "retrying for 30 s)" in first, first
+    assert running, f"the line came only when it gave up: {first}"
 
 
 def test_health_metrics_and_auth_and_a_dead_daemon(setup, tmp_path) -> None:
