@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Union
 
+import grpc
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -55,7 +56,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference.engine import (Engine, EngineStopped, FailedEvent, FinishedEvent, PromptLogprobsEvent, QueueFull,
                               Sequence, TokenEvent)
-from inference.connection import add_remote_args, connect
+from inference.connection import LutstoreSettings, add_remote_args, connect
+from inference.daemon_health import PROBE_TIMEOUT_S, DaemonHealth
 from inference.generate import cli_main
 from lutstore.cli import HelpFormatter
 from lutstore.security import warn_if_others_can_read
@@ -201,22 +203,12 @@ class ServeState:
     api_key: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics | None = None
-    _probe: asyncio.Future | None = None
-    _probe_at: float = 0.0
+    health: DaemonHealth | None = None   # the daemon's state (None: not loaded yet)
+    probe_client: Any = None             # the LutClient of health's probes
 
-    async def daemon_alive(self, timeout: float = 2.0) -> bool:
-        """Does the daemon answer a ListTables within timeout? One probe at a time, its answer reused for 1 s."""
-        if self.remote is None:
-            return False
-        now = time.monotonic()
-        if self._probe is None or (self._probe.done() and now - self._probe_at > 1.0):
-            self._probe = asyncio.ensure_future(asyncio.to_thread(self.remote.client.tables))
-            self._probe_at = now
-        try:
-            await asyncio.wait_for(asyncio.shield(self._probe), timeout)
-            return True
-        except Exception:  # noqa: BLE001 - any failure (or no answer in time) means "not answering"
-            return False
+    def daemon_unavailable(self) -> APIError:
+        return APIError(503, f"the lutstore daemon at {self.health.address} does not answer ({self.health.reason}); "
+                             f"/health answers 200 again when it does", "server_error", None, "lut_unavailable")
 
 
 def _tokenize(state: ServeState, prompt) -> list[tuple[list[int], str]]:
@@ -365,6 +357,8 @@ class Run:
             c.finish_reason = event.reason
         elif isinstance(event, FailedEvent):
             c.error = engine_error(event.error)
+            if c.error.code == "lut_unavailable" and getattr(event.error, "code", None) == grpc.StatusCode.UNAVAILABLE:
+                self.state.health.went_down(event.error.message)
 
     def _continuation(self, c: Choice) -> str:
         """The completion's text as it continues the prompt (decoded together, so the joining space is kept)."""
@@ -619,6 +613,11 @@ def create_app(state: ServeState, max_body_bytes: int = DEFAULT_MAX_BODY) -> Fas
             raise APIError(503, "the model is still loading", "server_error", code="not_ready")
         if not state.engine.alive:
             raise APIError(503, "the engine has stopped", "server_error", code="shutting_down")
+        if state.health.down and not await state.health.check():
+            # known down: answer now, not after the retry budget that the last request already spent
+            log.info("completion refused: the daemon does not answer (%s)", state.health.reason)
+            state.metrics.requests.labels("rejected").inc()
+            raise state.daemon_unavailable()
         try:
             return await (stream(state, req) if req.stream else complete(state, req, request))
         except APIError:
@@ -631,8 +630,8 @@ def create_app(state: ServeState, max_body_bytes: int = DEFAULT_MAX_BODY) -> Fas
             return JSONResponse({"status": "loading"}, status_code=503)
         if not state.engine.alive:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
-        if not await state.daemon_alive():
-            return JSONResponse({"status": "daemon unreachable"}, status_code=503)
+        if not await state.health.check():
+            return JSONResponse({"status": "daemon unreachable", "reason": state.health.reason}, status_code=503)
         return JSONResponse({"status": "ok", "model": state.model_name, "running": state.engine.running,
                              "waiting": state.engine.waiting})
 
@@ -690,6 +689,7 @@ def load(args: argparse.Namespace) -> ServeState:
     """Connect to the daemon, load the backbone, start the engine."""
     from inference.backbone import check_device, resolve_dtype
     from inference.lut import InProcessTable
+    from lutstore.client import LutClient
 
     if not args.lut_addr:
         raise UserError("--lut-addr is required (the address of a `lutstore serve` daemon)")
@@ -699,7 +699,12 @@ def load(args: argparse.Namespace) -> ServeState:
             raise UserError(f"{flag} must be at least 1")
     device = check_device(args.device)
     remote = connect(PROG, args, device, resolve_dtype(args.dtype, device))   # says so at once if nobody answers
+    probe = None
     try:
+        settings = LutstoreSettings.from_args(args)
+        # its own client: no retries and a short deadline, so /health and the fail-fast check answer at once
+        probe = LutClient(settings.addr, timeout=PROBE_TIMEOUT_S, retries=0, retry_seconds=0,
+                          **{**settings.client_options(), "shared_memory": False})
         bb = remote.backbone
         context = args.context or bb.args.max_position_embeddings
         if not 2 <= context <= bb.args.max_position_embeddings:
@@ -711,9 +716,13 @@ def load(args: argparse.Namespace) -> ServeState:
                            tokenizer=bb.tokenizer, context=context, vocab_size=bb.args.vocab_size,
                            eos_id=bb.args.eos_token_id, api_key=read_api_key(args.api_key_file))
         state.metrics = Metrics(state)
+        state.health = DaemonHealth(settings.addr, probe.tables)
+        state.probe_client = probe
         state.engine = Engine(bb.model, source, args.max_batch, context, args.prefill_chunk, args.static_batching,
                               args.max_queue, on_step=state.metrics.batch.observe).start()
     except BaseException:
+        if probe is not None:
+            probe.close()
         remote.close()
         raise
     return state
@@ -757,6 +766,7 @@ def run(args: argparse.Namespace) -> int:
         Server(config).run(sockets=[sock])
     finally:
         state.engine.stop()
+        state.probe_client.close()
         state.remote.close()
         sock.close()
     return 0
