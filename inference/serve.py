@@ -18,6 +18,9 @@ routes want `Authorization: Bearer KEY`. Errors are OpenAI-shaped:
 {"error": {"message", "type", "param", "code"}}; a body over --max-body-bytes
 gets 413, a request finding --max-queue prompts waiting gets 429 with
 Retry-After, and a client that disconnects (streamed or not) frees its slot.
+SIGTERM or Ctrl-C stops it: open requests get --shutdown-grace seconds, then
+end with an error (a stream's last event); a second Ctrl-C ends them at once
+(exit 130).
 
 FastAPI (on Starlette) + uvicorn: pydantic checks every request parameter
 and names the bad one, and uvicorn is the common production ASGI server.
@@ -48,6 +51,7 @@ from typing import Any, AsyncIterator, Union
 
 import grpc
 import torch
+import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -63,6 +67,7 @@ from lutstore.cli import HelpFormatter
 from lutstore.security import warn_if_others_can_read
 from inference.sampling import SamplingConfig
 from lutstore.errors import UserError
+from lutstore.interrupts import EXIT_SIGINT
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +80,8 @@ MAX_STOP_CHARS = 256           # per stop string: a stream holds back that many 
 MIN_TEMPERATURE = 1e-5         # below it, greedy (as vLLM): logits / ~0 (1e-300 is 0 in fp32) NaN the sampler
 DEFAULT_MAX_BODY = 1 << 20     # bytes of one request body (--max-body-bytes)
 RETRY_AFTER_S = 1              # the Retry-After of a 429 (queue full)
+DEFAULT_GRACE_S = 5.0          # a stop's wait for open requests before it ends them (--shutdown-grace)
+FLUSH_S = 3                    # then, for the ended requests to send their error and close
 # OpenAI parameters accepted only at their default value: what a request must send, if anything
 ONLY_DEFAULT = {"n": 1, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0}
 
@@ -206,6 +213,15 @@ class ServeState:
     health: DaemonHealth | None = None   # the daemon's state (None: not loaded yet)
     probe_client: Any = None             # the LutClient of health's probes
 
+    runs: set = field(default_factory=set)   # the requests being answered (Run), for a stop that ends them
+
+    def end_requests(self) -> int:
+        """End every open request now with a 503 shutting_down (a stream gets it as its last event)."""
+        runs = list(self.runs)
+        for run in runs:
+            run.abort(EngineStopped("the server is shutting down"))
+        return len(runs)
+
     def daemon_unavailable(self) -> APIError:
         return APIError(503, f"the lutstore daemon at {self.health.address} does not answer ({self.health.reason}); "
                              f"/health answers 200 again when it does", "server_error", None, "lut_unavailable")
@@ -302,6 +318,7 @@ class Run:
         except (QueueFull, EngineStopped) as e:
             self.cancel()
             raise engine_error(e) from None
+        state.runs.add(self)
 
     def _emitter(self, index: int):
         def emit(event) -> None:   # on the engine thread
@@ -315,6 +332,17 @@ class Run:
         for c in self.choices:
             if c.seq is not None and c.finish_reason is None and c.error is None:
                 self.state.engine.cancel(c.seq)
+
+    def close(self) -> None:
+        """The response is done (or its client gone): free the slots, forget the run."""
+        self.cancel()
+        self.state.runs.discard(self)
+
+    def abort(self, error: BaseException) -> None:
+        """Fail the open choices now, on the event loop (not at the engine's next step, which may be slow)."""
+        for c in self.choices:
+            if c.finish_reason is None and c.error is None:
+                self.queue.put_nowait((c.index, FailedEvent(error)))
 
     @property
     def open(self) -> int:
@@ -444,7 +472,7 @@ async def complete(state: ServeState, req: CompletionRequest, request: Request) 
             pass
     finally:
         watcher.cancel()
-        run.cancel()
+        run.close()
     if run.disconnected:
         state.metrics.requests.labels("cancelled").inc()
         return Response(status_code=499)                 # nobody reads it (nginx's "client closed request")
@@ -506,7 +534,7 @@ async def stream(state: ServeState, req: CompletionRequest) -> StreamingResponse
                     yield _sse({**run.header(rid), "choices": [], "usage": run.usage()})
             yield _sse("[DONE]")
         finally:
-            run.cancel()                                  # a client that went away frees its slots
+            run.close()                                   # a client that went away frees its slots
             state.metrics.requests.labels(status).inc()
 
     return StreamingResponse(body(), media_type="text/event-stream",
@@ -644,6 +672,68 @@ def create_app(state: ServeState, max_body_bytes: int = DEFAULT_MAX_BODY) -> Fas
     return app
 
 
+# -- stopping ------------------------------------------------------------------------------------------
+class Server(uvicorn.Server):
+    """uvicorn's server, stopping as a user expects.
+
+    SIGTERM or Ctrl-C: no new connections; open requests get `grace` seconds to finish, then end with a
+    503 shutting_down (a stream gets it as an error event); exit 0. A second Ctrl-C ends them at
+    once, the same way, and the process exits 130 with one line. uvicorn alone would cancel the
+    request tasks instead (a traceback each, streams cut without a word) and re-raise the signal."""
+
+    def __init__(self, config: uvicorn.Config, state: ServeState, url: str, grace: float = DEFAULT_GRACE_S) -> None:
+        super().__init__(config)
+        self.state, self.url, self.grace = state, url, grace
+        self.ended: int | None = None          # requests a second Ctrl-C ended (None: it did not come)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+        print(f"inference.serve: serving {self.state.model_name} on {self.url}", flush=True)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        first, forced = not self.should_exit, self.force_exit
+        super().handle_exit(sig, frame)
+        # a signal handler interrupts the loop anywhere: do the work in a callback of the loop
+        if self._loop is None:
+            return
+        if first:
+            self._loop.call_soon_threadsafe(self._stopping)
+        elif self.force_exit and not forced:
+            self._loop.call_soon_threadsafe(self._end_now)
+
+    def _stopping(self) -> None:
+        if self.state.runs:
+            print(f"{PROG}: stopping; waiting up to {self.grace:g} s for {len(self.state.runs)} open request(s) "
+                  f"(Ctrl-C again ends them now)", file=sys.stderr, flush=True)
+
+    def _end_now(self) -> None:
+        self.ended = self.state.end_requests()
+
+    async def shutdown(self, sockets=None) -> None:
+        grace = asyncio.get_running_loop().call_later(self.grace, self.state.end_requests)
+        try:
+            await super().shutdown(sockets)   # waits for the open requests (a second Ctrl-C stops the wait)
+        finally:
+            grace.cancel()
+        # the ended requests send their error and close: give them the moment they need, bounded
+        deadline = time.monotonic() + FLUSH_S
+        while (self.server_state.tasks or self.server_state.connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown (exit status -15);
+        # like `lutstore serve`, a requested stop that went well exits 0 instead (run() says 130
+        # for a second Ctrl-C).
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self._captured_signals.clear()
+
+
 # -- the CLI ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m inference.serve", description=__doc__,
@@ -662,6 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"Retry-After: {RETRY_AFTER_S}")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
                    help=f"largest request body; a larger one gets 413 (default {DEFAULT_MAX_BODY}: 1 MiB)")
+    p.add_argument("--shutdown-grace", type=float, default=DEFAULT_GRACE_S, metavar="SECONDS",
+                   help=f"how long a stop (SIGTERM, Ctrl-C) waits for open requests to finish before ending them "
+                        f"with an error (default {DEFAULT_GRACE_S:g}); a second Ctrl-C ends them at once")
     p.add_argument("--static-batching", action="store_true",
                    help="admit requests only when the batch is empty (for comparison with continuous batching)")
     p.add_argument("--in-process-table", action="store_true",
@@ -729,9 +822,9 @@ def load(args: argparse.Namespace) -> ServeState:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     api_key = read_api_key(args.api_key_file)   # fail on a bad key file before loading anything
+    if not 0 <= args.shutdown_grace < float("inf"):
+        raise UserError("--shutdown-grace must be a number of seconds >= 0")
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
     try:
@@ -745,30 +838,21 @@ def run(args: argparse.Namespace) -> int:
         raise
     host, port = sock.getsockname()[:2]
 
-    class Server(uvicorn.Server):
-        async def startup(self, sockets=None) -> None:
-            await super().startup(sockets)
-            print(f"inference.serve: serving {state.model_name} on http://{host}:{port}", flush=True)
-
-        @contextlib.contextmanager
-        def capture_signals(self):
-            # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown (exit status -15);
-            # like `lutstore serve`, a requested stop that went well exits 0 instead.
-            with super().capture_signals():
-                try:
-                    yield
-                finally:
-                    self._captured_signals.clear()
-
-    config = uvicorn.Config(create_app(state, args.max_body_bytes), log_level="warning" if args.verbose == 0 else "info",
-                            timeout_graceful_shutdown=5, access_log=args.verbose > 0)
+    server = Server(uvicorn.Config(create_app(state, args.max_body_bytes), lifespan="off",
+                                   log_level="warning" if args.verbose == 0 else "info",
+                                   timeout_graceful_shutdown=args.shutdown_grace + 5, access_log=args.verbose > 0),
+                    state, f"http://{host}:{port}", args.shutdown_grace)
     try:
-        Server(config).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         state.engine.stop()
         state.probe_client.close()
         state.remote.close()
         sock.close()
+    if server.ended is not None:
+        ended = f"; {server.ended} open request(s) ended with an error" if server.ended else ""
+        print(f"{PROG}: interrupted{ended}", file=sys.stderr, flush=True)
+        return EXIT_SIGINT
     return 0
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -69,9 +70,9 @@ TIGHT_BODY = 4096
 
 
 @pytest.fixture(scope="module")
-def tight(setup):
-    """One slot, one queue place, 4 KiB bodies: the same weights with a 4096-token context and no EOS
-    (a copy of the checkpoint with its config changed), on a daemon of its own."""
+def long_daemon(setup):
+    """A daemon serving the same weights with a 4096-token context and no EOS (a copy of the checkpoint
+    with its config changed), so a request runs as long as asked."""
     root = setup["root"]
     ckpt = root / "ckpt-long"
     shutil.copytree(root / "ckpt", ckpt)
@@ -82,11 +83,17 @@ def tight(setup):
     assert cli.main(["ingest", str(ckpt), "--db", str(db), "--name", "long", "--encoding", "fp32",
                      "--no-progress"]) == 0
     daemon = start_server(db)
-    endpoint = Endpoint(daemon.address, "--max-batch", "1", "--max-queue", "1", "--max-body-bytes", str(TIGHT_BODY),
-                        env=setup["env"])
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def tight(setup, long_daemon):
+    """One slot, one queue place, 4 KiB bodies, on the long model."""
+    endpoint = Endpoint(long_daemon.address, "--max-batch", "1", "--max-queue", "1", "--max-body-bytes",
+                        str(TIGHT_BODY), env=setup["env"])
     yield endpoint
     assert endpoint.stop() == 0, "".join(endpoint.output)
-    daemon.stop()
 
 
 def _client(endpoint: Endpoint, key: str = "none") -> openai.OpenAI:
@@ -515,6 +522,34 @@ def test_a_body_over_the_limit_gets_413(tight) -> None:
     for body in (under, [under[:1000], under[1000:]]):
         status, _, answer = _raw(tight, body)
         assert status == 200 and answer["usage"]["completion_tokens"] == 2, answer
+
+
+def test_a_second_ctrl_c_ends_open_streams_with_an_error(setup, long_daemon) -> None:
+    """Ctrl-C while three streams run: one line says what the stop waits for; a second Ctrl-C ends
+    every stream with an error event (the openai client raises it), one more line, exit 130, no
+    traceback. (--shutdown-grace 600: the wait is the second Ctrl-C's, never the grace's.)"""
+    ep = Endpoint(long_daemon.address, "--shutdown-grace", "600", env=setup["env"])
+    try:
+        client = _client(ep)
+        streams = [iter(client.completions.create(model="long", prompt=_ids(5, i), max_tokens=LONG_RUN,
+                                                  temperature=0.8, stream=True)) for i in range(3)]
+        for s in streams:
+            next(s)                                      # each has a slot and is decoding
+        served = len(ep.output)
+        ep.proc.send_signal(signal.SIGINT)
+        _wait_for("the stop is announced", lambda: len(ep.output) > served)
+        ep.proc.send_signal(signal.SIGINT)
+        for s in streams:
+            with pytest.raises(openai.APIError, match="the server is shutting down"):
+                for _ in s:
+                    pass
+        assert ep.proc.wait(60) == 130
+        _wait_for("its output read to the end", lambda: "interrupted" in "".join(ep.output))
+    finally:
+        ep.stop(strict=False)
+    assert [line.rstrip() for line in ep.output[served:]] == [
+        "serve: stopping; waiting up to 600 s for 3 open request(s) (Ctrl-C again ends them now)",
+        "serve: interrupted; 3 open request(s) ended with an error"], "".join(ep.output)
 
 
 def test_an_unreachable_daemon_is_said_at_once(setup) -> None:
