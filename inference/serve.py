@@ -5,10 +5,12 @@
          -d '{"prompt": "the water", "max_tokens": 16, "temperature": 0}'
 
 Routes: POST /v1/completions (text or token-id prompts, a list of prompts,
-max_tokens, temperature, top_p, top_k, seed, stop, stream over server-sent
-events, logprobs, echo: with echo=true, max_tokens=0, logprobs=0 it returns
-the prompt's log-probs), GET /v1/models, GET /health (200 only when the
-backbone is loaded and the daemon answers), GET /metrics (Prometheus).
+max_tokens (default 16), temperature, top_p, top_k, seed, stop, stream over
+server-sent events, logprobs, echo: with echo=true, max_tokens=0, logprobs=0 it
+returns the prompt's log-probs), POST /v1/chat/completions (messages, rendered
+by the tokenizer's chat template; a model without one answers 400
+no_chat_template), GET /v1/models, GET /health (200 only when the backbone is
+loaded and the daemon answers), GET /metrics (Prometheus).
 
 Requests are decoded together by inference.engine (continuous batching over a
 slot KV cache); all of them share ONE RemoteTable, so a row fetched for one
@@ -61,6 +63,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from inference.engine import (Engine, EngineStopped, FailedEvent, FinishedEvent, PromptLogprobsEvent, QueueFull,
                               Sequence, TokenEvent)
 from inference.connection import LutstoreSettings, add_remote_args, connect
+from inference.chat_template import ChatTemplate, ChatTemplateError
 from inference.daemon_health import PROBE_TIMEOUT_S, DaemonHealth
 from inference.generate import cli_main
 from lutstore.cli import HelpFormatter
@@ -141,6 +144,36 @@ class CompletionRequest(BaseModel):
     user: str | None = None
 
 
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")            # name, tool_calls, ...: the template may read them
+
+    role: str
+    content: Union[str, list[dict[str, Any]], None] = None
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)              # None: until the model ends its turn
+    max_completion_tokens: int | None = Field(default=None, ge=1)   # the newer name of max_tokens
+    temperature: float | None = Field(default=1.0, ge=0, le=2)
+    top_p: float | None = Field(default=1.0, gt=0, le=1)
+    top_k: int | None = Field(default=0, ge=-1)
+    seed: int | None = None
+    stop: Union[str, list[str], None] = None
+    stream: bool | None = False
+    stream_options: dict[str, Any] | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    n: int | None = Field(default=1, ge=1, le=1)
+    presence_penalty: float | None = Field(default=0.0, ge=0, le=0)
+    frequency_penalty: float | None = Field(default=0.0, ge=0, le=0)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+
 @dataclass
 class Choice:
     """One prompt's completion as it grows: tokens -> text, stop strings, log-probs."""
@@ -153,6 +186,7 @@ class Choice:
     prompt_decoded: str | None = None
     sent: int = 0                        # chars of text already streamed
     echo_sent: bool = False
+    role_sent: bool = False              # chat: the first delta (which names the role) went out
     token_logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[dict | None] = field(default_factory=list)
     prompt_logprobs: list[float | None] = field(default_factory=list)
@@ -211,6 +245,9 @@ class ServeState:
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics | None = None
     health: DaemonHealth | None = None   # the daemon's state (None: not loaded yet)
+    chat_template: ChatTemplate | None = None
+    no_chat: str = "this model has no chat template (its tokenizer_config.json has no chat_template)"
+    chat_stop_ids: frozenset[int] = frozenset()   # the model's EOS and the template's eos_token: a turn ends
     probe_client: Any = None             # the LutClient of health's probes
 
     runs: set = field(default_factory=set)   # the requests being answered (Run), for a stop that ends them
@@ -291,13 +328,45 @@ def _check(state: ServeState, req: CompletionRequest) -> tuple[list[Choice], int
     return choices, max_tokens, stops
 
 
+def _chat_prompt(state: ServeState, req: ChatRequest) -> CompletionRequest:
+    """The completion request a chat request amounts to: its messages rendered by the chat template
+    and tokenized (the template writes the special tokens itself, so none are added)."""
+    for name, value in (("logprobs", req.logprobs), ("top_logprobs", req.top_logprobs)):
+        if value:
+            raise APIError(400, f"{name} is not supported on /v1/chat/completions; /v1/completions returns "
+                                f"log-probs", param=name)
+    messages = []
+    for i, m in enumerate(req.messages):
+        message = m.model_dump(exclude_none=True)
+        if isinstance(m.content, list):      # content parts: only text ones, joined as vLLM joins them
+            if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in m.content):
+                raise APIError(400, f"messages[{i}].content: only text parts ({{\"type\": \"text\", \"text\": "
+                                    f"...}}) are supported", param="messages")
+            message["content"] = "\n".join(part["text"] for part in m.content)
+        messages.append(message)
+    try:
+        text = state.chat_template.render(messages)
+    except ChatTemplateError as e:
+        raise APIError(400, f"the model's chat template refused the messages: {e}", param="messages") from None
+    ids = state.tokenizer.encode(text, add_special_tokens=False).ids
+    if not ids:
+        raise APIError(400, "the messages render to an empty prompt", param="messages")
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    if max_tokens is None:
+        max_tokens = max(state.context - len(ids), 1)        # until the turn ends (a prompt too long is named)
+    return CompletionRequest(model=req.model, prompt=ids, max_tokens=max_tokens, temperature=req.temperature,
+                             top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=req.stop, stream=req.stream,
+                             stream_options=req.stream_options, n=req.n, presence_penalty=req.presence_penalty,
+                             frequency_penalty=req.frequency_penalty, logit_bias=req.logit_bias, user=req.user)
+
+
 # -- running a request ------------------------------------------------------------------------------
 class Run:
     """The engine sequences of one HTTP request, their events on one asyncio queue."""
 
     def __init__(self, state: ServeState, req: CompletionRequest, choices: list[Choice], max_tokens: int,
-                 stops: list[str]) -> None:
-        self.state, self.req, self.choices, self.stops = state, req, choices, stops
+                 stops: list[str], chat: bool = False) -> None:
+        self.state, self.req, self.choices, self.stops, self.chat = state, req, choices, stops, chat
         self.queue: asyncio.Queue = asyncio.Queue()
         self.disconnected = False                                 # the client went away (non-streamed)
         self.loop = asyncio.get_running_loop()
@@ -308,6 +377,9 @@ class Run:
                                   min(max(0, req.top_k or 0), state.vocab_size),
                                   req.top_p if req.top_p is not None else 1.0)
         stop_ids = frozenset() if state.eos_id is None else frozenset([state.eos_id])
+        if chat:
+            stop_ids = state.chat_stop_ids
+        self.stop_ids = stop_ids
         try:
             for c in choices:
                 c.seq = Sequence(c.prompt, max_tokens, self._emitter(c.index), sampling,
@@ -395,10 +467,12 @@ class Run:
             return ""
         if c.prompt_decoded is None:
             c.prompt_decoded = tok.decode(c.prompt, skip_special_tokens=False)
-        full = tok.decode(c.prompt + c.tokens, skip_special_tokens=False)
+        # a chat message's content ends before the token that ended the turn
+        tokens = [t for t in c.tokens if t not in self.stop_ids] if self.chat else c.tokens
+        full = tok.decode(c.prompt + tokens, skip_special_tokens=False)
         if full.startswith(c.prompt_decoded):
             return full[len(c.prompt_decoded):]
-        return tok.decode(c.tokens, skip_special_tokens=False)
+        return tok.decode(tokens, skip_special_tokens=False)
 
     def _named(self, top: dict[int, float] | None) -> dict[str, float] | None:
         if top is None:
@@ -438,8 +512,9 @@ class Run:
             c.pieces.append(after[len(before):] if after.startswith(before) else tok.decode([ids[i]]))
             c.offsets.append(len(before))
 
-    def header(self, rid: str) -> dict:
-        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.state.model_name}
+    def header(self, rid: str, chunk: bool = False) -> dict:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        return {"id": rid, "object": kind, "created": int(time.time()), "model": self.state.model_name}
 
     def usage(self) -> dict:
         p = sum(len(c.prompt) for c in self.choices)
@@ -463,9 +538,13 @@ async def _cancel_on_disconnect(request: Request, run: Run) -> None:
     run.cancel()
 
 
-async def complete(state: ServeState, req: CompletionRequest, request: Request) -> Response:
+def _finish_reason(c: Choice) -> str:
+    return "stop" if c.finish_reason == "stop" else "length"
+
+
+async def complete(state: ServeState, req: CompletionRequest, request: Request, chat: bool = False) -> Response:
     choices, max_tokens, stops = _check(state, req)
-    run = Run(state, req, choices, max_tokens, stops)
+    run = Run(state, req, choices, max_tokens, stops, chat)
     watcher = asyncio.create_task(_cancel_on_disconnect(request, run))
     try:
         async for _ in run.events():
@@ -481,10 +560,16 @@ async def complete(state: ServeState, req: CompletionRequest, request: Request) 
         state.metrics.requests.labels("error").inc()
         return failed.response()
     state.metrics.requests.labels("ok").inc()
+    if chat:
+        body = run.header(f"chatcmpl-{uuid.uuid4().hex}")
+        body["choices"] = [{"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+                            "finish_reason": _finish_reason(c)} for c in choices]
+        body["usage"] = run.usage()
+        return JSONResponse(body)
     body = run.header(f"cmpl-{uuid.uuid4().hex}")
     body["choices"] = [{"index": c.index, "text": _echo_text(req, c) + c.text,
                         "logprobs": run.logprobs_of(c, bool(req.echo), 0, len(c.tokens)),
-                        "finish_reason": "stop" if c.finish_reason == "stop" else "length"} for c in choices]
+                        "finish_reason": _finish_reason(c)} for c in choices]
     body["usage"] = run.usage()
     return JSONResponse(body)
 
@@ -493,14 +578,19 @@ def _sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
 
-async def stream(state: ServeState, req: CompletionRequest) -> StreamingResponse:
+async def stream(state: ServeState, req: CompletionRequest, chat: bool = False) -> StreamingResponse:
     choices, max_tokens, stops = _check(state, req)
-    run = Run(state, req, choices, max_tokens, stops)
-    rid = f"cmpl-{uuid.uuid4().hex}"
+    run = Run(state, req, choices, max_tokens, stops, chat)
+    rid = f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}"
 
     def chunk(c: Choice, text: str, logprobs: dict | None, finish: str | None) -> str:
-        body = run.header(rid)
-        body["choices"] = [{"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": finish}]
+        body = run.header(rid, chunk=True)
+        if chat:
+            delta = {"content": text} if c.role_sent else {"role": "assistant", "content": text}
+            c.role_sent = True
+            body["choices"] = [{"index": c.index, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        else:
+            body["choices"] = [{"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": finish}]
         if req.stream_options and req.stream_options.get("include_usage"):
             body["usage"] = None
         return _sse(body)
@@ -526,12 +616,12 @@ async def stream(state: ServeState, req: CompletionRequest) -> StreamingResponse
                     prefix = c.prompt_text if with_prompt else ""
                     lp = run.logprobs_of(c, with_prompt, c.lp_sent, len(c.tokens))
                     c.sent, c.lp_sent, c.echo_sent = upto, len(c.tokens), c.echo_sent or with_prompt
-                    finish = None if not done else ("stop" if c.finish_reason == "stop" else "length")
+                    finish = None if not done else _finish_reason(c)
                     yield chunk(c, prefix + text, lp, finish)
             else:
                 status = "ok"
                 if req.stream_options and req.stream_options.get("include_usage"):
-                    yield _sse({**run.header(rid), "choices": [], "usage": run.usage()})
+                    yield _sse({**run.header(rid, chunk=True), "choices": [], "usage": run.usage()})
             yield _sse("[DONE]")
         finally:
             run.close()                                   # a client that went away frees its slots
@@ -635,8 +725,14 @@ def create_app(state: ServeState, max_body_bytes: int = DEFAULT_MAX_BODY) -> Fas
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
                                             "owned_by": "lutstore", "max_model_len": state.context}]}
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    async def completions(req: CompletionRequest, request: Request):
+    async def answer(req: CompletionRequest, request: Request, chat: bool = False):
+        try:
+            return await (stream(state, req, chat) if req.stream else complete(state, req, request, chat))
+        except APIError:
+            state.metrics.requests.labels("rejected").inc()
+            raise
+
+    async def ready() -> None:
         if state.engine is None:
             raise APIError(503, "the model is still loading", "server_error", code="not_ready")
         if not state.engine.alive:
@@ -646,10 +742,30 @@ def create_app(state: ServeState, max_body_bytes: int = DEFAULT_MAX_BODY) -> Fas
             log.info("completion refused: the daemon does not answer (%s)", state.health.reason)
             state.metrics.requests.labels("rejected").inc()
             raise state.daemon_unavailable()
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def completions(req: CompletionRequest, request: Request):
+        await ready()
+        return await answer(req, request)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat_completions(req: ChatRequest, request: Request):
+        if state.chat_template is None:
+            state.metrics.requests.labels("rejected").inc()
+            raise APIError(400, f"{state.no_chat}, so /v1/chat/completions cannot turn messages into a prompt; "
+                                f"send the prompt text to /v1/completions instead", code="no_chat_template")
+        await ready()
         try:
-            return await (stream(state, req) if req.stream else complete(state, req, request))
+            as_completion = _chat_prompt(state, req)
         except APIError:
             state.metrics.requests.labels("rejected").inc()
+            raise
+        try:
+            return await answer(as_completion, request, chat=True)
+        except APIError as e:
+            if e.param == "prompt":       # the prompt is the messages here
+                e.param = "messages"
+                e.message = e.message.replace("reduce the prompt", "shorten the messages")
             raise
 
     @app.get("/health")
@@ -778,6 +894,26 @@ def read_api_key(path: Path | None) -> str | None:
     return os.environ.get(API_KEY_ENV) or None
 
 
+def _load_chat_template(state: ServeState, folder: Path) -> None:
+    """The backbone's chat template (for /v1/chat/completions), and the tokens that end a turn."""
+    if state.tokenizer is None:
+        state.no_chat = "this model has no tokenizer"
+        return
+    try:
+        state.chat_template = ChatTemplate.from_folder(folder)
+    except ChatTemplateError as e:
+        state.no_chat = f"this model's chat template cannot be used ({e})"
+        log.warning("%s; /v1/chat/completions answers an error", state.no_chat)
+        return
+    if state.chat_template is None:
+        return
+    stop = {state.eos_id} if state.eos_id is not None else set()
+    eos = state.chat_template.special.get("eos_token")
+    if eos is not None and state.tokenizer.token_to_id(eos) is not None:
+        stop.add(state.tokenizer.token_to_id(eos))
+    state.chat_stop_ids = frozenset(stop)
+
+
 def load(args: argparse.Namespace) -> ServeState:
     """Connect to the daemon, load the backbone, start the engine."""
     from inference.backbone import check_device, resolve_dtype
@@ -809,6 +945,7 @@ def load(args: argparse.Namespace) -> ServeState:
                            tokenizer=bb.tokenizer, context=context, vocab_size=bb.args.vocab_size,
                            eos_id=bb.args.eos_token_id, api_key=read_api_key(args.api_key_file))
         state.metrics = Metrics(state)
+        _load_chat_template(state, bb.folder)
         state.health = DaemonHealth(settings.addr, probe.tables)
         state.probe_client = probe
         state.engine = Engine(bb.model, source, args.max_batch, context, args.prefill_chunk, args.static_batching,

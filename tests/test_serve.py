@@ -65,6 +65,11 @@ def setup(tmp_path_factory):
     daemon.stop()
 
 
+# a chat template as tokenizer_config.json holds one: special tokens, a loop, a refusal, the generation prompt
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+                 "{{ raise_exception('roles are system, user and assistant, not ' + m['role']) }}{% endif %}"
+                 "{{ m['role'] }} : {{ m['content'] | trim }} {{ eos_token }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant :{% endif %}")
 LONG_CONTEXT, LONG_RUN = 4096, 4000      # the tight endpoint's model: a request of LONG_RUN tokens runs for seconds
 TIGHT_BODY = 4096
 
@@ -72,13 +77,15 @@ TIGHT_BODY = 4096
 @pytest.fixture(scope="module")
 def long_daemon(setup):
     """A daemon serving the same weights with a 4096-token context and no EOS (a copy of the checkpoint
-    with its config changed), so a request runs as long as asked."""
+    with its config changed), so a request runs as long as asked; its tokenizer has a chat template."""
     root = setup["root"]
     ckpt = root / "ckpt-long"
     shutil.copytree(root / "ckpt", ckpt)
     config = json.loads((ckpt / "config.json").read_text())
     config.update(max_position_embeddings=LONG_CONTEXT, eos_token_id=None)
     (ckpt / "config.json").write_text(json.dumps(config))
+    tokenizer_config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "chat_template": CHAT_TEMPLATE}))
     db = root / "db-long"
     assert cli.main(["ingest", str(ckpt), "--db", str(db), "--name", "long", "--encoding", "fp32",
                      "--no-progress"]) == 0
@@ -443,14 +450,84 @@ def test_errors_are_openai_shaped_and_others_keep_going(setup) -> None:
         _assert_openai_error(got, answer, status, param, code)
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         client.completions.create(model="m32", prompt="the", max_tokens=CONTEXT)
-    # an endpoint this server does not have (chat: the model is a plain LM) is an OpenAI-shaped 404 too
-    got, answer = _post(ep, "/v1/chat/completions", {"model": "m32", "messages": [{"role": "user", "content": "hi"}]})
+    # a route this server does not have is an OpenAI-shaped 404 too
+    got, answer = _post(ep, "/v1/embeddings", {"model": "m32", "input": "hi"})
     assert got == 404 and answer["error"]["type"] == "invalid_request_error", answer
     text = "".join(pieces + [c.choices[0].text for c in running])
     assert text == client.completions.create(model="m32", prompt="the water", max_tokens=200,
                                              temperature=0).choices[0].text
     assert client.completions.create(model="m32", prompt="the water is", max_tokens=30,
                                      temperature=0).choices[0].text == _in_process_text(remote, "the water is", 30)
+
+
+def test_chat_completions_use_the_models_chat_template(setup, long_daemon, tight) -> None:
+    """/v1/chat/completions on a model whose tokenizer has a chat template: the messages rendered as
+    transformers' apply_chat_template renders them, then what inference.generate gives for that
+    prompt (greedy), streamed or not, through the openai client; the template's own refusal is a 400."""
+    transformers = pytest.importorskip("transformers")
+    folder = setup["root"] / "ckpt-long"
+    messages = [{"role": "system", "content": "you are the water"},
+                {"role": "user", "content": [{"type": "text", "text": "is the water hot"}]}]
+    flat = [messages[0], {"role": "user", "content": "is the water hot"}]
+    text = transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(
+        flat, add_generation_prompt=True, tokenize=False)
+    remote = open_remote(long_daemon.address, "long")
+    try:
+        tok = remote.backbone.tokenizer
+        ids = tok.encode(text, add_special_tokens=False).ids
+        eos = tok.token_to_id("</s>")                     # the template's eos_token ends the turn
+        out = generate(remote.backbone.model, remote.source, [ids], 12, eos_id=eos)
+    finally:
+        remote.close()
+    content = [t for t in out.tokens[0] if t != eos]
+    want = tok.decode(ids + content)[len(tok.decode(ids)):]
+    assert len(content) > 3, want                         # a real answer to compare (fixed weights, greedy)
+    client = _client(tight)
+    got = client.chat.completions.create(model="long", messages=messages, max_tokens=12, temperature=0)
+    assert got.object == "chat.completion" and got.choices[0].message.role == "assistant"
+    assert got.choices[0].message.content == want
+    assert got.usage.prompt_tokens == len(ids) and got.usage.completion_tokens == len(out.tokens[0])
+    assert got.choices[0].finish_reason == ("stop" if eos in out.tokens[0] else "length")
+    chunks = list(client.chat.completions.create(model="long", messages=messages, max_completion_tokens=12,
+                                                 temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == got.choices[0].finish_reason
+    with pytest.raises(openai.BadRequestError, match="roles are system, user and assistant, not robot"):
+        client.chat.completions.create(model="long", messages=[{"role": "robot", "content": "hi"}], max_tokens=2)
+
+
+def test_chat_template_forms(tmp_path) -> None:
+    """Where a checkpoint keeps its template: tokenizer_config.json's string, its list of named
+    templates ("default" used), or chat_template.jinja; none at all is None; tojson keeps
+    non-ASCII and HTML characters as they are (as transformers)."""
+    from inference.chat_template import ChatTemplate
+
+    def folder(config: dict, jinja: str | None = None):
+        d = tmp_path / str(len(list(tmp_path.iterdir())))
+        d.mkdir()
+        (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}, **config}))
+        if jinja is not None:
+            (d / "chat_template.jinja").write_text(jinja)
+        return d
+
+    say = "{% for m in messages %}{{ m['content'] | tojson }}{% endfor %}{{ eos_token }}"
+    msgs = [{"role": "user", "content": "<é>"}]
+    assert ChatTemplate.from_folder(folder({"chat_template": say})).render(msgs) == '"<é>"</s>'
+    named = [{"name": "tool_use", "template": "no"}, {"name": "default", "template": say}]
+    assert ChatTemplate.from_folder(folder({"chat_template": named})).render(msgs) == '"<é>"</s>'
+    assert ChatTemplate.from_folder(folder({}, jinja=say)).render(msgs) == '"<é>"</s>'
+    assert ChatTemplate.from_folder(folder({})) is None
+
+
+def test_chat_without_a_chat_template_says_to_use_completions(setup) -> None:
+    """The m32 model's tokenizer has no chat template: an OpenAI-shaped 400 that says so and names
+    /v1/completions (not a bare 404)."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        _client(setup["endpoint"]).chat.completions.create(model="m32", messages=[{"role": "user", "content": "hi"}])
+    error = caught.value.body
+    assert "has no chat template" in error["message"] and "/v1/completions" in error["message"], error
+    assert error["code"] == "no_chat_template" and error["type"] == "invalid_request_error", error
 
 
 def test_unsupported_sampling_fields_say_what_they_must_be(setup) -> None:
