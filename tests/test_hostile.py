@@ -101,15 +101,20 @@ def _nobody_python(env: dict[str, str]) -> str:
     """An interpreter uid NOBODY can run with our packages (ours may sit under root's 0700 home:
     then the system's one of the same version, with our site-packages on PYTHONPATH)."""
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    why = []
     for exe in (sys.executable, f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"):
         try:
             done = subprocess.run([exe, "-c", "import grpc, lutstore.v1.lutstore_pb2"], cwd="/tmp", env=env,
-                                  capture_output=True, timeout=60, preexec_fn=_as_nobody)
-        except OSError:
+                                  capture_output=True, text=True, timeout=60, preexec_fn=_as_nobody)
+        except OSError as e:
+            why.append(f"{exe}: {e.strerror}")
             continue
         if done.returncode == 0:
             return exe
-    pytest.skip(f"no Python {version} with grpc that uid {NOBODY} may run")
+        # e.g. a checkout inside a folder other users cannot enter (`mktemp -d`): lutstore is out of reach
+        why.append(f"{exe}: {(done.stderr.strip().splitlines() or [f'exit {done.returncode}'])[-1]}")
+    pytest.skip(f"no Python {version} that uid {NOBODY} may run with grpc and this checkout's lutstore "
+                f"({'; '.join(why)})")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
