@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Callable
 
-from lutstore.address import parse_addresses, why_unreachable
+from inference.connection import LutstoreSettings
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,9 @@ class DaemonHealth:
     """The daemon's last known state. probe() raises when the daemon does not answer (it runs in a
     thread: a LutClient call with no retries)."""
 
-    def __init__(self, address: str, probe: Callable[[], object], reuse_s: float = REUSE_S) -> None:
-        self.address, self._probe, self.reuse_s = address, probe, reuse_s
+    def __init__(self, settings: LutstoreSettings, probe: Callable[[], object], reuse_s: float = REUSE_S) -> None:
+        self.settings, self._probe, self.reuse_s = settings, probe, reuse_s
+        self.address = settings.addr
         self.reason: str | None = None        # why the daemon is down; None: it answered last time (or never asked)
         self._task: asyncio.Future | None = None
         self._at = 0.0
@@ -58,8 +59,8 @@ class DaemonHealth:
         except Exception as e:  # noqa: BLE001 - any failure means "does not answer"; the reason is kept
             log.debug("probe of the lutstore daemon at %s failed", self.address, exc_info=True)
             # "Connection refused" says more than the client's retry-budget sentence around it
-            self.went_down(why_unreachable(parse_addresses(self.address))
-                           or getattr(e, "message", None) or str(e) or type(e).__name__)
+            self.went_down(self.settings.why_unreachable() or getattr(e, "message", None) or str(e)
+                           or type(e).__name__)
             return False
         if self.reason is not None:
             log.warning("the lutstore daemon at %s answers again", self.address)

@@ -946,7 +946,7 @@ def load(args: argparse.Namespace) -> ServeState:
                            eos_id=bb.args.eos_token_id, api_key=read_api_key(args.api_key_file))
         state.metrics = Metrics(state)
         _load_chat_template(state, bb.folder)
-        state.health = DaemonHealth(settings.addr, probe.tables)
+        state.health = DaemonHealth(settings, probe.tables)
         state.probe_client = probe
         state.engine = Engine(bb.model, source, args.max_batch, context, args.prefill_chunk, args.static_batching,
                               args.max_queue, on_step=state.metrics.batch.observe).start()
