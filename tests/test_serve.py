@@ -2,10 +2,11 @@
 `openai` client, plus plain HTTP for the error paths.
 
 One endpoint (max 20 slots, prefill chunks of 8 tokens) on a daemon serving an fp32 table
-ingested from a small train-form checkpoint; a second one, with an API key and no row
-cache, for authentication and a daemon that dies; a third, `tight` (one slot, a queue of
-one, 4 KiB bodies, a 4096-token model without EOS so a request runs as long as asked), for
-clients that leave, a full queue and oversized bodies.
+ingested from a small train-form checkpoint (no chat template); a second one, with an API
+key and no row cache, for authentication and a daemon that dies and comes back; a third,
+`tight` (one slot, a queue of one, 4 KiB bodies, a 4096-token model without EOS so a
+request runs as long as asked, whose tokenizer has a chat template), for clients that
+leave, a full queue, oversized bodies and chat; a fourth on the long model for Ctrl-C.
 """
 
 from __future__ import annotations
