@@ -637,16 +637,16 @@ def test_an_unreachable_daemon_is_said_at_once(setup) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "inference.serve", "--lut-addr", f"127.0.0.1:{port}",
-                             "--retry-seconds", "30", "--port", "0"], cwd=REPO, env={**os.environ, **setup["env"]},
+                             "--retry-seconds", "60", "--port", "0"], cwd=REPO, env={**os.environ, **setup["env"]},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         first = proc.stderr.readline()
-        running = proc.poll() is None              # the line came while it was still retrying
+        running = proc.poll() is None              # the line came before the 60 s of retries ended (it comes at once)
     finally:
         proc.kill()
         proc.wait()
         proc.stderr.close()
-    assert first.startswith(f"serve: connecting to 127.0.0.1:{port} (") and "retrying for 30 s)" in first, first
+    assert first.startswith(f"serve: connecting to 127.0.0.1:{port} (") and "retrying for 60 s)" in first, first
     assert running, f"the line came only when it gave up: {first}"
 
 
@@ -655,7 +655,7 @@ def test_health_metrics_and_auth_and_a_dead_daemon(setup, tmp_path) -> None:
     which dies and comes back: while /health says the daemon is down, completions get their 503 at
     once (not after the retry budget, retry_s here), one log line each, no traceback; once the daemon
     is back (same port), they are served again without a restart."""
-    retry_s = 120
+    retry_s = 240
     daemon = start_server(setup["db"])
     key_file = tmp_path / "key"
     key_file.write_text("s3cret\n")
