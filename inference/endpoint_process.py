@@ -35,6 +35,6 @@ class Endpoint(ChildServer):
         """The OpenAI client's base_url."""
         return self.url + "/v1"
 
-    def stop(self, timeout: float = 15.0, strict: bool = True) -> int:
+    def stop(self, timeout: float = 60.0, strict: bool = True) -> int:
         """SIGTERM, wait; kill if it does not exit in time (EndpointError unless strict=False). The exit status."""
         return super().stop(timeout, strict)

@@ -199,7 +199,8 @@ class Engine:
         try:
             step()
         except Exception as e:  # noqa: BLE001 - reported to each request, the engine goes on
-            log.warning("step failed for %d request(s): %s", len(seqs), e)
+            log.warning("step failed for %d request(s): %s", len(seqs), e)   # an expected condition: one line
+            log.debug("the failed step", exc_info=True)
             for s in seqs:
                 self._finish(s, FailedEvent(e))
 

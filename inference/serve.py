@@ -5,10 +5,12 @@
          -d '{"prompt": "the water", "max_tokens": 16, "temperature": 0}'
 
 Routes: POST /v1/completions (text or token-id prompts, a list of prompts,
-max_tokens, temperature, top_p, top_k, seed, stop, stream over server-sent
-events, logprobs, echo: with echo=true, max_tokens=0, logprobs=0 it returns
-the prompt's log-probs), GET /v1/models, GET /health (200 only when the
-backbone is loaded and the daemon answers), GET /metrics (Prometheus).
+max_tokens (default 16), temperature, top_p, top_k, seed, stop, stream over
+server-sent events, logprobs, echo: with echo=true, max_tokens=0, logprobs=0 it
+returns the prompt's log-probs), POST /v1/chat/completions (messages, rendered
+by the tokenizer's chat template; a model without one answers 400
+no_chat_template), GET /v1/models, GET /health (200 only when the backbone is
+loaded and the daemon answers), GET /metrics (Prometheus).
 
 Requests are decoded together by inference.engine (continuous batching over a
 slot KV cache); all of them share ONE RemoteTable, so a row fetched for one
@@ -18,6 +20,9 @@ routes want `Authorization: Bearer KEY`. Errors are OpenAI-shaped:
 {"error": {"message", "type", "param", "code"}}; a body over --max-body-bytes
 gets 413, a request finding --max-queue prompts waiting gets 429 with
 Retry-After, and a client that disconnects (streamed or not) frees its slot.
+SIGTERM or Ctrl-C stops it: open requests get --shutdown-grace seconds, then
+end with an error (a stream's last event); a second Ctrl-C ends them at once
+(exit 130).
 
 FastAPI (on Starlette) + uvicorn: pydantic checks every request parameter
 and names the bad one, and uvicorn is the common production ASGI server.
@@ -46,7 +51,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Union
 
+import grpc
 import torch
+import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -55,15 +62,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference.engine import (Engine, EngineStopped, FailedEvent, FinishedEvent, PromptLogprobsEvent, QueueFull,
                               Sequence, TokenEvent)
-from inference.connection import add_remote_args, client_options
+from inference.connection import LutstoreSettings, add_remote_args, connect
+from inference.chat_template import ChatTemplate, ChatTemplateError
+from inference.daemon_health import PROBE_TIMEOUT_S, DaemonHealth
 from inference.generate import cli_main
 from lutstore.cli import HelpFormatter
 from lutstore.security import warn_if_others_can_read
 from inference.sampling import SamplingConfig
 from lutstore.errors import UserError
+from lutstore.interrupts import EXIT_SIGINT
 
 log = logging.getLogger(__name__)
 
+PROG = "serve"                 # how its lines on stderr begin (as cli_main's errors)
 API_KEY_ENV = "LUTSERVE_API_KEY"
 DEFAULT_MAX_TOKENS = 16        # as the OpenAI completions API
 MAX_LOGPROBS = 20
@@ -72,6 +83,10 @@ MAX_STOP_CHARS = 256           # per stop string: a stream holds back that many 
 MIN_TEMPERATURE = 1e-5         # below it, greedy (as vLLM): logits / ~0 (1e-300 is 0 in fp32) NaN the sampler
 DEFAULT_MAX_BODY = 1 << 20     # bytes of one request body (--max-body-bytes)
 RETRY_AFTER_S = 1              # the Retry-After of a 429 (queue full)
+DEFAULT_GRACE_S = 5.0          # a stop's wait for open requests before it ends them (--shutdown-grace)
+FLUSH_S = 3                    # then, for the ended requests to send their error and close
+# OpenAI parameters accepted only at their default value: what a request must send, if anything
+ONLY_DEFAULT = {"n": 1, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0}
 
 
 # -- errors in the OpenAI shape ---------------------------------------------------------------
@@ -129,6 +144,36 @@ class CompletionRequest(BaseModel):
     user: str | None = None
 
 
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")            # name, tool_calls, ...: the template may read them
+
+    role: str
+    content: Union[str, list[dict[str, Any]], None] = None
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)              # None: until the model ends its turn
+    max_completion_tokens: int | None = Field(default=None, ge=1)   # the newer name of max_tokens
+    temperature: float | None = Field(default=1.0, ge=0, le=2)
+    top_p: float | None = Field(default=1.0, gt=0, le=1)
+    top_k: int | None = Field(default=0, ge=-1)
+    seed: int | None = None
+    stop: Union[str, list[str], None] = None
+    stream: bool | None = False
+    stream_options: dict[str, Any] | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    n: int | None = Field(default=1, ge=1, le=1)
+    presence_penalty: float | None = Field(default=0.0, ge=0, le=0)
+    frequency_penalty: float | None = Field(default=0.0, ge=0, le=0)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+
 @dataclass
 class Choice:
     """One prompt's completion as it grows: tokens -> text, stop strings, log-probs."""
@@ -141,6 +186,7 @@ class Choice:
     prompt_decoded: str | None = None
     sent: int = 0                        # chars of text already streamed
     echo_sent: bool = False
+    role_sent: bool = False              # chat: the first delta (which names the role) went out
     token_logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[dict | None] = field(default_factory=list)
     prompt_logprobs: list[float | None] = field(default_factory=list)
@@ -198,22 +244,24 @@ class ServeState:
     api_key: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics | None = None
-    _probe: asyncio.Future | None = None
-    _probe_at: float = 0.0
+    health: DaemonHealth | None = None   # the daemon's state (None: not loaded yet)
+    chat_template: ChatTemplate | None = None
+    no_chat: str = "this model has no chat template (its tokenizer_config.json has no chat_template)"
+    chat_stop_ids: frozenset[int] = frozenset()   # the model's EOS and the template's eos_token: a turn ends
+    probe_client: Any = None             # the LutClient of health's probes
 
-    async def daemon_alive(self, timeout: float = 2.0) -> bool:
-        """Does the daemon answer a ListTables within timeout? One probe at a time, its answer reused for 1 s."""
-        if self.remote is None:
-            return False
-        now = time.monotonic()
-        if self._probe is None or (self._probe.done() and now - self._probe_at > 1.0):
-            self._probe = asyncio.ensure_future(asyncio.to_thread(self.remote.client.tables))
-            self._probe_at = now
-        try:
-            await asyncio.wait_for(asyncio.shield(self._probe), timeout)
-            return True
-        except Exception:  # noqa: BLE001 - any failure (or no answer in time) means "not answering"
-            return False
+    runs: set = field(default_factory=set)   # the requests being answered (Run), for a stop that ends them
+
+    def end_requests(self) -> int:
+        """End every open request now with a 503 shutting_down (a stream gets it as its last event)."""
+        runs = list(self.runs)
+        for run in runs:
+            run.abort(EngineStopped("the server is shutting down"))
+        return len(runs)
+
+    def daemon_unavailable(self) -> APIError:
+        return APIError(503, f"the lutstore daemon at {self.health.address} does not answer ({self.health.reason}); "
+                             f"/health answers 200 again when it does", "server_error", None, "lut_unavailable")
 
 
 def _tokenize(state: ServeState, prompt) -> list[tuple[list[int], str]]:
@@ -280,13 +328,45 @@ def _check(state: ServeState, req: CompletionRequest) -> tuple[list[Choice], int
     return choices, max_tokens, stops
 
 
+def _chat_prompt(state: ServeState, req: ChatRequest) -> CompletionRequest:
+    """The completion request a chat request amounts to: its messages rendered by the chat template
+    and tokenized (the template writes the special tokens itself, so none are added)."""
+    for name, value in (("logprobs", req.logprobs), ("top_logprobs", req.top_logprobs)):
+        if value:
+            raise APIError(400, f"{name} is not supported on /v1/chat/completions; /v1/completions returns "
+                                f"log-probs", param=name)
+    messages = []
+    for i, m in enumerate(req.messages):
+        message = m.model_dump(exclude_none=True)
+        if isinstance(m.content, list):      # content parts: only text ones, joined as vLLM joins them
+            if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in m.content):
+                raise APIError(400, f"messages[{i}].content: only text parts ({{\"type\": \"text\", \"text\": "
+                                    f"...}}) are supported", param="messages")
+            message["content"] = "\n".join(part["text"] for part in m.content)
+        messages.append(message)
+    try:
+        text = state.chat_template.render(messages)
+    except ChatTemplateError as e:
+        raise APIError(400, f"the model's chat template refused the messages: {e}", param="messages") from None
+    ids = state.tokenizer.encode(text, add_special_tokens=False).ids
+    if not ids:
+        raise APIError(400, "the messages render to an empty prompt", param="messages")
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    if max_tokens is None:
+        max_tokens = max(state.context - len(ids), 1)        # until the turn ends (a prompt too long is named)
+    return CompletionRequest(model=req.model, prompt=ids, max_tokens=max_tokens, temperature=req.temperature,
+                             top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=req.stop, stream=req.stream,
+                             stream_options=req.stream_options, n=req.n, presence_penalty=req.presence_penalty,
+                             frequency_penalty=req.frequency_penalty, logit_bias=req.logit_bias, user=req.user)
+
+
 # -- running a request ------------------------------------------------------------------------------
 class Run:
     """The engine sequences of one HTTP request, their events on one asyncio queue."""
 
     def __init__(self, state: ServeState, req: CompletionRequest, choices: list[Choice], max_tokens: int,
-                 stops: list[str]) -> None:
-        self.state, self.req, self.choices, self.stops = state, req, choices, stops
+                 stops: list[str], chat: bool = False) -> None:
+        self.state, self.req, self.choices, self.stops, self.chat = state, req, choices, stops, chat
         self.queue: asyncio.Queue = asyncio.Queue()
         self.disconnected = False                                 # the client went away (non-streamed)
         self.loop = asyncio.get_running_loop()
@@ -297,6 +377,9 @@ class Run:
                                   min(max(0, req.top_k or 0), state.vocab_size),
                                   req.top_p if req.top_p is not None else 1.0)
         stop_ids = frozenset() if state.eos_id is None else frozenset([state.eos_id])
+        if chat:
+            stop_ids = state.chat_stop_ids
+        self.stop_ids = stop_ids
         try:
             for c in choices:
                 c.seq = Sequence(c.prompt, max_tokens, self._emitter(c.index), sampling,
@@ -307,6 +390,7 @@ class Run:
         except (QueueFull, EngineStopped) as e:
             self.cancel()
             raise engine_error(e) from None
+        state.runs.add(self)
 
     def _emitter(self, index: int):
         def emit(event) -> None:   # on the engine thread
@@ -320,6 +404,17 @@ class Run:
         for c in self.choices:
             if c.seq is not None and c.finish_reason is None and c.error is None:
                 self.state.engine.cancel(c.seq)
+
+    def close(self) -> None:
+        """The response is done (or its client gone): free the slots, forget the run."""
+        self.cancel()
+        self.state.runs.discard(self)
+
+    def abort(self, error: BaseException) -> None:
+        """Fail the open choices now, on the event loop (not at the engine's next step, which may be slow)."""
+        for c in self.choices:
+            if c.finish_reason is None and c.error is None:
+                self.queue.put_nowait((c.index, FailedEvent(error)))
 
     @property
     def open(self) -> int:
@@ -362,6 +457,8 @@ class Run:
             c.finish_reason = event.reason
         elif isinstance(event, FailedEvent):
             c.error = engine_error(event.error)
+            if c.error.code == "lut_unavailable" and getattr(event.error, "code", None) == grpc.StatusCode.UNAVAILABLE:
+                self.state.health.went_down(event.error.message)
 
     def _continuation(self, c: Choice) -> str:
         """The completion's text as it continues the prompt (decoded together, so the joining space is kept)."""
@@ -370,10 +467,12 @@ class Run:
             return ""
         if c.prompt_decoded is None:
             c.prompt_decoded = tok.decode(c.prompt, skip_special_tokens=False)
-        full = tok.decode(c.prompt + c.tokens, skip_special_tokens=False)
+        # a chat message's content ends before the token that ended the turn
+        tokens = [t for t in c.tokens if t not in self.stop_ids] if self.chat else c.tokens
+        full = tok.decode(c.prompt + tokens, skip_special_tokens=False)
         if full.startswith(c.prompt_decoded):
             return full[len(c.prompt_decoded):]
-        return tok.decode(c.tokens, skip_special_tokens=False)
+        return tok.decode(tokens, skip_special_tokens=False)
 
     def _named(self, top: dict[int, float] | None) -> dict[str, float] | None:
         if top is None:
@@ -413,8 +512,9 @@ class Run:
             c.pieces.append(after[len(before):] if after.startswith(before) else tok.decode([ids[i]]))
             c.offsets.append(len(before))
 
-    def header(self, rid: str) -> dict:
-        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.state.model_name}
+    def header(self, rid: str, chunk: bool = False) -> dict:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        return {"id": rid, "object": kind, "created": int(time.time()), "model": self.state.model_name}
 
     def usage(self) -> dict:
         p = sum(len(c.prompt) for c in self.choices)
@@ -438,16 +538,20 @@ async def _cancel_on_disconnect(request: Request, run: Run) -> None:
     run.cancel()
 
 
-async def complete(state: ServeState, req: CompletionRequest, request: Request) -> Response:
+def _finish_reason(c: Choice) -> str:
+    return "stop" if c.finish_reason == "stop" else "length"
+
+
+async def complete(state: ServeState, req: CompletionRequest, request: Request, chat: bool = False) -> Response:
     choices, max_tokens, stops = _check(state, req)
-    run = Run(state, req, choices, max_tokens, stops)
+    run = Run(state, req, choices, max_tokens, stops, chat)
     watcher = asyncio.create_task(_cancel_on_disconnect(request, run))
     try:
         async for _ in run.events():
             pass
     finally:
         watcher.cancel()
-        run.cancel()
+        run.close()
     if run.disconnected:
         state.metrics.requests.labels("cancelled").inc()
         return Response(status_code=499)                 # nobody reads it (nginx's "client closed request")
@@ -456,10 +560,16 @@ async def complete(state: ServeState, req: CompletionRequest, request: Request) 
         state.metrics.requests.labels("error").inc()
         return failed.response()
     state.metrics.requests.labels("ok").inc()
+    if chat:
+        body = run.header(f"chatcmpl-{uuid.uuid4().hex}")
+        body["choices"] = [{"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+                            "finish_reason": _finish_reason(c)} for c in choices]
+        body["usage"] = run.usage()
+        return JSONResponse(body)
     body = run.header(f"cmpl-{uuid.uuid4().hex}")
     body["choices"] = [{"index": c.index, "text": _echo_text(req, c) + c.text,
                         "logprobs": run.logprobs_of(c, bool(req.echo), 0, len(c.tokens)),
-                        "finish_reason": "stop" if c.finish_reason == "stop" else "length"} for c in choices]
+                        "finish_reason": _finish_reason(c)} for c in choices]
     body["usage"] = run.usage()
     return JSONResponse(body)
 
@@ -468,14 +578,19 @@ def _sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
 
-async def stream(state: ServeState, req: CompletionRequest) -> StreamingResponse:
+async def stream(state: ServeState, req: CompletionRequest, chat: bool = False) -> StreamingResponse:
     choices, max_tokens, stops = _check(state, req)
-    run = Run(state, req, choices, max_tokens, stops)
-    rid = f"cmpl-{uuid.uuid4().hex}"
+    run = Run(state, req, choices, max_tokens, stops, chat)
+    rid = f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}"
 
     def chunk(c: Choice, text: str, logprobs: dict | None, finish: str | None) -> str:
-        body = run.header(rid)
-        body["choices"] = [{"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": finish}]
+        body = run.header(rid, chunk=True)
+        if chat:
+            delta = {"content": text} if c.role_sent else {"role": "assistant", "content": text}
+            c.role_sent = True
+            body["choices"] = [{"index": c.index, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        else:
+            body["choices"] = [{"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": finish}]
         if req.stream_options and req.stream_options.get("include_usage"):
             body["usage"] = None
         return _sse(body)
@@ -501,15 +616,15 @@ async def stream(state: ServeState, req: CompletionRequest) -> StreamingResponse
                     prefix = c.prompt_text if with_prompt else ""
                     lp = run.logprobs_of(c, with_prompt, c.lp_sent, len(c.tokens))
                     c.sent, c.lp_sent, c.echo_sent = upto, len(c.tokens), c.echo_sent or with_prompt
-                    finish = None if not done else ("stop" if c.finish_reason == "stop" else "length")
+                    finish = None if not done else _finish_reason(c)
                     yield chunk(c, prefix + text, lp, finish)
             else:
                 status = "ok"
                 if req.stream_options and req.stream_options.get("include_usage"):
-                    yield _sse({**run.header(rid), "choices": [], "usage": run.usage()})
+                    yield _sse({**run.header(rid, chunk=True), "choices": [], "usage": run.usage()})
             yield _sse("[DONE]")
         finally:
-            run.cancel()                                  # a client that went away frees its slots
+            run.close()                                   # a client that went away frees its slots
             state.metrics.requests.labels(status).inc()
 
     return StreamingResponse(body(), media_type="text/event-stream",
@@ -586,8 +701,9 @@ def create_app(state: ServeState, max_body_bytes: int = DEFAULT_MAX_BODY) -> Fas
         else:
             where = ".".join(loc)
             msg = f"{where}: {err.get('msg')}" if where else str(err.get("msg"))
-            if param in ("n", "best_of", "presence_penalty", "frequency_penalty"):
-                msg = f"{param} is not supported (only its default); {msg}"
+            if param in ONLY_DEFAULT and err.get("type") != "missing":
+                # pydantic's bound ("Input should be <= 0") reads as if other values were allowed
+                msg = f"{param} is not supported (must be {ONLY_DEFAULT[param]})"
         return APIError(400, msg, param=param).response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -609,16 +725,47 @@ def create_app(state: ServeState, max_body_bytes: int = DEFAULT_MAX_BODY) -> Fas
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
                                             "owned_by": "lutstore", "max_model_len": state.context}]}
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    async def completions(req: CompletionRequest, request: Request):
+    async def answer(req: CompletionRequest, request: Request, chat: bool = False):
+        try:
+            return await (stream(state, req, chat) if req.stream else complete(state, req, request, chat))
+        except APIError:
+            state.metrics.requests.labels("rejected").inc()
+            raise
+
+    async def ready() -> None:
         if state.engine is None:
             raise APIError(503, "the model is still loading", "server_error", code="not_ready")
         if not state.engine.alive:
             raise APIError(503, "the engine has stopped", "server_error", code="shutting_down")
+        if state.health.down and not await state.health.check():
+            # known down: answer now, not after the retry budget that the last request already spent
+            log.info("completion refused: the daemon does not answer (%s)", state.health.reason)
+            state.metrics.requests.labels("rejected").inc()
+            raise state.daemon_unavailable()
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def completions(req: CompletionRequest, request: Request):
+        await ready()
+        return await answer(req, request)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat_completions(req: ChatRequest, request: Request):
+        if state.chat_template is None:
+            state.metrics.requests.labels("rejected").inc()
+            raise APIError(400, f"{state.no_chat}, so /v1/chat/completions cannot turn messages into a prompt; "
+                                f"send the prompt text to /v1/completions instead", code="no_chat_template")
+        await ready()
         try:
-            return await (stream(state, req) if req.stream else complete(state, req, request))
+            as_completion = _chat_prompt(state, req)
         except APIError:
             state.metrics.requests.labels("rejected").inc()
+            raise
+        try:
+            return await answer(as_completion, request, chat=True)
+        except APIError as e:
+            if e.param == "prompt":       # the prompt is the messages here
+                e.param = "messages"
+                e.message = e.message.replace("reduce the prompt", "shorten the messages")
             raise
 
     @app.get("/health")
@@ -627,8 +774,8 @@ def create_app(state: ServeState, max_body_bytes: int = DEFAULT_MAX_BODY) -> Fas
             return JSONResponse({"status": "loading"}, status_code=503)
         if not state.engine.alive:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
-        if not await state.daemon_alive():
-            return JSONResponse({"status": "daemon unreachable"}, status_code=503)
+        if not await state.health.check():
+            return JSONResponse({"status": "daemon unreachable", "reason": state.health.reason}, status_code=503)
         return JSONResponse({"status": "ok", "model": state.model_name, "running": state.engine.running,
                              "waiting": state.engine.waiting})
 
@@ -639,6 +786,68 @@ def create_app(state: ServeState, max_body_bytes: int = DEFAULT_MAX_BODY) -> Fas
         return PlainTextResponse(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+# -- stopping ------------------------------------------------------------------------------------------
+class Server(uvicorn.Server):
+    """uvicorn's server, stopping as a user expects.
+
+    SIGTERM or Ctrl-C: no new connections; open requests get `grace` seconds to finish, then end with a
+    503 shutting_down (a stream gets it as an error event); exit 0. A second Ctrl-C ends them at
+    once, the same way, and the process exits 130 with one line. uvicorn alone would cancel the
+    request tasks instead (a traceback each, streams cut without a word) and re-raise the signal."""
+
+    def __init__(self, config: uvicorn.Config, state: ServeState, url: str, grace: float = DEFAULT_GRACE_S) -> None:
+        super().__init__(config)
+        self.state, self.url, self.grace = state, url, grace
+        self.ended: int | None = None          # requests a second Ctrl-C ended (None: it did not come)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+        print(f"inference.serve: serving {self.state.model_name} on {self.url}", flush=True)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        first, forced = not self.should_exit, self.force_exit
+        super().handle_exit(sig, frame)
+        # a signal handler interrupts the loop anywhere: do the work in a callback of the loop
+        if self._loop is None:
+            return
+        if first:
+            self._loop.call_soon_threadsafe(self._stopping)
+        elif self.force_exit and not forced:
+            self._loop.call_soon_threadsafe(self._end_now)
+
+    def _stopping(self) -> None:
+        if self.state.runs:
+            print(f"{PROG}: stopping; waiting up to {self.grace:g} s for {len(self.state.runs)} open request(s) "
+                  f"(Ctrl-C again ends them now)", file=sys.stderr, flush=True)
+
+    def _end_now(self) -> None:
+        self.ended = self.state.end_requests()
+
+    async def shutdown(self, sockets=None) -> None:
+        grace = asyncio.get_running_loop().call_later(self.grace, self.state.end_requests)
+        try:
+            await super().shutdown(sockets)   # waits for the open requests (a second Ctrl-C stops the wait)
+        finally:
+            grace.cancel()
+        # the ended requests send their error and close: give them the moment they need, bounded
+        deadline = time.monotonic() + FLUSH_S
+        while (self.server_state.tasks or self.server_state.connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown (exit status -15);
+        # like `lutstore serve`, a requested stop that went well exits 0 instead (run() says 130
+        # for a second Ctrl-C).
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self._captured_signals.clear()
 
 
 # -- the CLI ---------------------------------------------------------------------------------------------
@@ -660,6 +869,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"Retry-After: {RETRY_AFTER_S}")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
                    help=f"largest request body; a larger one gets 413 (default {DEFAULT_MAX_BODY}: 1 MiB)")
+    p.add_argument("--shutdown-grace", type=float, default=DEFAULT_GRACE_S, metavar="SECONDS",
+                   help=f"how long a stop (SIGTERM, Ctrl-C) waits for open requests to finish before ending them "
+                        f"with an error (default {DEFAULT_GRACE_S:g}); a second Ctrl-C ends them at once")
     p.add_argument("--static-batching", action="store_true",
                    help="admit requests only when the batch is empty (for comparison with continuous batching)")
     p.add_argument("--in-process-table", action="store_true",
@@ -683,10 +895,31 @@ def read_api_key(path: Path | None) -> str | None:
     return os.environ.get(API_KEY_ENV) or None
 
 
+def _load_chat_template(state: ServeState, folder: Path) -> None:
+    """The backbone's chat template (for /v1/chat/completions), and the tokens that end a turn."""
+    if state.tokenizer is None:
+        state.no_chat = "this model has no tokenizer"
+        return
+    try:
+        state.chat_template = ChatTemplate.from_folder(folder)
+    except ChatTemplateError as e:
+        state.no_chat = f"this model's chat template cannot be used ({e})"
+        log.warning("%s; /v1/chat/completions answers an error", state.no_chat)
+        return
+    if state.chat_template is None:
+        return
+    stop = {state.eos_id} if state.eos_id is not None else set()
+    eos = state.chat_template.special.get("eos_token")
+    if eos is not None and state.tokenizer.token_to_id(eos) is not None:
+        stop.add(state.tokenizer.token_to_id(eos))
+    state.chat_stop_ids = frozenset(stop)
+
+
 def load(args: argparse.Namespace) -> ServeState:
     """Connect to the daemon, load the backbone, start the engine."""
-    from inference.backbone import check_device, open_remote, resolve_dtype
+    from inference.backbone import check_device, resolve_dtype
     from inference.lut import InProcessTable
+    from lutstore.client import LutClient
 
     if not args.lut_addr:
         raise UserError("--lut-addr is required (the address of a `lutstore serve` daemon)")
@@ -695,9 +928,13 @@ def load(args: argparse.Namespace) -> ServeState:
         if value < 1:
             raise UserError(f"{flag} must be at least 1")
     device = check_device(args.device)
-    remote = open_remote(args.lut_addr, args.table, args.version, device, resolve_dtype(args.dtype, device),
-                         args.lut_cache_mb, args.backbone, args.retry_seconds, **client_options(args))
+    remote = connect(PROG, args, device, resolve_dtype(args.dtype, device))   # says so at once if nobody answers
+    probe = None
     try:
+        settings = LutstoreSettings.from_args(args)
+        # its own client: no retries and a short deadline, so /health and the fail-fast check answer at once
+        probe = LutClient(settings.addr, timeout=PROBE_TIMEOUT_S, retries=0, retry_seconds=0,
+                          **{**settings.client_options(), "shared_memory": False})
         bb = remote.backbone
         context = args.context or bb.args.context_length
         if not 2 <= context <= bb.args.context_length:
@@ -709,18 +946,23 @@ def load(args: argparse.Namespace) -> ServeState:
                            tokenizer=bb.tokenizer, context=context, vocab_size=bb.args.vocab_size,
                            eos_id=bb.args.eos_token_id, api_key=read_api_key(args.api_key_file))
         state.metrics = Metrics(state)
+        _load_chat_template(state, bb.folder)
+        state.health = DaemonHealth(settings, probe.tables)
+        state.probe_client = probe
         state.engine = Engine(bb.model, source, args.max_batch, context, args.prefill_chunk, args.static_batching,
                               args.max_queue, on_step=state.metrics.batch.observe).start()
     except BaseException:
+        if probe is not None:
+            probe.close()
         remote.close()
         raise
     return state
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     api_key = read_api_key(args.api_key_file)   # fail on a bad key file before loading anything
+    if not 0 <= args.shutdown_grace < float("inf"):
+        raise UserError("--shutdown-grace must be a number of seconds >= 0")
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
     try:
@@ -734,35 +976,27 @@ def run(args: argparse.Namespace) -> int:
         raise
     host, port = sock.getsockname()[:2]
 
-    class Server(uvicorn.Server):
-        async def startup(self, sockets=None) -> None:
-            await super().startup(sockets)
-            print(f"inference.serve: serving {state.model_name} on http://{host}:{port}", flush=True)
-
-        @contextlib.contextmanager
-        def capture_signals(self):
-            # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown (exit status -15);
-            # like `lutstore serve`, a requested stop that went well exits 0 instead.
-            with super().capture_signals():
-                try:
-                    yield
-                finally:
-                    self._captured_signals.clear()
-
-    config = uvicorn.Config(create_app(state, args.max_body_bytes), log_level="warning" if args.verbose == 0 else "info",
-                            timeout_graceful_shutdown=5, access_log=args.verbose > 0)
+    server = Server(uvicorn.Config(create_app(state, args.max_body_bytes), lifespan="off",
+                                   log_level="warning" if args.verbose == 0 else "info",
+                                   timeout_graceful_shutdown=args.shutdown_grace + 5, access_log=args.verbose > 0),
+                    state, f"http://{host}:{port}", args.shutdown_grace)
     try:
-        Server(config).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         state.engine.stop()
+        state.probe_client.close()
         state.remote.close()
         sock.close()
+    if server.ended is not None:
+        ended = f"; {server.ended} open request(s) ended with an error" if server.ended else ""
+        print(f"{PROG}: interrupted{ended}", file=sys.stderr, flush=True)
+        return EXIT_SIGINT
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
-    return cli_main("serve", build_parser(), run, argv)
+    return cli_main(PROG, build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ TABLE = "model.moe_table.weight"
 EMBED = "model.embed_tokens.weight"
 TRAIN_MARKER = "model.layers.0.experts.0.up_proj.weight"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
+                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
 _EXPERT_ONLY = re.compile(r"^model\.layers\.\d+\.(experts\.\d+\.|expert_layernorm\.)")
 
 

@@ -62,8 +62,12 @@ class ChildServer:
     def pid(self) -> int:
         return self.proc.pid
 
-    def stop(self, timeout: float = 15.0, strict: bool = False) -> int:
-        """SIGTERM, then kill if it has not exited within `timeout` (self.error if strict); the exit code."""
+    def stop(self, timeout: float = 60.0, strict: bool = False) -> int:
+        """SIGTERM, then kill if it has not exited within `timeout` (self.error if strict); the exit code.
+
+        A stop takes about a second on an idle machine; the default is a bound for a stop that hangs,
+        not a speed: it holds on a 2-core machine whose cores are both busy (15 s did not: the
+        endpoint's exit took longer there)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

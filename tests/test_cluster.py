@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -83,6 +84,20 @@ def test_rows_and_meta_are_byte_identical_to_rocksdb(url: str, db_path: Path, va
     assert sum(counts) == 300 and min(counts) > 50, counts
 
 
+def _wait_replicated(cluster, timeout: float = 60.0) -> None:
+    """Until every replica has what its master had when this was called (replication offsets)."""
+    deadline = time.monotonic() + timeout
+    for master in cluster.masters if cluster.replicas else []:
+        target = cluster.client(master).info("replication")["master_repl_offset"]
+        while True:
+            info = cluster.client(master).info("replication")
+            offsets = [v["offset"] for k, v in info.items() if re.fullmatch(r"slave\d+", k) and isinstance(v, dict)]
+            if offsets and min(offsets) >= target:
+                break
+            assert time.monotonic() < deadline, f"the replicas of {master.address} lag: {info}"
+            time.sleep(0.05)
+
+
 def test_reads_from_replicas_and_concurrent_ingests_get_distinct_versions(valkey_cluster) -> None:
     from conftest import random_rows
     from lutstore.codec import encode_rows
@@ -94,7 +109,7 @@ def test_reads_from_replicas_and_concurrent_ingests_get_distinct_versions(valkey
         for writer in (first, second):
             writer.add_rows(values)
         assert (second.commit().version, first.commit().version) == (1, 2)  # both started as "v1"
-    time.sleep(0.2)  # replication is asynchronous
+    _wait_replicated(valkey_cluster)  # replication is asynchronous
 
     def replica_gets() -> int:
         return sum(valkey_cluster.client(n).info("commandstats").get("cmdstat_get", {}).get("calls", 0)

@@ -21,6 +21,7 @@ import grpc
 import pytest
 from test_metrics import metrics_port, scrape, value
 
+import lutstore as lutstore_package   # (lutstore() below runs the CLI)
 from lutstore.child_server import ChildServer
 from lutstore.cli import main as cli_main
 from lutstore.codec import Encoding, RowFormat
@@ -278,24 +279,38 @@ def test_kill_9_leaves_a_folder_that_the_next_reader_removes_but_a_live_ones_sta
 # ---- a database the daemon can only read -------------------------------------------------------
 
 def _unprivileged_prefix(db: Path) -> tuple[str, ...]:
-    """A command prefix that runs Python able to read `db` but not to write in it (its files are
-    root's and read-only): as uid 65534 where that uid can run this interpreter, else as root with
-    every capability dropped (no CAP_DAC_OVERRIDE: the file modes apply, as to any user). Skips
-    where neither works."""
+    """A command prefix that runs the daemon's Python able to read `db` but not to write in it (its
+    files are root's and read-only): as uid 65534 where that uid can do everything the child does,
+    else as root with every capability dropped (no CAP_DAC_OVERRIDE: the file modes apply, as to any
+    user). Skips, saying why, where neither works.
+
+    The probe is the child's start itself: this interpreter, the same working folder (the checkout)
+    and environment, importing this checkout's lutstore. A checkout inside a folder other users
+    cannot enter (`mktemp -d` makes one 0700) is out of uid 65534's reach, and that user may even
+    import another lutstore installed elsewhere: neither is the code under test."""
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         pytest.skip("setpriv is not installed")
-    probe = (f"import pathlib; d = pathlib.Path({str(db)!r}); (d / 'CURRENT').read_bytes()\n"
-             f"try: open(d / 'probe', 'w')\nexcept PermissionError: print('read-only')")
-    for prefix in ((setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"),
-                   (setpriv, "--bounding-set=-all", "--inh-caps=-all")):
+    package = Path(lutstore_package.__file__).resolve().parent
+    probe = ("import pathlib, lutstore.cli\n"
+             f"if pathlib.Path(lutstore.__file__).resolve().parent != pathlib.Path({str(package)!r}):\n"
+             "    raise SystemExit(f'imports another lutstore: {lutstore.__file__}')\n"
+             f"d = pathlib.Path({str(db)!r}); (d / 'CURRENT').read_bytes()\n"
+             "try: open(d / 'probe', 'w')\nexcept PermissionError: print('read-only')")
+    why = []
+    for who, prefix in (("uid 65534", (setpriv, "--reuid=65534", "--regid=65534", "--clear-groups")),
+                        ("root without capabilities", (setpriv, "--bounding-set=-all", "--inh-caps=-all"))):
         try:
-            run = subprocess.run([*prefix, sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
-        except OSError:
+            run = subprocess.run([*prefix, sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                                 timeout=60)
+        except OSError as e:
+            why.append(f"{who}: {e}")
             continue
         if run.returncode == 0 and run.stdout.strip() == "read-only":
             return prefix
-    pytest.skip("cannot run Python here as a user who can read but not write a root-owned read-only folder")
+        said = (run.stderr.strip().splitlines() or [run.stdout.strip() or f"exit {run.returncode}"])[-1]
+        why.append(f"{who}: {said if run.returncode else 'can write in the read-only folder'}")
+    pytest.skip(f"cannot run this checkout's daemon as a user who can read but not write {db}: {'; '.join(why)}")
 
 
 def _set_modes(root: Path, read_only: bool) -> None:

@@ -40,7 +40,8 @@ from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 
 # ---- helpers ------------------------------------------------------------------
 
-def lutstore_cli(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+def lutstore_cli(*args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    # a bound for an ingest that hangs, not a speed: with both cores busy the int8 + zstd one took over 180 s
     return subprocess.run([sys.executable, "-m", "lutstore.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 

@@ -2,18 +2,24 @@
 `openai` client, plus plain HTTP for the error paths.
 
 One endpoint (max 20 slots, prefill chunks of 8 tokens) on a daemon serving an fp32 table
-ingested from a small train-form checkpoint; a second one, with an API key and no row
-cache, for authentication and a daemon that dies; a third, `tight` (one slot, a queue of
-one, 4 KiB bodies, a 4096-token model without EOS so a request runs as long as asked), for
-clients that leave, a full queue and oversized bodies.
+ingested from a small train-form checkpoint (no chat template); a second one, with an API
+key and no row cache, for authentication and a daemon that dies and comes back; a third,
+`tight` (one slot, a queue of one, 4 KiB bodies, a 4096-token model without EOS so a
+request runs as long as asked, whose tokenizer has a chat template), for clients that
+leave, a full queue, oversized bodies and chat; a fourth on the long model for Ctrl-C.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import random
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -29,7 +35,7 @@ from conftest import start_server
 
 from inference import evaluate
 from inference.backbone import open_remote
-from inference.endpoint_process import Endpoint
+from inference.endpoint_process import REPO, Endpoint
 from inference.engine import Engine, FailedEvent, FinishedEvent, Sequence
 from inference.lut import InProcessTable
 from inference.generate import generate
@@ -60,41 +66,55 @@ def setup(tmp_path_factory):
     daemon.stop()
 
 
+# a chat template as tokenizer_config.json holds one: special tokens, a loop, a refusal, the generation prompt
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+                 "{{ raise_exception('roles are system, user and assistant, not ' + m['role']) }}{% endif %}"
+                 "{{ m['role'] }} : {{ m['content'] | trim }} {{ eos_token }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant :{% endif %}")
 LONG_CONTEXT, LONG_RUN = 4096, 4000      # the tight endpoint's model: a request of LONG_RUN tokens runs for seconds
 TIGHT_BODY = 4096
 
 
 @pytest.fixture(scope="module")
-def tight(setup):
-    """One slot, one queue place, 4 KiB bodies: the same weights with a 4096-token context and no EOS
-    (a copy of the checkpoint with its config changed), on a daemon of its own."""
+def long_daemon(setup):
+    """A daemon serving the same weights with a 4096-token context and no EOS (a copy of the checkpoint
+    with its config changed), so a request runs as long as asked; its tokenizer has a chat template."""
     root = setup["root"]
     ckpt = root / "ckpt-long"
     shutil.copytree(root / "ckpt", ckpt)
     config = json.loads((ckpt / "config.json").read_text())
     config.update(max_position_embeddings=LONG_CONTEXT, eos_token_id=None)
     (ckpt / "config.json").write_text(json.dumps(config))
+    tokenizer_config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "chat_template": CHAT_TEMPLATE}))
     db = root / "db-long"
     assert cli.main(["ingest", str(ckpt), "--db", str(db), "--name", "long", "--encoding", "fp32",
                      "--no-progress"]) == 0
     daemon = start_server(db)
-    endpoint = Endpoint(daemon.address, "--max-batch", "1", "--max-queue", "1", "--max-body-bytes", str(TIGHT_BODY),
-                        env=setup["env"])
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def tight(setup, long_daemon):
+    """One slot, one queue place, 4 KiB bodies, on the long model."""
+    endpoint = Endpoint(long_daemon.address, "--max-batch", "1", "--max-queue", "1", "--max-body-bytes",
+                        str(TIGHT_BODY), env=setup["env"])
     yield endpoint
     assert endpoint.stop() == 0, "".join(endpoint.output)
-    daemon.stop()
 
 
 def _client(endpoint: Endpoint, key: str = "none") -> openai.OpenAI:
     return openai.OpenAI(base_url=endpoint.base_url, api_key=key, max_retries=0, timeout=60)
 
 
-def _post(endpoint: Endpoint, path: str, body: bytes | dict, headers: dict | None = None) -> tuple[int, dict]:
+def _post(endpoint: Endpoint, path: str, body: bytes | dict, headers: dict | None = None,
+          timeout: float = 60) -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     req = urllib.request.Request(endpoint.url + path, data=data, headers={"content-type": "application/json",
                                                                           **(headers or {})})
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -431,14 +451,101 @@ def test_errors_are_openai_shaped_and_others_keep_going(setup) -> None:
         _assert_openai_error(got, answer, status, param, code)
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         client.completions.create(model="m32", prompt="the", max_tokens=CONTEXT)
-    # an endpoint this server does not have (chat: the model is a plain LM) is an OpenAI-shaped 404 too
-    got, answer = _post(ep, "/v1/chat/completions", {"model": "m32", "messages": [{"role": "user", "content": "hi"}]})
+    # a route this server does not have is an OpenAI-shaped 404 too
+    got, answer = _post(ep, "/v1/embeddings", {"model": "m32", "input": "hi"})
     assert got == 404 and answer["error"]["type"] == "invalid_request_error", answer
     text = "".join(pieces + [c.choices[0].text for c in running])
     assert text == client.completions.create(model="m32", prompt="the water", max_tokens=200,
                                              temperature=0).choices[0].text
     assert client.completions.create(model="m32", prompt="the water is", max_tokens=30,
                                      temperature=0).choices[0].text == _in_process_text(remote, "the water is", 30)
+
+
+def test_chat_completions_use_the_models_chat_template(setup, long_daemon, tight) -> None:
+    """/v1/chat/completions on a model whose tokenizer has a chat template: the messages rendered as
+    transformers' apply_chat_template renders them, then what inference.generate gives for that
+    prompt (greedy), streamed or not, through the openai client; the template's own refusal is a 400."""
+    transformers = pytest.importorskip("transformers")
+    folder = setup["root"] / "ckpt-long"
+    messages = [{"role": "system", "content": "you are the water"},
+                {"role": "user", "content": [{"type": "text", "text": "is the water hot"}]}]
+    flat = [messages[0], {"role": "user", "content": "is the water hot"}]
+    text = transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(
+        flat, add_generation_prompt=True, tokenize=False)
+    remote = open_remote(long_daemon.address, "long")
+    try:
+        tok = remote.backbone.tokenizer
+        ids = tok.encode(text, add_special_tokens=False).ids
+        eos = tok.token_to_id("</s>")                     # the template's eos_token ends the turn
+        out = generate(remote.backbone.model, remote.source, [ids], 12, eos_id=eos)
+    finally:
+        remote.close()
+    content = [t for t in out.tokens[0] if t != eos]
+    want = tok.decode(ids + content)[len(tok.decode(ids)):]
+    assert len(content) > 3, want                         # a real answer to compare (fixed weights, greedy)
+    client = _client(tight)
+    got = client.chat.completions.create(model="long", messages=messages, max_tokens=12, temperature=0)
+    assert got.object == "chat.completion" and got.choices[0].message.role == "assistant"
+    assert got.choices[0].message.content == want
+    assert got.usage.prompt_tokens == len(ids) and got.usage.completion_tokens == len(out.tokens[0])
+    assert got.choices[0].finish_reason == ("stop" if eos in out.tokens[0] else "length")
+    chunks = list(client.chat.completions.create(model="long", messages=messages, max_completion_tokens=12,
+                                                 temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == got.choices[0].finish_reason
+    with pytest.raises(openai.BadRequestError, match="roles are system, user and assistant, not robot"):
+        client.chat.completions.create(model="long", messages=[{"role": "robot", "content": "hi"}], max_tokens=2)
+
+
+def test_chat_template_forms(tmp_path) -> None:
+    """Where a checkpoint keeps its template: tokenizer_config.json's string, its list of named
+    templates ("default" used), or chat_template.jinja; none at all is None; tojson keeps
+    non-ASCII and HTML characters as they are (as transformers)."""
+    from inference.chat_template import ChatTemplate
+
+    def folder(config: dict, jinja: str | None = None):
+        d = tmp_path / str(len(list(tmp_path.iterdir())))
+        d.mkdir()
+        (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}, **config}))
+        if jinja is not None:
+            (d / "chat_template.jinja").write_text(jinja)
+        return d
+
+    say = "{% for m in messages %}{{ m['content'] | tojson }}{% endfor %}{{ eos_token }}"
+    msgs = [{"role": "user", "content": "<é>"}]
+    assert ChatTemplate.from_folder(folder({"chat_template": say})).render(msgs) == '"<é>"</s>'
+    named = [{"name": "tool_use", "template": "no"}, {"name": "default", "template": say}]
+    assert ChatTemplate.from_folder(folder({"chat_template": named})).render(msgs) == '"<é>"</s>'
+    assert ChatTemplate.from_folder(folder({}, jinja=say)).render(msgs) == '"<é>"</s>'
+    assert ChatTemplate.from_folder(folder({})) is None
+
+
+def test_chat_without_a_chat_template_says_to_use_completions(setup) -> None:
+    """The m32 model's tokenizer has no chat template: an OpenAI-shaped 400 that says so and names
+    /v1/completions (not a bare 404)."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        _client(setup["endpoint"]).chat.completions.create(model="m32", messages=[{"role": "user", "content": "hi"}])
+    error = caught.value.body
+    assert "has no chat template" in error["message"] and "/v1/completions" in error["message"], error
+    assert error["code"] == "no_chat_template" and error["type"] == "invalid_request_error", error
+
+
+def test_unsupported_sampling_fields_say_what_they_must_be(setup) -> None:
+    """n, best_of and the penalties exist only at their default: the error says so, never a bound
+    ("Input should be <= 0") that reads as if other values were allowed; the default itself is served."""
+    client = _client(setup["endpoint"])
+    for param, value, must in (("frequency_penalty", 0.5, 0), ("frequency_penalty", -0.5, 0),
+                               ("presence_penalty", 1.0, 0), ("presence_penalty", -2, 0), ("n", 2, 1),
+                               ("best_of", 3, 1)):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model="m32", prompt="the", max_tokens=2, **{param: value})
+        error = caught.value.body
+        assert error["message"] == f"{param} is not supported (must be {must})", (param, value, error)
+        assert error["param"] == param
+    ok = client.completions.create(model="m32", prompt="the", max_tokens=2, temperature=0, n=1, best_of=1,
+                                   frequency_penalty=0, presence_penalty=0.0)
+    assert ok.usage.completion_tokens >= 1
 
 
 def _queue(ep: Endpoint) -> float:
@@ -495,13 +602,66 @@ def test_a_body_over_the_limit_gets_413(tight) -> None:
         assert status == 200 and answer["usage"]["completion_tokens"] == 2, answer
 
 
+def test_a_second_ctrl_c_ends_open_streams_with_an_error(setup, long_daemon) -> None:
+    """Ctrl-C while three streams run: one line says what the stop waits for; a second Ctrl-C ends
+    every stream with an error event (the openai client raises it), one more line, exit 130, no
+    traceback. (--shutdown-grace 600: the wait is the second Ctrl-C's, never the grace's.)"""
+    ep = Endpoint(long_daemon.address, "--shutdown-grace", "600", env=setup["env"])
+    try:
+        client = _client(ep)
+        streams = [iter(client.completions.create(model="long", prompt=_ids(5, i), max_tokens=LONG_RUN,
+                                                  temperature=0.8, stream=True)) for i in range(3)]
+        for s in streams:
+            next(s)                                      # each has a slot and is decoding
+        served = len(ep.output)
+        ep.proc.send_signal(signal.SIGINT)
+        _wait_for("the stop is announced", lambda: len(ep.output) > served)
+        ep.proc.send_signal(signal.SIGINT)
+        for s in streams:
+            with pytest.raises(openai.APIError, match="the server is shutting down"):
+                for _ in s:
+                    pass
+        assert ep.proc.wait(60) == 130
+        _wait_for("its output read to the end", lambda: "interrupted" in "".join(ep.output))
+    finally:
+        ep.stop(strict=False)
+    assert [line.rstrip() for line in ep.output[served:]] == [
+        "serve: stopping; waiting up to 600 s for 3 open request(s) (Ctrl-C again ends them now)",
+        "serve: interrupted; 3 open request(s) ended with an error"], "".join(ep.output)
+
+
+def test_an_unreachable_daemon_is_said_at_once(setup) -> None:
+    """--lut-addr where nothing listens: a `connecting to ... (retrying for N s)` line while it still
+    retries (as generate and evaluate), not silence for the whole retry budget and then an error."""
+    with socket.socket() as s:                     # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "inference.serve", "--lut-addr", f"127.0.0.1:{port}",
+                             "--retry-seconds", "60", "--port", "0"], cwd=REPO, env={**os.environ, **setup["env"]},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stderr.readline()
+        running = proc.poll() is None              # the line came before the 60 s of retries ended (it comes at once)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert first.startswith(f"serve: connecting to 127.0.0.1:{port} (") and "retrying for 60 s)" in first, first
+    assert running, f"the line came only when it gave up: {first}"
+
+
 def test_health_metrics_and_auth_and_a_dead_daemon(setup, tmp_path) -> None:
-    """A second endpoint with an API key and no row cache (every step fetches) on its own daemon."""
+    """A second endpoint with an API key and no row cache (every step fetches) on its own daemon,
+    which dies and comes back: while /health says the daemon is down, completions get their 503 at
+    once (not after the retry budget, retry_s here), one log line each, no traceback; once the daemon
+    is back (same port), they are served again without a restart."""
+    retry_s = 240
     daemon = start_server(setup["db"])
     key_file = tmp_path / "key"
     key_file.write_text("s3cret\n")
-    ep = Endpoint(daemon.address, "--api-key-file", str(key_file), "--lut-cache-mb", "0", "--retry-seconds", "1",
-                  env=setup["env"])
+    ep = Endpoint(daemon.address, "--api-key-file", str(key_file), "--lut-cache-mb", "0", "--retry-seconds",
+                  str(retry_s), env=setup["env"])
+    auth = {"authorization": "Bearer s3cret"}
     try:
         assert _get(ep, "/health")[0] == 200
         _assert_openai_error(*_post(ep, "/v1/completions", {"prompt": "the"}), 401, code="invalid_api_key")
@@ -515,17 +675,38 @@ def test_health_metrics_and_auth_and_a_dead_daemon(setup, tmp_path) -> None:
                      "lutserve_batch_size_bucket", "lutserve_time_to_first_token_seconds_bucket",
                      "lutserve_inter_token_latency_seconds_bucket", "lutserve_row_cache_hit_rate"):
             assert name in metrics
+        port = daemon.port
         daemon.proc.kill()               # dies (a graceful stop would wait for the endpoint's open session)
         daemon.proc.wait()
-        status, body = _post(ep, "/v1/completions", {"prompt": "the water", "max_tokens": 4},
-                             {"authorization": "Bearer s3cret"})
-        _assert_openai_error(status, body, 503, code="lut_unavailable")
-        assert "daemon" in body["error"]["message"]
-        deadline = time.monotonic() + 10      # /health reuses a probe's answer for 1 s
-        while _get(ep, "/health")[0] != 503:
-            assert time.monotonic() < deadline, "/health still says ready with the daemon dead"
-            time.sleep(0.1)
+        _wait_for("/health says the daemon is down", lambda: _get(ep, "/health")[0] == 503)
+        logged = len("".join(ep.output).splitlines())
+        for _ in range(3):
+            # a probe with no retries answers at once (a refused connection); a bound far under the retry
+            # budget that a loaded machine still meets: the request does not wait for the budget
+            try:
+                status, body = _post(ep, "/v1/completions", {"prompt": "the water", "max_tokens": 4}, auth,
+                                     timeout=retry_s / 4)
+            except TimeoutError:
+                pytest.fail(f"no answer within {retry_s / 4:g}s: the request waits for the retry budget")
+            _assert_openai_error(status, body, 503, code="lut_unavailable")
+            assert "daemon" in body["error"]["message"] and "Connection refused" in body["error"]["message"], body
         assert _client(ep, "s3cret").models.list().data[0].id == "m32"      # still serving
+        restarted = start_server(setup["db"], "--port", str(port))           # the daemon is back, same address
+        try:
+            def served() -> bool:
+                status, body = _post(ep, "/v1/completions", {"prompt": "the water", "max_tokens": 4,
+                                                             "temperature": 0}, auth)
+                assert status in (200, 503), body
+                return status == 200
+            _wait_for("completions served again", served, 60)
+            assert _get(ep, "/health")[0] == 200
+        finally:
+            restarted.stop()
     finally:
-        assert ep.stop() == 0, "".join(ep.output)
+        stopped = ep.stop(strict=False)
         daemon.stop()
+    log = "".join(ep.output)
+    assert stopped == 0, log
+    assert "Traceback" not in log, log
+    # the refused requests: one line each at most (none at the default level), the outage said once
+    assert len(log.splitlines()) - logged <= 3 + 2, log
