@@ -1,8 +1,9 @@
-"""lm-evaluation-harness scoring a MoLE model through `inference.serve`, as the README shows it:
+"""lm-evaluation-harness scoring a MoLE model through an endpoint, as the README shows it:
 `lm_eval run --model local-completions` (token-id prompts, echo + logprobs, 8 prompts per request,
-a local tokenizer), offline, on the tiny local tasks of tests/lm_eval_task/. What it reports
-(per-choice log-likelihoods, greedy flags, acc, acc_norm, perplexity) must be what the same
-model gives in-process (inference.evaluate.token_logprobs) on the same daemon's table.
+a local tokenizer), offline, on the tiny local tasks of tests/lm_eval_task/, against
+`inference.serve` and against vLLM with the lutstore plugin, both on one daemon's fp32 table.
+What it reports (per-choice log-likelihoods, greedy flags, acc, acc_norm, perplexity) must be
+what the same model gives in-process (inference.evaluate.token_logprobs) on that table.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from inference import evaluate
 from inference.backbone import open_remote
 from inference.endpoint_process import Endpoint
 from lutstore import cli
+from testing.vllm_server import VllmServer, vllm_python
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("tenacity", reason="lm-eval's API models need tenacity (pinned in the [dev] extra)")
 
-# Summed log-likelihood of one continuation (1-3 tokens): the endpoint prefills in chunks into its
-# KV cache, evaluate runs one full causal pass; per token they agree to ~1e-6 in fp32.
+# Summed log-likelihood of one continuation (1-3 tokens): the endpoints prefill in chunks into their
+# KV caches with their own kernels, evaluate runs one full causal pass; per token they agree to ~1e-6
+# (inference.serve) and ~1e-5 (vLLM) in fp32.
 LL_TOL = 1e-4
 BATCH = 8          # prompts per request
 
@@ -44,7 +47,7 @@ def served(tmp_path_factory):
             endpoint = Endpoint(daemon.address, "--max-batch", "8", "--prefill-chunk", "8", env=env)
             remote = open_remote(daemon.address, "tiny")
             try:
-                yield {"root": root, "ckpt": ckpt, "endpoint": endpoint, "remote": remote}
+                yield {"root": root, "ckpt": ckpt, "daemon": daemon, "endpoint": endpoint, "remote": remote}
             finally:
                 remote.close()
                 assert endpoint.stop() == 0, "".join(endpoint.output)
@@ -124,3 +127,18 @@ def test_lm_eval_through_inference_serve_equals_in_process(served) -> None:
     # several prompts per request: lm-eval sent its loglikelihood requests BATCH at a time
     prompts = sum(len(p) for task in TASKS for p in pairs(task))
     assert _ok_requests(ep) - before == math.ceil(prompts / BATCH)
+
+
+@pytest.mark.skipif(vllm_python() is None, reason="no vLLM environment (make install-vllm)")
+def test_lm_eval_through_vllm_equals_in_process(served) -> None:
+    """The same command against `vllm serve` with the plugin, its rows from the same daemon."""
+    remote = served["remote"]
+    with VllmServer(served["ckpt"], "--dtype", "float32", "--max-model-len", "256", model="tiny",
+                    lutstore={"addr": served["daemon"].address, "table": "tiny"}) as server:
+        got = run_lm_eval("local-completions", {
+            "model": server.model, "base_url": server.url + "/v1/completions", "tokenizer_backend": "huggingface",
+            "tokenizer": served["ckpt"], "tokenized_requests": True, "max_length": 256,
+        }, served["root"] / "out-vllm", batch_size=BATCH)
+    want = expected(lambda s: remote.backbone.tokenizer.encode(s).ids, in_process_score(remote))
+    worst = assert_same_scores(got, want)
+    print(f"max |lm-eval via vLLM - in-process| log-likelihood: {worst:.3g}")
