@@ -131,13 +131,14 @@ def test_lm_eval_through_inference_serve_equals_in_process(served) -> None:
 
 @pytest.mark.skipif(vllm_python() is None, reason="no vLLM environment (make install-vllm)")
 def test_lm_eval_through_vllm_equals_in_process(served) -> None:
-    """The same command against `vllm serve` with the plugin, its rows from the same daemon."""
+    """The same command against `vllm serve` with the plugin, its rows from the same daemon; two
+    requests in flight (num_concurrent: lm-eval's asynchronous path)."""
     remote = served["remote"]
     with VllmServer(served["ckpt"], "--dtype", "float32", "--max-model-len", "256", model="tiny",
                     lutstore={"addr": served["daemon"].address, "table": "tiny"}) as server:
         got = run_lm_eval("local-completions", {
             "model": server.model, "base_url": server.url + "/v1/completions", "tokenizer_backend": "huggingface",
-            "tokenizer": served["ckpt"], "tokenized_requests": True, "max_length": 256,
+            "tokenizer": served["ckpt"], "tokenized_requests": True, "max_length": 256, "num_concurrent": 2,
         }, served["root"] / "out-vllm", batch_size=BATCH)
     want = expected(lambda s: remote.backbone.tokenizer.encode(s).ids, in_process_score(remote))
     worst = assert_same_scores(got, want)
