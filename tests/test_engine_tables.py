@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +55,27 @@ def test_backbone_check_against_a_served_table(tmp_path: Path, serve) -> None:
         # the served table's rows are the checkpoint's table
         served = InProcessTable.from_client(client, "m").table
     np.testing.assert_allclose(served.numpy(), table_from_checkpoint(ckpt).numpy(), rtol=0, atol=1e-3)
+
+
+def test_folder_command_refuses_in_one_line(tmp_path: Path, serve) -> None:
+    import subprocess
+    import sys
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "inference.engines.folder", *args], capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "LUTSTORE_CACHE": str(tmp_path / "cache")})
+
+    assert run("--help").returncode == 0
+    ckpt = make_checkpoint(tmp_path / "m", form="train", vocab=40)
+    ingest_checkpoint(ckpt, tmp_path / "db", name="m", progress=False)
+    server = serve(tmp_path / "db")
+    wrong = run("--lut-addr", server.address, "--table", "nope")
+    assert wrong.returncode == 2 and wrong.stdout == ""
+    assert wrong.stderr.strip().splitlines()[-1] == (f"python -m inference.engines.folder: error: no table 'nope' at "
+                                                     f"{server.address}; tables: m")
+    done = run("--lut-addr", server.address)
+    assert done.returncode == 0, done.stderr
+    folder = Path(done.stdout.strip())
+    assert folder.parent == tmp_path / "cache" / "models" and (folder / "model.safetensors").is_file()
+    with LutClient(server.address) as client:
+        backbone_matches_table(folder, client, client.info("m"), cache_dir=tmp_path / "cache")   # a backbone-only folder
