@@ -292,10 +292,10 @@ def plot(results: dict, label: str, args: argparse.Namespace) -> Path:
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     users = [str(c) for c in args.concurrency]
-    for name, r in results.items():
+    for n, (name, r) in enumerate(results.items()):
+        color = f"C{n}"     # one color per setup: steady solid, cold dashed
         for phase, style in (("steady", "o-"), ("cold", "x--")):
-            line = axes[0].plot(users, [r[phase][u]["tok_s"] for u in users], style, label=f"{name} {phase}")[0]
-            color = line.get_color() if phase == "steady" else None
+            axes[0].plot(users, [r[phase][u]["tok_s"] for u in users], style, color=color, label=f"{name} {phase}")
             axes[1].plot(users, [r[phase][u]["ttft_p50_ms"] for u in users], style, color=color)
             axes[2].plot(users, [r[phase][u]["itl_p99_ms"] for u in users], style, color=color)
     for ax, what in zip(axes, ("aggregate tok/s", "TTFT p50 (ms)", "inter-token latency p99 (ms)")):
