@@ -312,6 +312,36 @@ def plot(results: dict, label: str, args: argparse.Namespace) -> Path:
     return out
 
 
+def markdown(doc: dict) -> str:
+    """Two markdown tables from a result document: tok/s (steady, cold in brackets) with the ratios
+    the targets and figures name, then TTFT and inter-token latency in steady state."""
+    results = doc["results"]
+    names = list(results)
+    users = list(next(iter(results.values()))["steady"])
+    head = ["streams"] + [f"{n} tok/s" for n in names]
+    ratios = []
+    for dtype in ("fp32", "bf16"):
+        if f"vllm-lutstore-{dtype}" in results and f"vllm-memory-{dtype}" in results:
+            ratios.append((f"lutstore / in-memory {dtype}", f"vllm-lutstore-{dtype}", f"vllm-memory-{dtype}"))
+    for dtype in ("fp32", "bf16"):
+        if "serve-fp32" in results and f"vllm-lutstore-{dtype}" in results:
+            ratios.append((f"serve / vLLM+lutstore {dtype}", "serve-fp32", f"vllm-lutstore-{dtype}"))
+    head += [r[0] for r in ratios]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for u in users:
+        row = [u] + [f"{results[n]['steady'][u]['tok_s']:.1f} ({results[n]['cold'][u]['tok_s']:.1f})" for n in names]
+        row += [f"{results[a]['steady'][u]['tok_s'] / max(results[b]['steady'][u]['tok_s'], 1e-9):.2f}x"
+                for _, a, b in ratios]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "| streams | " + " | ".join(f"{n} TTFT p50 / ITL p50 / ITL p99 (ms)" for n in names) + " |",
+              "|" + "---|" * (len(names) + 1)]
+    for u in users:
+        cells = [f"{results[n]['steady'][u]['ttft_p50_ms']:.0f} / {results[n]['steady'][u]['itl_p50_ms']:.0f} / "
+                 f"{results[n]['steady'][u]['itl_p99_ms']:.0f}" for n in names]
+        lines.append(f"| {u} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # -- the CLI ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = common.parser("bench_vllm", __doc__)
@@ -331,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--toy", action="store_true", help="a 2-layer toy shape instead of 160M-16E (for the tests' smoke run)")
     p.add_argument("--name", default="vllm", help="result file name (default vllm: results/vllm.json and .png)")
     p.add_argument("--work-dir", type=Path, default=Path(__file__).resolve().parent / "work")
+    p.add_argument("--markdown", type=Path, metavar="RESULT_JSON",
+                   help="run nothing: print the tables of a result file (as the README shows them)")
     p.add_argument("--quick", action="store_true",
                    help="fp32 only, vocabulary 1024, 32+32 tokens, one request per stream (two at 1 stream); "
                         "results under benchmarks/results/quick/")
@@ -343,6 +375,14 @@ QUICK = dict(vocab=1024, dtypes="fp32", requests_per_stream="2,1,1", prompt_len=
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    if args.markdown:
+        try:
+            print(markdown(json.loads(args.markdown.read_text())), end="")
+        except (OSError, ValueError, KeyError) as e:
+            print(f"bench_vllm: error: {args.markdown} is not a bench_vllm result file ({type(e).__name__}: {e})",
+                  file=sys.stderr)
+            return 2
+        return 0
     if args.quick:      # smaller defaults; flags given explicitly still win
         p.set_defaults(**QUICK)
         args = p.parse_args(argv)
@@ -402,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                               "load_average": {"start": load_start, "end": list(os.getloadavg())},
                               "results": results, "targets": targets, "figures": figures},
                   [plot(results, label, args)])
+    print(markdown({"results": results}), end="", flush=True)
     return 0
 
 
