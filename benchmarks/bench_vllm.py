@@ -49,6 +49,7 @@ from tqdm import tqdm
 from benchmarks import common
 from benchmarks.bigtables import ModelShape, write_rep_checkpoint, zipf_tokens
 from inference.endpoint_process import Endpoint
+from lutstore.child_server import ChildServerError
 from lutstore.errors import UserError
 from testing.vllm_server import PYTHON_ENV, VllmServer, vllm_python
 
@@ -429,21 +430,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     loads = make_loads(shape.vocab_size, args)
     results: dict = {}
+    failed: dict[str, str] = {}         # setup -> the end of its server's output
     load_start = list(os.getloadavg())
     with common.ServerProcess(db) as daemon:
         for setup in setups(args):
             print(f"== {setup.name}", flush=True)
-            results[setup.name] = run_setup(setup, ckpt, daemon.address, loads, args, args.work_dir)
+            try:
+                results[setup.name] = run_setup(setup, ckpt, daemon.address, loads, args, args.work_dir)
+            except ChildServerError as e:   # one setup that does not start leaves the others to run
+                print(f"  {setup.name}: did not start: {str(e).splitlines()[0]}", flush=True)
+                failed[setup.name] = str(e)[-4000:]
     targets, figures = targets_and_figures(results, args)
     shape_doc = {"vocab": shape.vocab_size, "layers": shape.num_layers, "experts": shape.num_experts,
                  "hidden": shape.hidden_size, "intermediate": shape.intermediate_size, "heads": shape.num_heads,
                  "table_encoding": "fp16", "checkpoint": "rep form, fp16, random"}
     common.finish(args.name, {"config": common.config_of(args), "shape": shape_doc,
                               "load_average": {"start": load_start, "end": list(os.getloadavg())},
-                              "results": results, "targets": targets, "figures": figures},
-                  [plot(results, label, args)])
-    print(markdown({"results": results}), end="", flush=True)
-    return 0
+                              "results": results, "failed": failed, "targets": targets, "figures": figures},
+                  [plot(results, label, args)] if results else [])
+    if results:
+        print(markdown({"results": results}), end="", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
