@@ -1,7 +1,9 @@
 """MoLE in vLLM: vLLM + lutstore vs vLLM + in-memory table vs `inference.serve`, one load, one run.
 
-Setups, each an OpenAI-compatible server started in turn and driven by the same HTTP client
-with the same prompts (token ids), one at a time on this machine:
+Setups, each an OpenAI-compatible server driven by the same HTTP client with the same prompts
+(token ids). The servers of one dtype run side by side (started together, each load sent to each
+in turn, so a ratio compares measurements taken seconds apart on a machine whose other load
+drifts); the two dtypes run one after the other:
   vllm-lutstore-DTYPE  vLLM with the lutstore plugin, rows from a `lutstore serve` daemon
   vllm-memory-DTYPE    vLLM with the plugin, the rep-form checkpoint's table in memory (the ceiling)
   serve-fp32           `python -m inference.serve` on the same daemon (its default dtype)
@@ -233,36 +235,61 @@ def start_server(setup: Setup, ckpt: Path, daemon_addr: str, args: argparse.Name
     return server, server.url
 
 
-def run_setup(setup: Setup, ckpt: Path, daemon_addr: str, loads: tuple, args: argparse.Namespace, work: Path) -> dict:
+def report(name: str, phase: str, r: dict) -> None:
+    print(f"  {name:20s} {phase:6s} {r['streams']:2d} streams: {r['tok_s']:7.1f} tok/s  "
+          f"TTFT p50/p99 {r['ttft_p50_ms']:7.1f}/{r['ttft_p99_ms']:7.1f} ms  "
+          f"ITL p50/p99 {r['itl_p50_ms']:6.1f}/{r['itl_p99_ms']:6.1f} ms  "
+          f"({r['requests']} requests, {r['errors']} errors)", flush=True)
+    if r["errors"]:
+        print(f"    first error: {r['first_error']}", flush=True)
+
+
+def run_profile(group: list[Setup], ckpt: Path, daemon_addr: str, loads: tuple, args: argparse.Namespace,
+                work: Path, results: dict, failed: dict) -> None:
+    """Start a profile's servers together, then run every load on each of them in turn, so that each
+    ratio compares measurements taken seconds apart (this machine's other load drifts by the minute).
+    A server that does not start is recorded in `failed`; the others still run."""
     cold, fill, steady = loads
-    out: dict = {"kind": setup.kind, "dtype": setup.dtype, "table": setup.table,
-                 "load_average_at_start": list(os.getloadavg())}
-    t0 = time.perf_counter()
-    server, url = start_server(setup, ckpt, daemon_addr, args, work)
-    out["start_s"] = time.perf_counter() - t0
-    print(f"  {setup.name}: serving after {out['start_s']:.0f} s", flush=True)
-    url += "/v1/completions"
-    vllm = setup.kind == "vllm"
+    running: list[tuple[Setup, object, str]] = []
     try:
-        warm = Load("warm-up", 1, [[fill.prompts[0][0][:8]]])
-        measure(url, "mole", warm, 4, vllm, setup.name)
-        for phase, group in (("cold", cold), ("steady", steady)):
-            if phase == "steady":
-                measure(url, "mole", fill, args.max_tokens, vllm, setup.name)    # fills the row caches, untimed
-            out[phase] = {}
-            for load in group:
-                r = measure(url, "mole", load, args.max_tokens, vllm, setup.name)
-                out[phase][str(load.streams)] = r
-                print(f"  {setup.name:20s} {phase:6s} {load.streams:2d} streams: {r['tok_s']:7.1f} tok/s  "
-                      f"TTFT p50/p99 {r['ttft_p50_ms']:7.1f}/{r['ttft_p99_ms']:7.1f} ms  "
-                      f"ITL p50/p99 {r['itl_p50_ms']:6.1f}/{r['itl_p99_ms']:6.1f} ms  "
-                      f"({r['requests']} requests, {r['errors']} errors)", flush=True)
-                if r["errors"]:
-                    print(f"    first error: {r['first_error']}", flush=True)
+        for setup in group:
+            out = {"kind": setup.kind, "dtype": setup.dtype, "table": setup.table,
+                   "load_average_at_start": list(os.getloadavg())}
+            t0 = time.perf_counter()
+            try:
+                server, url = start_server(setup, ckpt, daemon_addr, args, work)
+            except ChildServerError as e:
+                print(f"  {setup.name}: did not start: {str(e).splitlines()[0]}", flush=True)
+                failed[setup.name] = str(e)[-4000:]
+                continue
+            running.append((setup, server, url))
+            out["start_s"] = time.perf_counter() - t0
+            results[setup.name] = out
+            print(f"  {setup.name}: serving after {out['start_s']:.0f} s", flush=True)
+        for setup, server, url in list(running):
+            warm = measure(url + "/v1/completions", "mole", Load("warm-up", 1, [[fill.prompts[0][0][:8]]]), 4,
+                           setup.kind == "vllm", setup.name)
+            if warm["errors"]:
+                print(f"  {setup.name}: its warm-up request failed: {warm['first_error']}", flush=True)
+                failed[setup.name] = f"warm-up request failed: {warm['first_error']}"
+                results.pop(setup.name, None)
+                running.remove((setup, server, url))
+                server.stop()
+        for phase, group_loads in (("cold", cold), ("steady", steady)):
+            if phase == "steady":   # fills the row caches, untimed
+                for setup, _, url in running:
+                    measure(url + "/v1/completions", "mole", fill, args.max_tokens, setup.kind == "vllm", setup.name)
+            for load in group_loads:
+                for setup, _, url in running:
+                    r = measure(url + "/v1/completions", "mole", load, args.max_tokens, setup.kind == "vllm",
+                                setup.name)
+                    results[setup.name].setdefault(phase, {})[str(load.streams)] = r
+                    report(setup.name, phase, r)
     finally:
-        out["exit_code"] = server.stop()
-        out["load_average_at_end"] = list(os.getloadavg())
-    return out
+        for setup, server, _ in running:
+            code = server.stop()
+            if setup.name in results:
+                results[setup.name].update(exit_code=code, load_average_at_end=list(os.getloadavg()))
 
 
 # -- targets, figures, plot --------------------------------------------------------------------------
@@ -433,13 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     failed: dict[str, str] = {}         # setup -> the end of its server's output
     load_start = list(os.getloadavg())
     with common.ServerProcess(db) as daemon:
-        for setup in setups(args):
-            print(f"== {setup.name}", flush=True)
-            try:
-                results[setup.name] = run_setup(setup, ckpt, daemon.address, loads, args, args.work_dir)
-            except ChildServerError as e:   # one setup that does not start leaves the others to run
-                print(f"  {setup.name}: did not start: {str(e).splitlines()[0]}", flush=True)
-                failed[setup.name] = str(e)[-4000:]
+        for dtype in args.dtypes:
+            group = [s for s in setups(args) if s.dtype == dtype]
+            if group:
+                print(f"== {dtype}: {', '.join(s.name for s in group)}", flush=True)
+                run_profile(group, ckpt, daemon.address, loads, args, args.work_dir, results, failed)
     targets, figures = targets_and_figures(results, args)
     shape_doc = {"vocab": shape.vocab_size, "layers": shape.num_layers, "experts": shape.num_experts,
                  "hidden": shape.hidden_size, "intermediate": shape.intermediate_size, "heads": shape.num_heads,

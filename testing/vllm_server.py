@@ -12,6 +12,8 @@ import json
 import os
 import re
 import socket
+import time
+import urllib.request
 from pathlib import Path
 
 from lutstore.child_server import ChildServer, ChildServerError
@@ -60,6 +62,23 @@ class VllmServer(ChildServer):
                      "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
         super().__init__(cmd, READY, cwd=REPO, env=child_env, timeout=timeout)
         self.url = f"http://127.0.0.1:{self.port}"
+        self._wait_until_answering(timeout)
+
+    def _wait_until_answering(self, timeout: float) -> None:
+        """uvicorn prints its ready line before it accepts connections: GET /v1/models until it answers."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/v1/models", timeout=10) as r:
+                    if r.status == 200:
+                        return
+            except OSError:   # refused, reset, timed out, or an HTTP error status
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise self.error(f"vLLM printed its ready line but does not answer on {self.url}:\n"
+                                 f"{''.join(self.output)[-4000:]}")
+            time.sleep(0.5)
 
     @property
     def base_url(self) -> str:
