@@ -16,7 +16,10 @@ its table ingested fp16 into the daemon. Each setup gets, after one warm-up requ
   cold    1, 8 and 32 concurrent streams, each load's prompts drawn from a Zipf law over a
           slice of the vocabulary no earlier load used, so their rows are not yet cached
   steady  the same concurrencies on the last slice, after another stream of that Zipf law
-          (--fill-requests requests, untimed) filled the row caches
+          (--fill-requests requests, untimed) filled the row caches. A random-weights model's
+          greedy continuations are spread over the whole vocabulary (a trained model's follow
+          its text's Zipf law), so the fill also sends every id once (prompts only, untimed):
+          the caches then hold what a long-running server's would (--cache-mb holds them all)
 Every stream sends its requests back to back (--requests-per-stream), --prompt-len prompt
 tokens and --max-tokens completion tokens, greedy, streamed. Measured per load: tok/s
 (completion tokens / wall time), TTFT p50/p99 (send -> first streamed token), inter-token
@@ -107,9 +110,10 @@ class Load:
     prompts: list[list[list[int]]]          # [stream][request] -> token ids
 
 
-def make_loads(vocab: int, args: argparse.Namespace) -> tuple[list[Load], Load, list[Load]]:
-    """(cold loads, the fill stream, steady loads). Each cold load draws from a vocabulary slice of
-    its own; the fill and steady loads share the last slice (one Zipf law: the same hot ids)."""
+def make_loads(vocab: int, args: argparse.Namespace) -> tuple[list[Load], list[Load], list[Load]]:
+    """(cold loads, the fills, steady loads). Each cold load draws from a vocabulary slice of its
+    own; the Zipf fill and the steady loads share the last slice (one Zipf law: the same hot ids);
+    the sweep holds every id of the vocabulary once."""
     slices = np.array_split(np.random.default_rng(0).permutation(vocab), len(args.concurrency) + 1)
 
     def load(name: str, streams: int, per_stream: int, ids: np.ndarray, seed: int) -> Load:
@@ -121,9 +125,12 @@ def make_loads(vocab: int, args: argparse.Namespace) -> tuple[list[Load], Load, 
     cold = [load(f"cold-{c}", c, args.requests_per_stream[i], slices[i], 10 + i)
             for i, c in enumerate(args.concurrency)]
     fill = load("fill", args.fill_streams, -(-args.fill_requests // args.fill_streams), slices[-1], 99)
+    every = np.random.default_rng(98).permutation(vocab).tolist()
+    chunks = [every[i:i + args.prompt_len] for i in range(0, vocab, args.prompt_len)]
+    sweep = Load("sweep", args.fill_streams, [chunks[i::args.fill_streams] for i in range(args.fill_streams)])
     steady = [load(f"steady-{c}", c, args.requests_per_stream[i], slices[-1], 20 + i)
               for i, c in enumerate(args.concurrency)]
-    return cold, fill, steady
+    return cold, [fill, sweep], steady
 
 
 @dataclass
@@ -249,7 +256,7 @@ def run_profile(group: list[Setup], ckpt: Path, daemon_addr: str, loads: tuple, 
     """Start a profile's servers together, then run every load on each of them in turn, so that each
     ratio compares measurements taken seconds apart (this machine's other load drifts by the minute).
     A server that does not start is recorded in `failed`; the others still run."""
-    cold, fill, steady = loads
+    cold, (fill, sweep), steady = loads
     running: list[tuple[Setup, object, str]] = []
     try:
         for setup in group:
@@ -276,9 +283,10 @@ def run_profile(group: list[Setup], ckpt: Path, daemon_addr: str, loads: tuple, 
                 running.remove((setup, server, url))
                 server.stop()
         for phase, group_loads in (("cold", cold), ("steady", steady)):
-            if phase == "steady":   # fills the row caches, untimed
+            if phase == "steady":   # fill the row caches, untimed
                 for setup, _, url in running:
                     measure(url + "/v1/completions", "mole", fill, args.max_tokens, setup.kind == "vllm", setup.name)
+                    measure(url + "/v1/completions", "mole", sweep, 1, setup.kind == "vllm", setup.name)
             for load in group_loads:
                 for setup, _, url in running:
                     r = measure(url + "/v1/completions", "mole", load, args.max_tokens, setup.kind == "vllm",
@@ -383,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fill-streams", type=int, default=8, help="streams of the untimed fill (default 8)")
     p.add_argument("--fill-requests", type=int, default=32, help="requests of the untimed fill (default 32)")
     p.add_argument("--context", type=int, default=256, help="max model length of every server (default 256)")
-    p.add_argument("--cache-mb", type=float, default=1024, help="row cache of the lutstore clients, MiB (default 1024)")
+    p.add_argument("--cache-mb", type=float, default=1536,
+                   help="row cache of the lutstore clients, MiB (default 1536: every row of the 4096-row table)")
     p.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (default 1)")
     p.add_argument("--only", default="", help="run only these setups, comma separated (e.g. vllm-lutstore-fp32,serve-fp32)")
     p.add_argument("--toy", action="store_true", help="a 2-layer toy shape instead of 160M-16E (for the tests' smoke run)")
