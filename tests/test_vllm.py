@@ -371,7 +371,7 @@ def test_greedy_tokens_do_not_change_in_a_batch_of_8(server, prompts, reference)
 
 
 def test_daemon_killed_and_restarted_while_requests_run(server, daemon, prompts, reference) -> None:
-    client, n = server.client(), 160   # long enough to be running when the daemon dies, even on a fast host
+    client, n = server.client(), 96   # long enough to be running when the daemon dies, even on a fast host
     first_token = [threading.Event() for _ in range(4)]
     tokens: list[list[int]] = [[] for _ in range(4)]
     finish: list = [None] * 4

@@ -55,6 +55,7 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
 
 from inference.engines.step_rows import StepRows
@@ -164,9 +165,9 @@ class MoleForCausalLM(nn.Module):
         self.config, self.vllm_config = config, vllm_config
         if vllm_config.parallel_config.pipeline_parallel_size > 1:
             raise ValueError("MoleForCausalLM does not support pipeline parallelism (use tensor parallelism)")
-        self.model = MoleModel(vllm_config, prefix=f"{prefix}model" if not prefix else f"{prefix}.model")
+        self.model = MoleModel(vllm_config, prefix=maybe_prefix(prefix, "model"))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
-                                      prefix=f"{prefix}lm_head" if not prefix else f"{prefix}.lm_head")
+                                      prefix=maybe_prefix(prefix, "lm_head"))
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.device = torch.device(vllm_config.device_config.device)
         self.checkpoint = vllm_config.model_config.model
@@ -191,16 +192,16 @@ class MoleForCausalLM(nn.Module):
             mode = self.vllm_config.compilation_config.cudagraph_mode
             if not self.vllm_config.model_config.enforce_eager and mode not in (None, CUDAGraphMode.NONE):
                 raise UserError("MoleForCausalLM with a lutstore table fetches rows inside the forward, which a "
-                                 "CUDA graph cannot capture: start vLLM with --enforce-eager")
+                                "CUDA graph cannot capture: start vLLM with --enforce-eager")
         opened = open_table(settings, self.device, prog="vllm")
         info, c = opened.info, self.config
         want = (c.vocab_size, c.num_hidden_layers, c.num_experts, c.hidden_size)
         have = (int(info.vocab_size), int(info.num_layers), int(info.num_experts), int(info.hidden_size))
         if want != have:
             opened.close()
-            raise BackboneMismatch(f"checkpoint {self.checkpoint} (V={want[0]} L={want[1]} N={want[2]} D={want[3]}) does "
-                             f"not fit table {info.name!r} v{info.version} at {settings.addr} (V={have[0]} L={have[1]} "
-                             f"N={have[2]} D={have[3]})")
+            raise BackboneMismatch(f"checkpoint {self.checkpoint} (V={want[0]} L={want[1]} N={want[2]} D={want[3]}) "
+                                   f"does not fit table {info.name!r} v{info.version} at {settings.addr} "
+                                   f"(V={have[0]} L={have[1]} N={have[2]} D={have[3]})")
         self.lutstore, self.table = opened, opened.source
         log.info("MoLE rows from lutstore table %s v%d at %s (%s, cache %g MiB)", info.name, info.version,
                  settings.addr, opened.source.fmt.encoding.value, settings.cache_mb)
