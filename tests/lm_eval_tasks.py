@@ -1,7 +1,11 @@
 """lm-evaluation-harness on two tiny local tasks, offline: run its CLI against a model, and
 work out from an in-process model what it must report.
 
-    from lm_eval_tasks import TASK_DIR, TASKS, tiny_checkpoint, run_lm_eval, expected
+    from lm_eval_tasks import tiny_checkpoint, run_lm_eval, expected, in_process_score, assert_same_scores
+
+    got = run_lm_eval("local-completions", {"model": ..., "base_url": ..., ...}, tmp_path / "out")
+    want = expected(lambda s: tokenizer.encode(s).ids, in_process_score(model, source))
+    assert_same_scores(got, want)         # per choice within LL_TOL; acc, acc_norm, greedy flags equal
 
 The tasks (tests/lm_eval_task/, tag `mole_tiny`) are written in the style of the zero-shot
 benchmarks MoLE models are scored on: `mole_tiny_choice` is multiple choice (acc, acc_norm,
@@ -13,7 +17,8 @@ predicts greedily, so acc is not zero by construction.
 `run_lm_eval` runs `python -m lm_eval run` with the hub switched off (HF_HUB_OFFLINE,
 HF_DATASETS_OFFLINE, a private HF_HOME) and returns its results and per-document samples;
 `expected` computes the same numbers from a scoring function (ids -> per-token log-probs and
-whether each token is the top-1), tokenizing as lm-eval does.
+whether each token is the top-1), tokenizing as lm-eval does; `in_process_score` is that function
+for one of this repository's models (inference.evaluate.token_logprobs).
 """
 
 from __future__ import annotations
@@ -28,16 +33,22 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pytest
 
 from ckpt_factory import make_checkpoint
 
 TASK_DIR = Path(__file__).resolve().parent / "lm_eval_task"
 TAG = "mole_tiny"
 TASKS = ("mole_tiny_choice", "mole_tiny_lambada")
-# the checkpoint whose greedy predictions three lambada documents end on
-CHECKPOINT = dict(form="train", vocab=128, layers=2, experts=4, hidden=32, intermediate=64, heads=4, seed=7)
+# the checkpoint whose greedy predictions three lambada documents end on (head_dim 32: vLLM's CPU attention
+# refuses head dimensions under 32)
+CHECKPOINT = dict(form="train", vocab=128, layers=2, experts=4, hidden=64, intermediate=128, heads=2, seed=7)
 
 Score = Callable[[list[int]], tuple[np.ndarray, np.ndarray]]   # ids -> (log p(ids[i+1] | ids[:i+1]), is it the argmax)
+# Summed log-likelihood of one continuation (1-3 tokens) through an endpoint vs in-process: the endpoints
+# prefill in chunks into their KV caches with their own kernels, evaluate runs one full causal pass; per
+# token they agree to ~1e-6 in fp32.
+LL_TOL = 1e-4
 
 
 def tiny_checkpoint(dest: Path, **overrides) -> Path:
@@ -133,3 +144,42 @@ def run_lm_eval(model: str, model_args: dict[str, object], out_dir: Path, batch_
             rows = [json.loads(line) for line in files[-1].read_text().splitlines() if line.strip()]
             samples[task] = sorted(rows, key=lambda s: s["doc_id"])
     return LmEvalRun(results, samples, output)
+
+
+def in_process_score(model, source) -> Score:
+    """ids -> (inference.evaluate.token_logprobs, is each next token the argmax) for a Transformer and
+    its LutSource (None: a train-form model that computes its experts)."""
+    import torch
+
+    from inference.evaluate import token_logprobs
+
+    def score(ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        lp = token_logprobs(model, source, ids)
+        idx = torch.tensor([ids])
+        with torch.no_grad():
+            if source is not None:
+                source.request(ids)
+            logits = model(idx, lut_rows=None if source is None else source.rows(idx))[0, :-1].float()
+        return lp, (logits.argmax(-1) == idx[0, 1:]).numpy()
+
+    return score
+
+
+def assert_same_scores(got: LmEvalRun, want: dict[str, dict]) -> float:
+    """lm-eval's per-choice log-likelihoods within LL_TOL of `expected`'s, the greedy flags and
+    acc / acc_norm equal, the perplexity within what LL_TOL allows; returns the largest difference."""
+    worst = 0.0
+    for task in TASKS:
+        got_lls, want_lls = got.lls(task), want[task]["lls"]
+        assert len(got_lls) == len(want_lls), task
+        for doc, (g_row, w_row) in enumerate(zip(got_lls, want_lls)):
+            assert [g for _, g in g_row] == [g for _, g in w_row], f"{task} doc {doc}: greedy flags differ"
+            delta = max(abs(g - w) for (g, _), (w, _) in zip(g_row, w_row))
+            worst = max(worst, delta)
+            assert delta < LL_TOL, f"{task} doc {doc}: log-likelihoods {g_row} vs in-process {w_row}"
+        for name, value in want[task]["metrics"].items():
+            if name.startswith("perplexity"):
+                assert got.results[task][name] == pytest.approx(value, rel=2 * LL_TOL), (task, name)
+            else:
+                assert got.results[task][name] == value, (task, name, got.results[task], want[task]["metrics"])
+    return worst

@@ -420,3 +420,23 @@ def test_vllm_serve_refuses_a_wrong_table_in_one_line(models, daemon, tmp_path) 
     lines = [l for l in s.output().splitlines() if "lutstore: no table 'nope'" in l]
     assert lines, s.output()[-4000:]
     assert f"no table 'nope' at {daemon.address}; tables: m-bf16, m-fp16, m-fp32, m-int8, m-nf4" in lines[0]
+
+
+# ---- lm-evaluation-harness through the same vllm serve (tests/test_lm_eval.py: through inference.serve) ----
+
+def test_lm_eval_local_completions_scores_as_in_process(server, models, tmp_path) -> None:
+    """The README's `lm_eval run --model local-completions` against this server, offline, on the tiny
+    local tasks (tests/lm_eval_task/), two requests of 8 prompts in flight: every per-choice
+    log-likelihood, greedy flag, acc, acc_norm and perplexity is the in-process model's."""
+    pytest.importorskip("tenacity", reason="lm-eval's API models need tenacity (pinned in the [dev] extra)")
+    from lm_eval_tasks import assert_same_scores, expected, in_process_score, run_lm_eval
+
+    from inference.backbone import load_checkpoint
+
+    train, _ = load_checkpoint(models["train"])
+    got = run_lm_eval("local-completions", {
+        "model": "mole", "base_url": f"http://127.0.0.1:{server.port}/v1/completions",
+        "tokenizer_backend": "huggingface", "tokenizer": models["train"], "tokenized_requests": True,
+        "max_length": 256, "num_concurrent": 2}, tmp_path / "lm-eval", batch_size=8)
+    worst = assert_same_scores(got, expected(lambda s: train.tokenizer.encode(s).ids, in_process_score(train.model, None)))
+    print(f"lm-eval through vllm serve vs in-process: {worst:.2e}")
