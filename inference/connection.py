@@ -116,10 +116,15 @@ class LutstoreSettings:
         """Enough retries (backoff <= 1 s each) to last the whole retry_seconds budget."""
         return 5 + math.ceil(self.retry_seconds)
 
+    def why_unreachable(self) -> str | None:
+        """None if a TCP connection to the address (any replica) opens within half a second; else why
+        not ("Connection refused", "no answer yet", "cannot resolve ...")."""
+        return why_unreachable(parse_addresses(self.addr))
+
     def say_if_unreachable(self, prog: str) -> None:
         """One line on stderr at once when nothing answers at the address yet (the caller then
         retries for retry_seconds), so a user does not stare at silence."""
-        reason = why_unreachable(parse_addresses(self.addr))
+        reason = self.why_unreachable()
         if reason:
             print(f"{prog}: connecting to {self.addr} ({reason}; retrying for {self.retry_seconds:g} s)",
                   file=sys.stderr, flush=True)
