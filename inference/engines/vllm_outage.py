@@ -51,6 +51,12 @@ WATCH_EVERY_S = 1.0      # probe period while requests are open
 DISCONNECT: Message = {"type": "http.disconnect"}
 
 
+def route_path(scope: Scope) -> str:
+    """The request's path without the server's --root-path prefix."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
 def error_body(message: str) -> dict[str, Any]:
     """vLLM's own error shape (ErrorResponse), so clients parse it as any other vLLM error."""
     return {"error": {"message": message, "type": "ServiceUnavailableError", "param": None, "code": 503}}
@@ -169,7 +175,10 @@ class OutageGuard:
     async def _watch_open_requests(self) -> None:
         """While requests are open: probe, and end them all once the outage outlasts the budget."""
         while self.open:
-            await self.check()
+            try:
+                await self.check()
+            except Exception:  # noqa: BLE001 - a probe that fails oddly must not stop the watch
+                log.exception("lutstore: probing the daemon failed")
             if self.since is not None and (lasted := time.monotonic() - self.since) > self.budget:
                 message = (f"the lutstore daemon at {self.health.address} has not answered for {lasted:.0f} s "
                            f"({self.health.reason}; retry_seconds {self.budget:g}): the request was ended, its "
@@ -190,7 +199,7 @@ class DaemonOutageMiddleware:
         self._looked = False    # the model config is read at the first request (app.state has it by then)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path") in GENERATING:
+        if scope["type"] == "http" and scope.get("method") == "POST" and route_path(scope) in GENERATING:
             guard = self._guard if self._looked else self._make_guard(scope)
             if guard is not None:
                 return await guard.serve(self.app, scope, receive, send)
@@ -198,7 +207,15 @@ class DaemonOutageMiddleware:
 
     def _make_guard(self, scope: Scope) -> OutageGuard | None:
         self._looked = True
-        config = getattr(getattr(scope["app"].state, "vllm_config", None), "model_config", None)
+        try:
+            return self._open_guard(scope)
+        except Exception as e:  # noqa: BLE001 - never take the server down: say it once, let requests through
+            log.error("lutstore outage middleware is off (requests only stall while the daemon is down): %s", e)
+            return None
+
+    def _open_guard(self, scope: Scope) -> OutageGuard | None:
+        state = getattr(scope.get("app"), "state", None)
+        config = getattr(getattr(state, "vllm_config", None), "model_config", None)
         values = getattr(getattr(config, "hf_config", None), "lutstore", None)
         if not values:
             log.info("lutstore outage middleware: the model has no \"lutstore\" key (table in memory): nothing to watch")
