@@ -2,9 +2,11 @@
 
 Two kinds of vLLM run, kept few because a start costs 20-60 s here:
   - one `vllm serve` of the train checkpoint with its rows from `lutstore serve` (no row cache, so
-    every step fetches), talked to with the openai client: completions, streaming, echo + logprobs,
-    8 concurrent requests, the daemon killed and restarted under running requests; and one that is
-    refused at start (a wrong table), for the line a user sees;
+    every step fetches) and the outage middleware, talked to with the openai client: completions,
+    streaming, echo + logprobs, 8 concurrent requests, the daemon killed under running requests and
+    restarted within the retry budget (they finish right) and after it (they end with the error, new
+    requests get a 503, the server serves again); and one that is refused at start (a wrong table),
+    for the line a user sees;
   - one process of vLLM's offline engine (tests/vllm_offline.py) running every other case one after
     another: each encoding, the in-memory tables of both forms, a folder written from an address,
     and the refusals at start.
@@ -44,6 +46,10 @@ SHAPE = dict(vocab=128, layers=2, experts=4, hidden=64, intermediate=128, heads=
 ENCODINGS = ("fp32", "fp16", "bf16", "int8", "nf4")
 LOGPROB_BOUND = 1e-4     # fp32, same rows: measured <= 2e-6 here (kernels differ: vLLM's CPU attention vs SDPA)
 START_DEADLINE = 600.0   # seconds for a vLLM server to answer, on a loaded 2-core box
+# The served model's retry_seconds: an outage shorter than this is waited through, a longer one ends the
+# requests in flight. A daemon restart (one python start) must fit in it on a loaded box.
+OUTAGE_BUDGET = 15.0
+MIDDLEWARE = "inference.engines.vllm_outage.DaemonOutageMiddleware"
 N_PROMPTS = 3
 
 
@@ -138,6 +144,7 @@ def reference(models):
     from inference.lut import InProcessTable
 
     train, _ = load_checkpoint(models["train"])     # computes its experts
+    greedy: dict[tuple, list[int]] = {}
     lut_model, _ = load_checkpoint(models["rep"])   # lut form: takes any table's rows
 
     class Reference:
@@ -147,7 +154,10 @@ def reference(models):
             return token_logprobs(model or lut_model.model, InProcessTable(table), ids)
 
         def greedy(self, ids: list[int], n: int) -> list[int]:
-            return generate(train.model, None, [ids], n).tokens[0]
+            key = (tuple(ids), n)   # a 96-token reference takes a minute on a loaded box: computed once
+            if key not in greedy:
+                greedy[key] = generate(train.model, None, [ids], n).tokens[0]
+            return greedy[key]
 
     return Reference()
 
@@ -266,11 +276,11 @@ def test_refused_at_start_in_one_line(offline, case, words) -> None:
 class VllmServer:
     """`vllm serve MODEL` (the documented command) on a free port; output to a file."""
 
-    def __init__(self, model: Path, log: Path, overrides: dict | None = None) -> None:
+    def __init__(self, model: Path, log: Path, overrides: dict | None = None, *flags: str) -> None:
         self.port, self.log = free_port(), log
         cmd = [str(VLLM), "serve", str(model), "--host", "127.0.0.1", "--port", str(self.port),
                "--served-model-name", "mole", "--enforce-eager", "--dtype", "float32", "--max-model-len", "256",
-               "--max-num-seqs", "16"]
+               "--max-num-seqs", "16", *flags]
         if overrides:
             cmd += ["--hf-overrides", json.dumps(overrides)]
         self._out = open(log, "wb")
@@ -305,6 +315,28 @@ class VllmServer:
 
         return OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", timeout=600, max_retries=0)
 
+    def metrics(self) -> dict[str, float]:
+        """vLLM's Prometheus samples of model "mole" by name (finished_reason kept as [reason])."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("vllm:") and 'model_name="mole"' in line:
+                name, value = line.rsplit(" ", 1)
+                reason = name.split('finished_reason="')[1].split('"')[0] if "finished_reason" in name else None
+                out[name.split("{")[0] + (f"[{reason}]" if reason else "")] = float(value)
+        return out
+
+    def wait_log(self, text: str, since: int = 0, timeout: float = 300.0) -> None:
+        """Until `text` appears in the output after its first `since` characters (the server must stay up)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output()[since:]:
+            assert self.proc.poll() is None, f"vllm serve exited:\n{self.output()[-4000:]}"
+            assert time.monotonic() < deadline, f"no {text!r} within {timeout:g} s:\n{self.output()[-4000:]}"
+            time.sleep(0.2)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)   # the API server and its engine process
@@ -320,7 +352,8 @@ class VllmServer:
 def server(models, daemon, tmp_path_factory):
     # cache_mb 0: no row cache, so every step fetches its rows (the daemon's death is felt at once)
     s = VllmServer(models["train"], tmp_path_factory.mktemp("vllm-serve") / "serve.log",
-                   {"lutstore": {"addr": daemon.address, "table": "m-fp32", "cache_mb": 0, "retry_seconds": 2}})
+                   {"lutstore": {"addr": daemon.address, "table": "m-fp32", "cache_mb": 0,
+                                 "retry_seconds": OUTAGE_BUDGET}}, "--middleware", MIDDLEWARE)
     try:
         print(f"vllm serve answered after {s.wait_ready():.1f} s")
         yield s
@@ -370,45 +403,146 @@ def test_greedy_tokens_do_not_change_in_a_batch_of_8(server, prompts, reference)
     assert got == [reference.greedy(p, 16) for p in prompts]
 
 
-def test_daemon_killed_and_restarted_while_requests_run(server, daemon, prompts, reference) -> None:
-    client, n = server.client(), 96   # long enough to be running when the daemon dies, even on a fast host
-    first_token = [threading.Event() for _ in range(4)]
-    tokens: list[list[int]] = [[] for _ in range(4)]
-    finish: list = [None] * 4
+class Running:
+    """Requests running in threads, greedy: streams (tokens kept as they come) and non-streamed ones."""
 
-    def stream(i: int) -> None:
+    def __init__(self, client, prompts: list[list[int]], n: int, streamed: list[bool]) -> None:
+        self.client, self.prompts, self.n = client, prompts, n
+        self.tokens: list[list[int]] = [[] for _ in prompts]
+        self.finish: list = [None] * len(prompts)
+        self.error: list = [None] * len(prompts)
+        self.first_token = [threading.Event() for _ in prompts]
+        self.threads = [threading.Thread(target=self._stream if s else self._complete, args=(i,))
+                        for i, s in enumerate(streamed)]
+        for t in self.threads:
+            t.start()
+
+    def _stream(self, i: int) -> None:
         try:
-            for chunk in client.completions.create(model="mole", prompt=prompts[i], max_tokens=n, temperature=0,
-                                                   stream=True, extra_body=EXTRA):
+            for chunk in self.client.completions.create(model="mole", prompt=self.prompts[i], max_tokens=self.n,
+                                                        temperature=0, stream=True, extra_body=EXTRA):
                 for choice in chunk.choices:
-                    tokens[i] += choice.token_ids or []
-                    finish[i] = choice.finish_reason or finish[i]
-                    first_token[i].set()
+                    self.tokens[i] += choice.token_ids or []
+                    self.finish[i] = choice.finish_reason or self.finish[i]
+                    self.first_token[i].set()
         except Exception as e:   # an error the client sees ends the request
-            finish[i] = f"error: {e}"
-            first_token[i].set()
+            self.error[i] = e
+        self.first_token[i].set()
 
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for event in first_token:
+    def _complete(self, i: int) -> None:
+        try:
+            r = self.client.completions.create(model="mole", prompt=self.prompts[i], max_tokens=self.n, temperature=0,
+                                               extra_body=EXTRA)
+            self.tokens[i], self.finish[i] = r.choices[0].token_ids, r.choices[0].finish_reason
+        except Exception as e:
+            self.error[i] = e
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in self.threads), f"requests still open after {timeout:g} s"
+
+
+def wait_until(condition, timeout: float, what: str, pause: float = 0.2):
+    """Poll condition() until it returns something true; that value."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:g} s"
+        time.sleep(pause)
+    return value
+
+
+# Long enough to be running when the daemon dies, even on a fast host (the kill follows the first token)
+OUTAGE_TOKENS = 96
+
+
+def test_daemon_killed_and_back_within_the_retry_budget_requests_finish_right(server, daemon, prompts,
+                                                                              reference) -> None:
+    run = Running(server.client(), prompts[:4], OUTAGE_TOKENS, [True] * 4)
+    for event in run.first_token:
         assert event.wait(300), "no request produced a token"
+    mark = len(server.output())
     daemon.kill_9()
-    deadline = time.monotonic() + 300
-    while "did not arrive" not in server.output():   # a step is waiting for its rows
-        assert time.monotonic() < deadline and all(t.is_alive() for t in threads), server.output()[-3000:]
-        time.sleep(0.2)
-    daemon.restart()
-    for t in threads:
-        t.join(600)
-        assert not t.is_alive()
-    assert "rows arrive again" in server.output()
+    server.wait_log(f"the daemon at {daemon.address} does not answer (", since=mark)   # the outage is felt
+    daemon.restart()   # well within OUTAGE_BUDGET
+    run.join(600)
     # every request completed with the rows it needed: the tokens of the reference, none wrong
-    assert finish == ["length"] * 4
-    assert tokens == [reference.greedy(p, n) for p in prompts[:4]]
+    assert run.error == [None] * 4, run.error
+    assert run.finish == ["length"] * 4
+    assert run.tokens == [reference.greedy(p, OUTAGE_TOKENS) for p in prompts[:4]]
     assert server.proc.poll() is None
-    after = client.completions.create(model="mole", prompt=prompts[5], max_tokens=8, temperature=0, extra_body=EXTRA)
+    after = server.client().completions.create(model="mole", prompt=prompts[5], max_tokens=8, temperature=0,
+                                               extra_body=EXTRA)
     assert after.choices[0].token_ids == reference.greedy(prompts[5], 8)
+    assert "answers again" in server.output()[mark:]
+
+
+def test_daemon_gone_past_the_retry_budget_requests_end_with_an_error_then_it_serves_again(
+        server, daemon, prompts, reference) -> None:
+    import urllib.request
+
+    import openai
+
+    client = server.client()
+    finished = lambda: server.metrics().get("vllm:request_success_total[length]", 0.0)  # noqa: E731
+    before = finished()
+    # three streams and one non-streamed request, all running when the daemon dies
+    run = Running(client, prompts[:4], OUTAGE_TOKENS, [True, True, True, False])
+    for event in run.first_token[:3]:
+        assert event.wait(300), "no stream produced a token"
+    wait_until(lambda: server.metrics().get("vllm:num_requests_running", 0) >= 4, 300, "4 requests running")
+    mark = len(server.output())
+    daemon.kill_9()
+    killed = time.monotonic()
+    server.wait_log(f"the daemon at {daemon.address} does not answer (", since=mark)
+
+    # a new request while the daemon is known down: a 503 at once, not after the retry budget
+    asked = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.completions.create(model="mole", prompt=prompts[5], max_tokens=8, temperature=0, extra_body=EXTRA)
+    took = time.monotonic() - asked
+    print(f"a new request during the outage: {refused.value.status_code} after {took:.2f} s: {refused.value.message}")
+    assert refused.value.status_code == 503 and took < OUTAGE_BUDGET
+    assert f"the lutstore daemon at {daemon.address} does not answer (Connection refused)" in refused.value.message
+
+    # the requests in flight end with the error once the outage outlasts the budget; no token was wrong
+    run.join(OUTAGE_BUDGET + 300)
+    ended = time.monotonic() - killed
+    print(f"requests in flight ended {ended:.1f} s after the daemon was killed (retry_seconds {OUTAGE_BUDGET:g})")
+    assert ended > OUTAGE_BUDGET
+    for i in range(4):
+        error = run.error[i]
+        assert isinstance(error, openai.APIError), (i, error, run.finish[i])
+        assert f"the lutstore daemon at {daemon.address} has not answered for" in error.message, error.message
+        assert run.tokens[i] == reference.greedy(prompts[i], OUTAGE_TOKENS)[:len(run.tokens[i])]
+    assert all(len(run.tokens[i]) >= 1 for i in range(3))
+    assert isinstance(run.error[3], openai.APIStatusError) and run.error[3].status_code == 503
+    # the server stayed up
+    assert server.proc.poll() is None
+    assert [m.id for m in client.models.list().data] == ["mole"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/health", timeout=30) as health:
+        assert health.status == 200   # vLLM's engine is alive: its step waits for rows
+
+    # the daemon back on the same port: the server serves again (a 503 only until a probe answers)
+    daemon.restart()
+
+    def one_request():
+        try:
+            return client.completions.create(model="mole", prompt=prompts[5], max_tokens=8, temperature=0,
+                                             extra_body=EXTRA)
+        except openai.APIStatusError as e:
+            assert e.status_code == 503, e
+            return None
+
+    after = wait_until(one_request, 300, "a request after the daemon's restart", pause=0.5)
+    assert after.choices[0].token_ids == reference.greedy(prompts[5], 8)
+    assert "answers again" in server.output()[mark:]
+    # the ended requests were aborted in the engine, not run to their end: nothing runs or waits, and of
+    # them all only the request after the restart finished
+    wait_until(lambda: (m := server.metrics()) and m.get("vllm:num_requests_running") == 0
+               and m.get("vllm:num_requests_waiting") == 0 and finished() > before, 300, "the engine idle")
+    assert finished() - before == 1
 
 
 def test_vllm_serve_refuses_a_wrong_table_in_one_line(models, daemon, tmp_path) -> None:

@@ -10,6 +10,7 @@ kills the engine core (every request fails and the server exits), while a step t
 resumes with the right rows as soon as the daemon or a replica answers again. Each wait
 is one RemoteTable attempt (its client's retry budget, `retry_seconds`), then the step's
 missing rows are asked for again; a warning is logged per attempt. No row is ever invented.
+The clients are answered meanwhile by the API server's middleware (inference.engines.vllm_outage).
 """
 
 from __future__ import annotations
