@@ -55,8 +55,8 @@ from benchmarks.bigtables import write_table, zipf_tokens
 from inference.lut import MiB, InProcessTable, RemoteTable
 from inference.model import ModelArgs, Transformer, init_weights
 from lutstore.client import LutClient
-from lutstore.codec import Encoding, RowFormat, encode_payloads
-from lutstore.nf4 import DEFAULT_BLOCK_SIZE
+from lutstore.formats.codec import Encoding, RowFormat, encode_payloads
+from lutstore.formats.nf4 import DEFAULT_BLOCK_SIZE
 
 log = logging.getLogger(__name__)
 

@@ -77,9 +77,9 @@ from inference.generate import DEFAULT_PREFILL_CHUNK, announce_chunks, chunk_bou
 from inference.lut import MiB, InProcessTable, LutSource, RemoteTable
 from inference.model import ModelArgs, Transformer, init_weights
 from lutstore.client import LutClient
-from lutstore.codec import Encoding, RowFormat
+from lutstore.formats.codec import Encoding, RowFormat
 from lutstore.errors import UserError
-from lutstore.nf4 import DEFAULT_BLOCK_SIZE
+from lutstore.formats.nf4 import DEFAULT_BLOCK_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +322,7 @@ def ceilings(client: LutClient, table: str, args: argparse.Namespace) -> tuple[I
 
 def demo_setup(args: argparse.Namespace, work: Path) -> Setup:
     from inference.backbone import load_checkpoint
-    from lutstore.checkpoint import Checkpoint
+    from lutstore.ingest.checkpoint import Checkpoint
 
     model_dir, db = DEMO_DIR / "model", DEMO_DIR / "db"
     stamp = DEMO_DIR / "ingested.json"

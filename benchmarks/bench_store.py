@@ -36,8 +36,8 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.bigtables import write_table
-from lutstore.codec import Encoding, RowFormat
-from lutstore.store import Store, StoreError, TableMeta
+from lutstore.formats.codec import Encoding, RowFormat
+from lutstore.storage.rocksdb import Store, StoreError, TableMeta
 
 log = logging.getLogger(__name__)
 

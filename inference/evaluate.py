@@ -34,7 +34,7 @@ from inference.connection import add_remote_args, connect
 from inference.generate import cli_main
 from inference.lut import InProcessTable, LutSource
 from inference.model import Transformer
-from lutstore.address import parse_addresses
+from lutstore.client.address import parse_addresses
 from lutstore.cli import HelpFormatter, add_verbose
 from lutstore.errors import UserError
 

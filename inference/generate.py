@@ -39,7 +39,7 @@ from inference.lut import LutSource, LutStats
 from inference.model import Transformer
 from inference.sampling import SamplingConfig, sample
 from lutstore import alloc
-from lutstore.address import parse_addresses
+from lutstore.client.address import parse_addresses
 from lutstore.cli import HelpFormatter, add_verbose
 from lutstore.errors import UserError
 from lutstore.interrupts import quiet_on_closed_pipe

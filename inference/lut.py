@@ -33,8 +33,8 @@ from torch import Tensor
 from inference.rowcache import (PREFAULT_BYTES, ArrivingRows, Copy, DeviceStaging, Plan, RowParts, RowSlab,
                                 cached_row_bytes, stage_rows, storage_dtype, write_staged, write_views)
 from lutstore.client import LutClient
-from lutstore.codec import CRC_BYTES, Encoding, RowFormat, slice_payload_bytes
-from lutstore.fetch import SHARED_MEMORY_MIN_BYTES, RowFetcher
+from lutstore.formats.codec import CRC_BYTES, Encoding, RowFormat, slice_payload_bytes
+from lutstore.client.fetch import SHARED_MEMORY_MIN_BYTES, RowFetcher
 
 log = logging.getLogger(__name__)
 

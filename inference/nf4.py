@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lutstore import nf4
-from lutstore.codec import Encoding, RowFormat
+from lutstore.formats import nf4
+from lutstore.formats.codec import Encoding, RowFormat
 from inference.lut import InProcessTable
 
 _PAIRS: dict[tuple[torch.device, torch.dtype], Tensor] = {}

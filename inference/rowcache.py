@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lutstore.codec import Encoding, RowFormat
+from lutstore.formats.codec import Encoding, RowFormat
 
 MiB = 1 << 20
 # A CPU slab's first bytes are written when the table opens, so the slots handed out first (slot 0

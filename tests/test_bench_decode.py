@@ -15,7 +15,7 @@ import torch
 from conftest import REPO, write_table
 from inference.nf4 import Nf4Table
 from lutstore.client import LutClient
-from lutstore.codec import Encoding, RowFormat
+from lutstore.formats.codec import Encoding, RowFormat
 from lutstore.errors import UserError
 
 sys.path.insert(0, str(REPO))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from ckpt_factory import load_tensors, make_checkpoint, reference_lut
 
-from lutstore.checkpoint import EMBED, TABLE, Checkpoint
+from lutstore.ingest.checkpoint import EMBED, TABLE, Checkpoint
 from lutstore.errors import UserError
 
 

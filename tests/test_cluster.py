@@ -19,11 +19,11 @@ import grpc
 import pytest
 from redis.crc import key_slot
 
-from lutstore.backend import open_store
+from lutstore.storage.backends import open_store
 from lutstore.client import LutClient
-from lutstore.cluster_store import ClusterConfig
-from lutstore.codec import Encoding, RowFormat
-from lutstore.store import StoreError
+from lutstore.storage.cluster import ClusterConfig
+from lutstore.formats.codec import Encoding, RowFormat
+from lutstore.storage.rocksdb import StoreError
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 
@@ -85,7 +85,7 @@ def test_rows_and_meta_are_byte_identical_to_rocksdb(url: str, db_path: Path, va
 
 def test_reads_from_replicas_and_concurrent_ingests_get_distinct_versions(valkey_cluster) -> None:
     from conftest import random_rows
-    from lutstore.codec import encode_rows
+    from lutstore.formats.codec import encode_rows
 
     url = valkey_cluster.url(namespace=f"c{next(_count)}")
     values = encode_rows(FMT, random_rows(FMT, 40, seed=9))
@@ -158,8 +158,8 @@ def test_cli_ingest_verify_info_drop(url: str, tmp_path: Path) -> None:
 
 KILLED_INGEST = textwrap.dedent("""
     import os, signal, sys
-    from lutstore.backend import open_store
-    from lutstore.codec import Encoding, RowFormat, encode_rows
+    from lutstore.storage.backends import open_store
+    from lutstore.formats.codec import Encoding, RowFormat, encode_rows
     import numpy as np
     fmt = RowFormat(2, 4, 16, Encoding.FP16)
     values = encode_rows(fmt, np.ones((200, *fmt.shape), np.float32))

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from lutstore import nf4
-from lutstore.codec import (CRC_BYTES, ChecksumError, Encoding, RowFormat, check, decode_row, decode_rows,
+from lutstore.formats import nf4
+from lutstore.formats.codec import (CRC_BYTES, ChecksumError, Encoding, RowFormat, check, decode_row, decode_rows,
                             encode_rows)
 
 SHAPE = (3, 4, 16)

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from conftest import REPO, write_table
-from lutstore.codec import Encoding, RowFormat
+from lutstore.formats.codec import Encoding, RowFormat
 from lutstore.security import auth_metadata
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
@@ -73,7 +73,7 @@ def shared(**fields):
         return e.code().name
 out["by_name"] = shared(segment_name=os.path.basename(victim))
 print(json.dumps(out), flush=True)   # what an old daemon (which opened /dev/shm/NAME) did, before anything newer
-from lutstore.shm_segment import HELLO, Segment
+from lutstore.client.shm_segment import HELLO, Segment
 try:
     open(victim, "r+b")
     out["open_victim"] = "opened"

@@ -134,7 +134,7 @@ def test_greedy_generate_through_daemon_equals_in_process_table(daemon) -> None:
 def load_checkpoint_lut(ckpt: Path):
     """The checkpoint's backbone as a lut-form model (experts dropped by name)."""
     from inference.model import Transformer
-    from lutstore.checkpoint import Checkpoint
+    from lutstore.ingest.checkpoint import Checkpoint
 
     backbone, _ = load_checkpoint(ckpt)
     model = Transformer(backbone.args, "lut").eval()

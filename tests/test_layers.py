@@ -14,10 +14,10 @@ import torch
 from rocksdict import Options, Rdict
 
 from inference.lut import InProcessTable, RemoteTable, layer_ends_for
-from lutstore import codec
+from lutstore.formats import codec
 from lutstore.client import LutClient, LutError
-from lutstore.codec import Encoding, RowFormat
-from lutstore.store import row_key
+from lutstore.formats.codec import Encoding, RowFormat
+from lutstore.storage.rocksdb import row_key
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 

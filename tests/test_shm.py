@@ -16,9 +16,9 @@ from rocksdict import Options, Rdict
 
 from conftest import REPO, write_table
 from lutstore.client import LutClient, LutError
-from lutstore.codec import Encoding, RowFormat
-from lutstore.shm_segment import HELLO, Segment, SegmentRefused
-from lutstore.store import row_key
+from lutstore.formats.codec import Encoding, RowFormat
+from lutstore.client.shm_segment import HELLO, Segment, SegmentRefused
+from lutstore.storage.rocksdb import row_key
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lutstore import store as store_mod
-from lutstore.codec import Encoding, RowFormat, decode_rows, encode_rows
+from lutstore.storage import rocksdb as store_mod
+from lutstore.formats.codec import Encoding, RowFormat, decode_rows, encode_rows
 from lutstore.errors import UserError
-from lutstore.store import Store, StoreError, TableNotFound, VersionGone
+from lutstore.storage.rocksdb import Store, StoreError, TableNotFound, VersionGone
 
 from conftest import random_rows, write_table
 

@@ -20,7 +20,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from lutstore.cache import CacheStats
+from lutstore.daemon.cache import CacheStats
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("lutstore.access")

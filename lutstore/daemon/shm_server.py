@@ -42,7 +42,7 @@ from typing import Callable
 
 import grpc
 
-from lutstore.read_status import abort_on_read_errors
+from lutstore.daemon.read_status import abort_on_read_errors
 from lutstore.v1 import lutstore_pb2 as pb
 
 log = logging.getLogger(__name__)

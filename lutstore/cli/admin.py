@@ -15,10 +15,10 @@ from dataclasses import asdict
 
 from tqdm import tqdm
 
-from lutstore import codec
+from lutstore.formats import codec
 from lutstore.errors import UserError
-from lutstore.backend import open_store
-from lutstore.store import RowsUnreadable, Store, StoreError, TableMeta
+from lutstore.storage.backends import open_store
+from lutstore.storage.rocksdb import RowsUnreadable, Store, StoreError, TableMeta
 
 log = logging.getLogger(__name__)
 

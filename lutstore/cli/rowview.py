@@ -15,10 +15,10 @@ import sys
 
 import numpy as np
 
-from lutstore import codec
+from lutstore.formats import codec
 from lutstore.errors import UserError
-from lutstore.backend import open_store
-from lutstore.store import TableMeta
+from lutstore.storage.backends import open_store
+from lutstore.storage.rocksdb import TableMeta
 
 HEAD_VALUES = 6
 

@@ -44,7 +44,7 @@ from typing import Callable, Iterator, Literal
 
 from rocksdict import AccessType, IngestExternalFileOptions, Options, Rdict, SstFileWriter
 
-from lutstore.codec import CRC_BYTES, Encoding, RowFormat
+from lutstore.formats.codec import CRC_BYTES, Encoding, RowFormat
 from lutstore.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -15,10 +15,10 @@ import threading
 import time
 from typing import Callable
 
-from lutstore.store_api import StoreUnavailable
-from lutstore import codec
-from lutstore.cache import ByteLRU
-from lutstore.store import RowsUnreadable, Store, TableMeta, TableNotFound, VersionGone
+from lutstore.storage.api import StoreUnavailable
+from lutstore.formats import codec
+from lutstore.daemon.cache import ByteLRU
+from lutstore.storage.rocksdb import RowsUnreadable, Store, TableMeta, TableNotFound, VersionGone
 
 log = logging.getLogger(__name__)
 

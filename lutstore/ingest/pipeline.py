@@ -33,12 +33,12 @@ import numpy as np
 import torch
 import zstandard
 
-from lutstore.backend import is_cluster_url, open_store
-from lutstore.checkpoint import EMBED, TABLE, Checkpoint
-from lutstore.codec import CRC_BYTES, Encoding, RowFormat, encode_rows
+from lutstore.storage.backends import is_cluster_url, open_store
+from lutstore.ingest.checkpoint import EMBED, TABLE, Checkpoint
+from lutstore.formats.codec import CRC_BYTES, Encoding, RowFormat, encode_rows
 from lutstore.errors import UserError
 from lutstore.interrupts import Terminated, deferred
-from lutstore.store import Store, TableMeta, TableWriter, check_table_name
+from lutstore.storage.rocksdb import Store, TableMeta, TableWriter, check_table_name
 
 log = logging.getLogger(__name__)
 

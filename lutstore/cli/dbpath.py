@@ -21,7 +21,7 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 def is_cluster_url(db: str | Path) -> bool:
     """True for `redis-cluster://HOST:PORT[,...]` (or rediss-cluster:// with TLS): the cluster backend's."""
-    from lutstore.backend import is_cluster_url as cluster
+    from lutstore.storage.backends import is_cluster_url as cluster
 
     return cluster(str(db))
 

@@ -34,8 +34,8 @@ from typing import Callable
 
 import grpc
 
-from lutstore import codec
-from lutstore.answer import AnswerError, OnGroup, RetryBudget, RetryPolicy, RowsAnswer, read_message
+from lutstore.formats import codec
+from lutstore.client.answer import AnswerError, OnGroup, RetryBudget, RetryPolicy, RowsAnswer, read_message
 from lutstore.errors import LutError
 from lutstore.v1 import lutstore_pb2 as pb
 

@@ -23,7 +23,7 @@ from typing import Callable, TypeVar
 import grpc
 import numpy as np
 
-from lutstore import codec, wire
+from lutstore.formats import codec, wire
 from lutstore.errors import LutError
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ this module only names what both sides must spell the same way.
 
 from __future__ import annotations
 
-from lutstore import codec
+from lutstore.formats import codec
 from lutstore.v1 import lutstore_pb2 as pb
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["LutStore"].full_name   # "lutstore.v1.LutStore"

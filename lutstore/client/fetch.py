@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING, Callable
 
 import grpc
 
-from lutstore import codec
-from lutstore.answer import OnGroup
+from lutstore.formats import codec
+from lutstore.client.answer import OnGroup
 from lutstore.errors import LutError
 from lutstore.v1 import lutstore_pb2 as pb
 
 if TYPE_CHECKING:   # the client builds fetchers; no import cycle at run time
-    from lutstore.client import LutClient
+    from lutstore.client.lut_client import LutClient
 
 log = logging.getLogger(__name__)
 

@@ -190,25 +190,26 @@ def _run(args: argparse.Namespace) -> int:
     from lutstore.errors import UserError
 
     try:
-        from lutstore.dbpath import check_db
+        from lutstore.cli.dbpath import check_db
         args.db = check_db(args.db, create=args.command == "ingest")
         if args.command in ("ingest", "serve"):
             # A process-wide malloc setting, so switched on here at the entry point (see alloc.py):
             # the server reuses the memory of sent messages, ingest that of its row chunks.
-            from lutstore import alloc, logs
+            from lutstore import alloc
+            from lutstore.daemon import logs
             if args.command == "serve":
                 logs.use_format(args.log_format)   # before the first record (alloc logs one at -vv)
             alloc.keep_freed_memory()
         if args.command == "ingest":
-            from lutstore import ingest
+            from lutstore.ingest import pipeline as ingest
             return ingest.main(args)
         if args.command == "serve":
-            from lutstore import server
+            from lutstore.daemon import servicer as server
             return server.main(args)
         if args.command == "get":
-            from lutstore import rowview
+            from lutstore.cli import rowview
             return rowview.get(args)
-        from lutstore import admin
+        from lutstore.cli import admin
         return getattr(admin, args.command)(args)
     except UserError as e:
         print(f"lutstore {args.command}: error: {e}", file=sys.stderr)

@@ -23,16 +23,19 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lutstore import alloc, codec, wire
-from lutstore import guard, health, logs, security, shm
-from lutstore.cache import ByteLRU
+from lutstore import alloc
+
+from lutstore.formats import codec, wire
+from lutstore.daemon import guard, health, logs, shm_server as shm
+from lutstore import security
+from lutstore.daemon.cache import ByteLRU
 from lutstore.errors import UserError
-from lutstore.metrics import Metrics
-from lutstore.backend import open_store
-from lutstore.rows import Catalog, Refresher, RowSource
-from lutstore.store import DatabaseDamaged, Store, StoreError, TableMeta, TableNotFound, VersionGone, is_utf8
-from lutstore.protocol import ENCODING_TO_PB, SERVICE_NAME, is_loopback_host
-from lutstore.read_status import abort_on_read_errors
+from lutstore.daemon.metrics import Metrics
+from lutstore.storage.backends import open_store
+from lutstore.daemon.rows import Catalog, Refresher, RowSource
+from lutstore.storage.rocksdb import DatabaseDamaged, Store, StoreError, TableMeta, TableNotFound, VersionGone, is_utf8
+from lutstore.formats.protocol import ENCODING_TO_PB, SERVICE_NAME, is_loopback_host
+from lutstore.daemon.read_status import abort_on_read_errors
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 

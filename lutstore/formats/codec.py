@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import zstandard
 
-from lutstore import nf4
+from lutstore.formats import nf4
 
 CRC_BYTES = 4
 _CRC = struct.Struct("<I")

@@ -45,10 +45,10 @@ from redis.cluster import ClusterNode, LoadBalancingStrategy, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
 
-from lutstore.codec import CRC_BYTES, RowFormat
-from lutstore.store import (ArtifactMeta, StoreError, TableMeta, VersionIndex, check_complete, check_new_table,
+from lutstore.formats.codec import CRC_BYTES, RowFormat
+from lutstore.storage.rocksdb import (ArtifactMeta, StoreError, TableMeta, VersionIndex, check_complete, check_new_table,
                             check_rows, table_fingerprint, write_artifact)
-from lutstore.store_api import StoreUnavailable
+from lutstore.storage.api import StoreUnavailable
 
 log = logging.getLogger(__name__)
 

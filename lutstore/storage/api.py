@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Protocol, runtime_checkable
 
-from lutstore.codec import RowFormat
-from lutstore.store import StoreError, TableMeta
+from lutstore.formats.codec import RowFormat
+from lutstore.storage.rocksdb import StoreError, TableMeta
 
 
 class StoreUnavailable(StoreError):

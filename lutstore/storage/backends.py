@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from lutstore.store_api import TableStore
+from lutstore.storage.api import TableStore
 
 CLUSTER_SCHEMES = ("redis-cluster://", "rediss-cluster://")
 
@@ -25,9 +25,9 @@ def db_argument(text: str) -> str | Path:
 def open_store(db: str | Path, mode: Literal["primary", "secondary"] = "primary", create: bool = False) -> TableStore:
     """Open the store `db` names; StoreError (a one-line reason) if it cannot be opened."""
     if is_cluster_url(db):
-        from lutstore.cluster_store import ClusterStore
+        from lutstore.storage.cluster import ClusterStore
 
         return ClusterStore.open(str(db), mode, create)
-    from lutstore.store import Store
+    from lutstore.storage.rocksdb import Store
 
     return Store.open(db, mode, create)

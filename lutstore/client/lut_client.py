@@ -29,12 +29,16 @@ from typing import Callable, Iterable
 import grpc
 import numpy as np
 
-from lutstore import codec, protocol, security, shm_segment
-from lutstore.address import parse_addresses
-from lutstore.answer import AnswerError, OnGroup, RetryPolicy, RowsAnswer, read_message, row_payload
+from lutstore.formats import codec, protocol
+
+from lutstore import security
+
+from lutstore.client import shm_segment
+from lutstore.client.address import parse_addresses
+from lutstore.client.answer import AnswerError, OnGroup, RetryPolicy, RowsAnswer, read_message, row_payload
 from lutstore.errors import LutError
-from lutstore.fetch import RowFetcher
-from lutstore.session import RowSession
+from lutstore.client.fetch import RowFetcher
+from lutstore.client.session import RowSession
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 

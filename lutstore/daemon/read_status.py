@@ -14,8 +14,8 @@ from typing import Iterator
 
 import grpc
 
-from lutstore.rows import CorruptRow
-from lutstore.store_api import StoreUnavailable
+from lutstore.daemon.rows import CorruptRow
+from lutstore.storage.api import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
