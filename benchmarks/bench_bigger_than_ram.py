@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def nf4_table(rows: torch.Tensor, fmt: RowFormat) -> InProcessTable:
     """The in-process nf4 comparison: the same random rows encoded as the daemon stores them."""
-    from inference.nf4 import Nf4Table
+    from inference.dequantize import Nf4Table
     packed = encode_payloads(fmt, rows.numpy())
     return Nf4Table(torch.from_numpy(np.ascontiguousarray(packed)).view(len(rows), fmt.num_layers, fmt.nf4_layer_bytes), fmt)
 

@@ -125,7 +125,7 @@ class InProcessTable(LutSource):
         table_name = table
         info = client.info(table, version)
         if dtype is None and client.row_format(info).encoding is Encoding.NF4:
-            from inference.nf4 import Nf4Table   # (imports this module)
+            from inference.dequantize import Nf4Table   # (imports this module)
             return Nf4Table.from_client(client, table, int(info.version), device)
         row_bytes = max(1, int(info.row_bytes))
         # calls of at most ~64 MiB, so each finishes well within the client's deadline
@@ -203,7 +203,7 @@ class RemoteTable(LutSource):
         self.fmt: RowFormat = client.row_format(self.info)
         self._dequantize_nf4 = None
         if self.fmt.encoding is Encoding.NF4:   # rows stay packed in the slab; a layer is dequantised when gathered
-            from inference.nf4 import dequantize_nf4   # (inference.nf4 imports this module)
+            from inference.dequantize import dequantize_nf4   # (inference.nf4 imports this module)
             self._dequantize_nf4 = dequantize_nf4
         self.vocab_size = int(self.info.vocab_size)
         self.num_layers, self.num_experts, self.hidden_size = self.fmt.shape

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO, write_table
-from inference.nf4 import Nf4Table
+from inference.dequantize import Nf4Table
 from lutstore.client import LutClient
 from lutstore.formats.codec import Encoding, RowFormat
 from lutstore.errors import UserError

@@ -349,7 +349,7 @@ def test_generate_cli_prefill_chunk(daemon, capsys) -> None:
 def test_nf4_logprobs_within_the_measured_bound_of_the_fp32_table(daemon) -> None:
     """The in-process nf4 table (packed, dequantised per layer) against the fp32 table, same backbone,
     8 sequences of 256 tokens: the largest next-token log-prob difference stays within NF4_BOUND."""
-    from inference.nf4 import Nf4Table
+    from inference.dequantize import Nf4Table
 
     remote = open_remote(daemon["addr"], "m32")
     try:

@@ -12,7 +12,7 @@ from rocksdict import Options, Rdict
 
 from conftest import write_table
 from inference.lut import InProcessTable
-from inference.nf4 import Nf4Table, dequantize_nf4
+from inference.dequantize import Nf4Table, dequantize_nf4
 from lutstore.formats import nf4
 from lutstore.cli import main as cli_main
 from lutstore.client import LutClient
