@@ -73,7 +73,7 @@ from tqdm import tqdm
 
 from benchmarks import common
 from benchmarks.bigtables import write_table, zipf_tokens
-from inference.generate import DEFAULT_PREFILL_CHUNK, announce_chunks, chunk_bounds
+from inference.generation import DEFAULT_PREFILL_CHUNK, announce_chunks, chunk_bounds
 from inference.lut import MiB, InProcessTable, LutSource, RemoteTable
 from inference.model import ModelArgs, Transformer, init_weights
 from lutstore.client import LutClient

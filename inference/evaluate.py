@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from inference.connection import add_remote_args, connect
-from inference.generate import cli_main
+from inference.cli import cli_main
 from inference.lut import InProcessTable, LutSource
 from inference.model import Transformer
 from lutstore.client.address import parse_addresses

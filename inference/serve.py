@@ -56,7 +56,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from inference.engine import (Engine, EngineStopped, FailedEvent, FinishedEvent, PromptLogprobsEvent, QueueFull,
                               Sequence, TokenEvent)
 from inference.connection import add_remote_args, client_options
-from inference.generate import cli_main
+from inference.cli import cli_main
 from lutstore.cli import HelpFormatter
 from lutstore.security import warn_if_others_can_read
 from inference.sampling import SamplingConfig

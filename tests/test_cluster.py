@@ -231,7 +231,7 @@ def test_generate_through_a_cluster_backed_daemon_equals_the_train_form(url: str
     trained model's (the same check test_inference makes against RocksDB)."""
     import torch
 
-    from inference import generate
+    from inference import generation
     from inference.backbone import load_checkpoint
 
     ckpt = make_checkpoint(tmp_path / "ckpt", form="train", vocab=128, layers=2, experts=4, hidden=32, heads=4, seed=7)
@@ -245,7 +245,7 @@ def test_generate_through_a_cluster_backed_daemon_equals_the_train_form(url: str
     (seq,) = json.loads(proc.stdout)["sequences"]
     backbone, _ = load_checkpoint(ckpt)
     with torch.no_grad():
-        trained = generate.generate(backbone.model, None, [seq["prompt_ids"]], 10, eos_id=backbone.args.eos_token_id)
+        trained = generation.generate(backbone.model, None, [seq["prompt_ids"]], 10, eos_id=backbone.args.eos_token_id)
     assert seq["ids"] == trained.tokens[0] and len(seq["ids"]) > 0
 
 

@@ -30,7 +30,8 @@ from conftest import REPO, start_server
 
 from inference import evaluate
 from inference.backbone import open_remote
-from inference.generate import SamplingConfig, generate
+from inference.generation import generate
+from inference.sampling import SamplingConfig
 from inference.lut import MiB, RemoteTable
 from lutstore import cli
 from lutstore.client import LutClient
