@@ -32,7 +32,7 @@ afterwards unless --keep.
 --encoding nf4 builds the table in NF4 (blocks of --block-size, default 64: ~10.6 GB for the
 410M-16E shape, which fits in the RAM of a 16+ GB machine: the results say whether it is bigger
 than RAM) and adds the case inprocess_nf4 (an in-process nf4 table of --inprocess-rows rows,
-inference.nf4.Nf4Table); the targets compare with the in-process fp16 table as before.
+inference.lut.PackedTable); the targets compare with the in-process fp16 table as before.
 """
 
 from __future__ import annotations
@@ -239,9 +239,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def nf4_table(rows: torch.Tensor, fmt: RowFormat) -> InProcessTable:
     """The in-process nf4 comparison: the same random rows encoded as the daemon stores them."""
-    from inference.dequantize import Nf4Table
+    from inference.lut import PackedTable
     packed = encode_payloads(fmt, rows.numpy())
-    return Nf4Table(torch.from_numpy(np.ascontiguousarray(packed)).view(len(rows), fmt.num_layers, fmt.nf4_layer_bytes), fmt)
+    return PackedTable(torch.from_numpy(np.ascontiguousarray(packed)).view(len(rows), fmt.num_layers, fmt.nf4_layer_bytes), fmt)
 
 
 def cases_for(shared_memory: str) -> tuple[str, ...]:

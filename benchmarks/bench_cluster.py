@@ -38,7 +38,7 @@ from benchmarks.bench_store import random_batches, summarise, time_requests
 from benchmarks.bigtables import RandomPool
 from lutstore.storage.backends import open_store
 from lutstore.formats.codec import Encoding, RowFormat, encode_rows
-from lutstore.storage.rocksdb import TableMeta
+from lutstore.storage.model import TableMeta
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import numpy as np
 from benchmarks import common
 from benchmarks.bigtables import write_table, zipf_tokens
 from lutstore.formats.codec import Encoding, RowFormat
-from lutstore.storage.rocksdb import StoreError
+from lutstore.storage.model import StoreError
 
 SHAPE = (12, 16, 768)
 CLIENTS = (1, 4, 16)

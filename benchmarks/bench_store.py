@@ -37,7 +37,8 @@ import numpy as np
 from benchmarks import common
 from benchmarks.bigtables import write_table
 from lutstore.formats.codec import Encoding, RowFormat
-from lutstore.storage.rocksdb import Store, StoreError, TableMeta
+from lutstore.storage.rocksdb import Store
+from lutstore.storage.model import StoreError, TableMeta
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ import numpy as np
 from tqdm import tqdm
 
 from lutstore.formats.codec import RowFormat, encode_rows
-from lutstore.storage.rocksdb import Store, TableMeta
+from lutstore.storage.rocksdb import Store
+from lutstore.storage.model import TableMeta
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,14 @@
-"""NF4 rows in torch: dequantise on the model's device, and an in-process NF4 table.
+"""Rows on the model's device, one entry per encoding: how they are kept and turned into values.
+
+    form = device_form(fmt)        # DeviceForm: dtype, scaled (int8), packed (nf4), dequantize
+    values = form.dequantize(kept, scales, fmt)   # one layer's kept rows -> values [..., N, D]
+
+fp32/fp16/bf16 rows are kept as they are stored (dequantize returns them unchanged); int8 rows as
+int8 plus one float32 scale per (layer, expert) vector; nf4 rows packed, a layer as its payload
+piece, dequantised only for the rows a step gathers. RemoteTable's cache (inference.rowcache)
+and the in-process tables (inference.lut) ask this table, never the encoding itself.
+
+NF4 in torch:
 
 A row's NF4 payload is L pieces of codec.RowFormat.nf4_layer_bytes (P) bytes, one per layer
 (fp16 block scales, then packed 4-bit codes; see lutstore/nf4.py and the .proto), so a table
@@ -16,13 +26,15 @@ per 160M-16E layer for 1/8/32 rows), and gives the same bits (the same float32 p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from lutstore.formats import nf4
 from lutstore.formats.codec import Encoding, RowFormat
-from inference.lut import InProcessTable
 
 _PAIRS: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
@@ -59,52 +71,42 @@ def dequantize_nf4(pieces: Tensor, fmt: RowFormat, dtype: torch.dtype = torch.fl
     return values.view(*lead, n, d)
 
 
-class Nf4Table(InProcessTable):
-    """The whole NF4 table in memory as uint8 [V, L, P] (0.27x of fp16's bytes): rows(idx) gives
-    LayerRows whose layer(l) gathers layer l's pieces of idx and dequantises only those, on the
-    table's device: the in-process ceiling an NF4 RemoteTable is compared with (like with like)."""
-
-    def __init__(self, packed: Tensor, fmt: RowFormat, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
-        if fmt.encoding is not Encoding.NF4:
-            raise ValueError(f"Nf4Table needs an nf4 format, not {fmt.encoding.value}")
-        if packed.dtype != torch.uint8 or packed.ndim != 3 or tuple(packed.shape[1:]) != (fmt.num_layers, fmt.nf4_layer_bytes):
-            raise ValueError(f"packed must be uint8 [V, {fmt.num_layers}, {fmt.nf4_layer_bytes}], got "
-                             f"{packed.dtype} {tuple(packed.shape)}")
-        self.table, self.fmt, self.dtype = packed.to(device), fmt, dtype
-        self.vocab_size = packed.shape[0]
-        self.num_layers, self.num_experts, self.hidden_size = fmt.shape
-
-    def rows(self, idx: Tensor) -> _Nf4Layers:
-        return _Nf4Layers(self, idx)
-
-    def gather(self, idx: Tensor) -> Tensor:
-        return _Nf4Layers(self, idx).all()
-
-    @classmethod
-    def from_client(cls, client, table: str, version: int = 0, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32) -> Nf4Table:
-        """Download every row of a served nf4 table, kept packed; layers dequantise to dtype."""
-        info = client.info(table, version)
-        fmt = client.row_format(info)
-        step = max(1, min(int(info.max_batch_rows) or 1024, (64 << 20) // max(1, int(info.row_bytes))))
-        packed = torch.empty((int(info.vocab_size), fmt.num_layers, fmt.nf4_layer_bytes), dtype=torch.uint8)
-        for s in range(0, info.vocab_size, step):
-            ids, payloads = client.get_payloads(table, range(s, min(s + step, info.vocab_size)), info.version)
-            packed[s:s + len(ids)] = torch.from_numpy(payloads).view(len(ids), fmt.num_layers, fmt.nf4_layer_bytes)
-        return cls(packed, fmt, device, dtype)
+def _as_stored(values: Tensor, scales: Tensor | None, fmt: RowFormat, dtype: torch.dtype) -> Tensor:
+    return values
 
 
-class _Nf4Layers:
-    """LayerRows of an Nf4Table: layer l = its pieces of the rows idx names, dequantised."""
+def _int8_values(values: Tensor, scales: Tensor | None, fmt: RowFormat, dtype: torch.dtype) -> Tensor:
+    return values.float() * scales.unsqueeze(-1)
 
-    def __init__(self, table: Nf4Table, idx: Tensor) -> None:
-        self.t, self.shape = table, tuple(idx.shape)
-        self.flat = idx.reshape(-1).to(table.table.device)
 
-    def layer(self, l: int) -> Tensor:
-        pieces = self.t.table[:, l].index_select(0, self.flat)
-        return dequantize_nf4(pieces, self.t.fmt, self.t.dtype).view(*self.shape, self.t.num_experts, self.t.hidden_size)
+def _nf4_values(values: Tensor, scales: Tensor | None, fmt: RowFormat, dtype: torch.dtype) -> Tensor:
+    return dequantize_nf4(values, fmt, dtype)
 
-    def all(self) -> Tensor:
-        return torch.stack([self.layer(l) for l in range(self.t.num_layers)], dim=len(self.shape))
+
+@dataclass(frozen=True)
+class DeviceForm:
+    """How the rows of one encoding are kept on the device, and made values of one layer."""
+
+    dtype: torch.dtype      # of the kept values
+    # (kept values [..., N, D] or [..., P], their scales or None, fmt, dtype) -> values [..., N, D]: the
+    # stored dtype for fp32/fp16/bf16 (as they are), float32 for int8, dtype for nf4
+    dequantize: Callable[[Tensor, Tensor | None, RowFormat, torch.dtype], Tensor]
+    scaled: bool = False    # one float32 scale per (layer, expert) kept beside the values
+    packed: bool = False    # a layer kept as its payload piece (P = fmt.nf4_layer_bytes bytes), not [N, D]
+
+    def value_shape(self, fmt: RowFormat) -> tuple[int, ...]:
+        """A kept row's values: [L, N, D], or [L, P] when packed (a layer's piece, byte for byte)."""
+        return (fmt.num_layers, fmt.nf4_layer_bytes) if self.packed else fmt.shape
+
+
+DEVICE_FORMS: dict[Encoding, DeviceForm] = {
+    Encoding.FP32: DeviceForm(torch.float32, _as_stored),
+    Encoding.FP16: DeviceForm(torch.float16, _as_stored),
+    Encoding.BF16: DeviceForm(torch.bfloat16, _as_stored),
+    Encoding.INT8: DeviceForm(torch.int8, _int8_values, scaled=True),
+    Encoding.NF4: DeviceForm(torch.uint8, _nf4_values, packed=True),
+}
+
+
+def device_form(fmt: RowFormat) -> DeviceForm:
+    return DEVICE_FORMS[fmt.encoding]

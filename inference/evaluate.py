@@ -35,7 +35,7 @@ from inference.cli import cli_main
 from inference.lut import InProcessTable, LutSource
 from inference.model import Transformer
 from lutstore.client.address import parse_addresses
-from lutstore.cli import HelpFormatter, add_verbose
+from lutstore.help_format import HelpFormatter, add_verbose
 from lutstore.errors import UserError
 
 log = logging.getLogger(__name__)

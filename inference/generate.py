@@ -33,7 +33,7 @@ from inference.connection import add_remote_args, connect
 from inference.generation import DEFAULT_PREFILL_CHUNK, fit_context, generate
 from inference.sampling import SamplingConfig
 from lutstore.client.address import parse_addresses
-from lutstore.cli import HelpFormatter, add_verbose
+from lutstore.help_format import HelpFormatter, add_verbose
 from lutstore.errors import UserError
 
 

@@ -57,7 +57,7 @@ from inference.engine import (Engine, EngineStopped, FailedEvent, FinishedEvent,
                               Sequence, TokenEvent)
 from inference.connection import add_remote_args, client_options
 from inference.cli import cli_main
-from lutstore.cli import HelpFormatter
+from lutstore.help_format import HelpFormatter
 from lutstore.security import warn_if_others_can_read
 from inference.sampling import SamplingConfig
 from lutstore.errors import UserError

@@ -11,7 +11,7 @@ import pytest
 from lutstore.formats.codec import Encoding, RowFormat, encode_rows
 from testing.daemon import READY, REPO, Daemon  # noqa: F401  (READY, REPO: used by tests)
 from lutstore.storage.backends import open_store
-from lutstore.storage.rocksdb import TableMeta
+from lutstore.storage.model import TableMeta
 
 
 

@@ -31,7 +31,7 @@ from lutstore import __version__
 from lutstore.client.address import AddressError, parse_addresses
 from lutstore.client import LutClient
 from lutstore.formats.codec import decode_row
-from lutstore.cli.dbpath import is_cluster_url
+from lutstore.storage.backends import is_cluster_url
 from lutstore.errors import UserError
 from lutstore.storage.rocksdb import Store, row_key
 

@@ -23,7 +23,7 @@ from lutstore.storage.backends import open_store
 from lutstore.client import LutClient
 from lutstore.storage.cluster import ClusterConfig
 from lutstore.formats.codec import Encoding, RowFormat
-from lutstore.storage.rocksdb import StoreError
+from lutstore.storage.model import StoreError
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 

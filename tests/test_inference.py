@@ -349,13 +349,13 @@ def test_generate_cli_prefill_chunk(daemon, capsys) -> None:
 def test_nf4_logprobs_within_the_measured_bound_of_the_fp32_table(daemon) -> None:
     """The in-process nf4 table (packed, dequantised per layer) against the fp32 table, same backbone,
     8 sequences of 256 tokens: the largest next-token log-prob difference stays within NF4_BOUND."""
-    from inference.dequantize import Nf4Table
+    from inference.lut import PackedTable
 
     remote = open_remote(daemon["addr"], "m32")
     try:
         with LutClient(daemon["addr"]) as client:
             fp32, q4 = InProcessTable.from_client(client, "m32"), InProcessTable.from_client(client, "m4")
-        assert isinstance(q4, Nf4Table) and q4.table.dtype == torch.uint8
+        assert isinstance(q4, PackedTable) and q4.table.dtype == torch.uint8
         worst = 0.0
         for seq in range(8):
             ids = _ids(256, seed=100 + seq).tolist()

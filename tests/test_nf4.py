@@ -12,7 +12,8 @@ from rocksdict import Options, Rdict
 
 from conftest import write_table
 from inference.lut import InProcessTable
-from inference.dequantize import Nf4Table, dequantize_nf4
+from inference.dequantize import dequantize_nf4
+from inference.lut import PackedTable
 from lutstore.formats import nf4
 from lutstore.cli import main as cli_main
 from lutstore.client import LutClient
@@ -156,7 +157,7 @@ def test_served_nf4_rows_whole_sliced_and_in_process(db_path, serve) -> None:
         # the in-process table keeps nf4 packed (InProcessTable.from_client without a dtype) and gives
         # the same floats, per layer and whole
         table = InProcessTable.from_client(client, "q")
-        assert isinstance(table, Nf4Table) and table.table.dtype == torch.uint8
+        assert isinstance(table, PackedTable) and table.table.dtype == torch.uint8
         idx = torch.tensor([[3, 39], [0, 17]])
         want = torch.from_numpy(client.get_rows("q", idx.ravel().tolist())).view(2, 2, *fmt.shape)
         assert torch.equal(table.gather(idx), want)

@@ -314,10 +314,10 @@ def test_row_source_caches_verified_rows_only(db_path: Path) -> None:
 def test_a_stored_name_that_is_not_utf8_is_left_out_of_list_tables(db_path, serve, monkeypatch) -> None:
     """Databases written before names were checked may hold a name with a lone surrogate (a folder
     name with a stray byte): ListTables leaves it out and says so, instead of failing for everyone."""
-    import lutstore.storage.rocksdb as store_mod
+    import lutstore.storage.model as table_model
 
     write_table(db_path, "good", vocab_size=8)
-    monkeypatch.setattr(store_mod, "check_table_name", lambda name: None)   # the old, unchecked writer
+    monkeypatch.setattr(table_model, "check_table_name", lambda name: None)   # the old, unchecked writer
     write_table(db_path, "bad\udcff", vocab_size=8)
     monkeypatch.undo()
     server = serve(db_path)

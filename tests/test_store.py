@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lutstore.storage import rocksdb as store_mod
+from lutstore.storage import model as table_model
 from lutstore.formats.codec import Encoding, RowFormat, decode_rows, encode_rows
 from lutstore.errors import UserError
-from lutstore.storage.rocksdb import Store, StoreError, TableNotFound, VersionGone
+from lutstore.storage.rocksdb import Store
+from lutstore.storage.model import StoreError, TableNotFound, VersionGone
 
 from conftest import random_rows, write_table
 
@@ -112,7 +113,7 @@ def test_stale_staging_removed(db_path: Path) -> None:
 
 
 def test_artifacts_multi_chunk_from_path(db_path: Path, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(store_mod, "ARTIFACT_CHUNK_BYTES", 1000)
+    monkeypatch.setattr(table_model, "ARTIFACT_CHUNK_BYTES", 1000)
     blob = np.random.default_rng(0).bytes(4321)
     src = tmp_path / "backbone.safetensors"
     src.write_bytes(blob)

@@ -18,7 +18,8 @@ from tqdm import tqdm
 from lutstore.formats import codec
 from lutstore.errors import UserError
 from lutstore.storage.backends import open_store
-from lutstore.storage.rocksdb import RowsUnreadable, Store, StoreError, TableMeta
+from lutstore.storage.api import TableStore
+from lutstore.storage.model import RowsUnreadable, StoreError, TableMeta
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _verify_table(store: Store, meta: TableMeta, quiet: bool = False) -> dict:
+def _verify_table(store: TableStore, meta: TableMeta, quiet: bool = False) -> dict:
     """{"table", "version", "rows", "bad": [{"token", "problem"}]} of one table version; each bad row
     is printed to stderr as it is found (unless quiet)."""
     fmt = meta.row_format()
@@ -125,7 +126,7 @@ def _verify_table(store: Store, meta: TableMeta, quiet: bool = False) -> dict:
             "bad_artifacts": bad_artifacts}
 
 
-def _artifact_problems(store: Store, meta: TableMeta) -> list[dict]:
+def _artifact_problems(store: TableStore, meta: TableMeta) -> list[dict]:
     """Each artifact read whole and checked against the size and sha256 recorded at ingest."""
     problems = []
     for art in meta.artifacts:

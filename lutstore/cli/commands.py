@@ -13,25 +13,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from lutstore.help_format import HelpFormatter, add_verbose
 from lutstore.paths import default_db_path
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the description's line breaks and shows every option's default in --help (unless its
-    help already says what the default is, or there is none worth showing)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        if ("default" in text.lower() or not action.option_strings or default in (None, False, argparse.SUPPRESS)
-                or isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._CountAction))):
-            return text
-        return f"{text} (default: %(default)s)"
-
-
-def add_verbose(p: argparse.ArgumentParser, dest: str = "verbose") -> None:
-    p.add_argument("-v", "--verbose", action="count", default=0, dest=dest,
-                   help="-v info, -vv debug logging (default: warnings only)")
 
 
 def _add_db(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,7 @@
 """What `--db` may name, checked before anything is opened or created.
 
 A database is a local RocksDB folder or a Redis Cluster URL (`redis-cluster://HOST:PORT`,
-lutstore.backend). Any other URL-looking value ("scheme://...") is refused with one line
+lutstore.storage.backends). Any other URL-looking value ("scheme://...") is refused with one line
 instead of silently becoming a folder named "scheme:".
 """
 
@@ -13,17 +13,11 @@ import stat
 from pathlib import Path
 
 from lutstore.errors import UserError
+from lutstore.storage.backends import backend_for
 
 log = logging.getLogger(__name__)
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def is_cluster_url(db: str | Path) -> bool:
-    """True for `redis-cluster://HOST:PORT[,...]` (or rediss-cluster:// with TLS): the cluster backend's."""
-    from lutstore.storage.backends import is_cluster_url as cluster
-
-    return cluster(str(db))
 
 
 def _is_url(text: str) -> bool:
@@ -36,13 +30,13 @@ def _is_database(path: Path) -> bool:
 
 def check_db(db: str | Path, create: bool = False) -> str | Path:
     """The database named by `db` (the raw --db text, before Path() folds "//"): a cluster URL as
-    given (lutstore.backend opens it), else the local folder.
+    given (its backend opens it), else the local folder.
 
     UserError (one line) for a URL, a file, or (when `create`) a non-empty folder that is not
     already a lutstore database: RocksDB's files must not be mixed in among someone else's.
     """
     text = str(db)
-    if is_cluster_url(text):
+    if not backend_for(text).local:   # a URL of a backend's: checked when it is opened
         return text
     if _is_url(text):
         raise UserError(f"--db {text} looks like a URL; --db takes a local folder (the RocksDB database)")

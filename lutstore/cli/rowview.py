@@ -18,7 +18,7 @@ import numpy as np
 from lutstore.formats import codec
 from lutstore.errors import UserError
 from lutstore.storage.backends import open_store
-from lutstore.storage.rocksdb import TableMeta
+from lutstore.storage.model import TableMeta
 
 HEAD_VALUES = 6
 

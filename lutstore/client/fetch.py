@@ -27,17 +27,15 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import grpc
 
 from lutstore.formats import codec
 from lutstore.client.answer import OnGroup
+from lutstore.client.session import RowSession
 from lutstore.errors import LutError
 from lutstore.v1 import lutstore_pb2 as pb
-
-if TYPE_CHECKING:   # the client builds fetchers; no import cycle at run time
-    from lutstore.client.lut_client import LutClient
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +46,18 @@ MiB = 1 << 20
 SHARED_MEMORY_MIN_BYTES = 4 * MiB
 # The daemon cannot give this table a session: one call per fetch from then on.
 NO_SESSION_CODES = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+class RowCalls(Protocol):
+    """What a fetcher needs of its client (LutClient, which builds fetchers, is one)."""
+
+    address: str
+    shared_memory: bool
+
+    def row_format(self, info: pb.TableInfo) -> codec.RowFormat: ...
+    def session(self, name: str, version: int = 0, layer_ends: list[int] | None = None) -> RowSession: ...
+    def call_groups(self, info: pb.TableInfo, ids: list[int], layer_ends: list[int], on_group: OnGroup,
+                    views: bool = False) -> None: ...
 
 
 class FetchJob:
@@ -69,7 +79,7 @@ class FetchJob:
 class RowFetcher:
     """Fetches of one table version (see the module docstring). Not for use after close()."""
 
-    def __init__(self, client: LutClient, info: pb.TableInfo, layer_ends: list[int], session: bool = True,
+    def __init__(self, client: RowCalls, info: pb.TableInfo, layer_ends: list[int], session: bool = True,
                  threads: int = 2) -> None:
         self.client, self.info = client, info
         self.name, self.version = info.name, int(info.version)

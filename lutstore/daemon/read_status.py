@@ -15,7 +15,7 @@ from typing import Iterator
 import grpc
 
 from lutstore.daemon.rows import CorruptRow
-from lutstore.storage.api import StoreUnavailable
+from lutstore.storage.model import StoreUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,11 @@ import threading
 import time
 from typing import Callable
 
-from lutstore.storage.api import StoreUnavailable
+from lutstore.storage.model import StoreUnavailable
 from lutstore.formats import codec
 from lutstore.daemon.cache import ByteLRU
-from lutstore.storage.rocksdb import RowsUnreadable, Store, TableMeta, TableNotFound, VersionGone
+from lutstore.storage.api import TableStore
+from lutstore.storage.model import RowsUnreadable, TableMeta, TableNotFound, VersionGone
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class RowSource:
 
     `on_corrupt(meta, token_ids)` is called for every damaged row met (metrics)."""
 
-    def __init__(self, store: Store, cache: ByteLRU,
+    def __init__(self, store: TableStore, cache: ByteLRU,
                  on_corrupt: Callable[[TableMeta, list[int]], None] | None = None):
         self.store = store
         self.cache = cache
@@ -98,7 +99,7 @@ class Catalog:
     """Table lookups with a refresh on a miss, so a just-ingested table or
     version is found without waiting for the periodic refresh."""
 
-    def __init__(self, store: Store, cache: ByteLRU):
+    def __init__(self, store: TableStore, cache: ByteLRU):
         self.store = store
         self.cache = cache
         self._lock = threading.Lock()

@@ -33,7 +33,8 @@ from lutstore.errors import UserError
 from lutstore.daemon.metrics import Metrics
 from lutstore.storage.backends import open_store
 from lutstore.daemon.rows import Catalog, Refresher, RowSource
-from lutstore.storage.rocksdb import DatabaseDamaged, Store, StoreError, TableMeta, TableNotFound, VersionGone, is_utf8
+from lutstore.storage.api import TableStore
+from lutstore.storage.model import DatabaseDamaged, StoreError, TableMeta, TableNotFound, VersionGone, is_utf8
 from lutstore.formats.protocol import ENCODING_TO_PB, SERVICE_NAME, is_loopback_host
 from lutstore.daemon.read_status import abort_on_read_errors
 from lutstore.v1 import lutstore_pb2 as pb
@@ -420,7 +421,7 @@ def main(args: argparse.Namespace) -> int:
         store.close()
 
 
-def _serve(args: argparse.Namespace, store: Store, credentials: grpc.ServerCredentials | None,
+def _serve(args: argparse.Namespace, store: TableStore, credentials: grpc.ServerCredentials | None,
            token: str | None) -> int:
     alloc.limit_arenas(SERVER_MALLOC_ARENAS)   # before the worker threads exist (alloc.py)
     max_message = int(args.max_message_mb * (1 << 20))
@@ -435,7 +436,7 @@ def _serve(args: argparse.Namespace, store: Store, credentials: grpc.ServerCrede
             shared_memory.close()
 
 
-def _serve_with(args: argparse.Namespace, store: Store, credentials: grpc.ServerCredentials | None,
+def _serve_with(args: argparse.Namespace, store: TableStore, credentials: grpc.ServerCredentials | None,
                 token: str | None, cache: ByteLRU, catalog: Catalog, shared_memory: shm.SegmentRegistry | None,
                 max_message: int, max_sessions: int) -> int:
     metrics = Metrics(known_methods())

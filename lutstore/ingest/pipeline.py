@@ -33,12 +33,13 @@ import numpy as np
 import torch
 import zstandard
 
-from lutstore.storage.backends import is_cluster_url, open_store
+from lutstore.storage.backends import backend_for, open_store
 from lutstore.ingest.checkpoint import EMBED, TABLE, Checkpoint
 from lutstore.formats.codec import CRC_BYTES, Encoding, RowFormat, encode_rows
 from lutstore.errors import UserError
 from lutstore.interrupts import Terminated, deferred
-from lutstore.storage.rocksdb import Store, TableMeta, TableWriter, check_table_name
+from lutstore.storage.api import TableStore
+from lutstore.storage.model import TableMeta, TableWriterBase, check_table_name
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +235,8 @@ def ingest_checkpoint(ckpt_dir: str | Path, db_path: str | Path, name: str | Non
     Returns the committed version's TableMeta.
     """
     say = say or log.info
-    cluster = is_cluster_url(db_path)
-    ckpt_dir, db_path = Path(ckpt_dir), (db_path if cluster else Path(db_path))
+    local = backend_for(db_path).local   # a folder on this host (not a URL)
+    ckpt_dir, db_path = Path(ckpt_dir), (Path(db_path) if local else db_path)
     if keep_versions < 0:
         raise UserError(f"--keep-versions must be >= 0, got {keep_versions}")
     name = name or ckpt_dir.resolve().name
@@ -252,7 +253,7 @@ def ingest_checkpoint(ckpt_dir: str | Path, db_path: str | Path, name: str | Non
     chunk = _chunk_tokens(fmt, vocab, chunk_tokens)
     backbone = ckpt.backbone_names()
     need = _estimate_bytes(ckpt, fmt, backbone)
-    if not cluster:  # a cluster's memory is its operator's to size (docs/operations.md)
+    if local:  # a cluster's memory is its operator's to size (docs/operations.md)
         _check_space(db_path, need)
     compute = _TrainRows(ckpt, dev) if ckpt.form == "train" else _RepRows(ckpt)
 
@@ -262,7 +263,7 @@ def ingest_checkpoint(ckpt_dir: str | Path, db_path: str | Path, name: str | Non
         with open_store(db_path, "primary", create=True) as store:
             with store.begin_table(name, fmt, vocab, ckpt.form) as writer:
                 _write_rows(writer, compute, fmt, vocab, chunk, progress)
-                _add_artifacts(writer, ckpt, backbone, db_path)
+                _add_artifacts(writer, ckpt, backbone)
                 duplicate = None if force else _same_as_latest(store, name, writer)
                 if duplicate is None:
                     with deferred():  # a SIGTERM / Ctrl-C now waits for the commit to finish or fail
@@ -290,7 +291,7 @@ def ingest_checkpoint(ckpt_dir: str | Path, db_path: str | Path, name: str | Non
     return meta
 
 
-def _write_rows(writer: TableWriter, compute: "_TrainRows | _RepRows", fmt: RowFormat, vocab: int, chunk: int, progress: bool) -> None:
+def _write_rows(writer: TableWriterBase, compute: "_TrainRows | _RepRows", fmt: RowFormat, vocab: int, chunk: int, progress: bool) -> None:
     from tqdm import tqdm
 
     compressor = zstandard.ZstdCompressor(level=3) if fmt.zstd else None
@@ -310,12 +311,12 @@ def _write_rows(writer: TableWriter, compute: "_TrainRows | _RepRows", fmt: RowF
             bar.set_postfix_str(f"{_mb(written / max(time.monotonic() - t0, 1e-9))} MB/s", refresh=False)
 
 
-def _add_artifacts(writer: TableWriter, ckpt: Checkpoint, backbone: list[str], db_path: Path) -> None:
+def _add_artifacts(writer: TableWriterBase, ckpt: Checkpoint, backbone: list[str]) -> None:
     writer.add_artifact("config.json", (ckpt.path / "config.json").read_bytes())
-    # The temporary backbone file lives in the store's staging folder (same disk; a stale
-    # one left by a killed ingest is removed by the next ingest). The pid prefix marks it ours.
-    staging = Path(tempfile.gettempdir()) if isinstance(db_path, str) else db_path / "staging"
-    tmp = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-backbone-", dir=staging if staging.is_dir() else None))
+    # The temporary backbone file lives in the writer's scratch folder where it has one (the
+    # store's disk; what a killed ingest leaves there is removed by the next ingest), else in the
+    # system's temp folder. The pid prefix marks it ours.
+    tmp = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-backbone-", dir=writer.scratch_dir))
     try:
         path = tmp / "backbone.safetensors"
         _write_backbone(ckpt, backbone, path)
@@ -326,7 +327,7 @@ def _add_artifacts(writer: TableWriter, ckpt: Checkpoint, backbone: list[str], d
         writer.add_artifact(f.name, f.read_bytes())
 
 
-def _same_as_latest(store: Store, name: str, writer: TableWriter) -> TableMeta | None:
+def _same_as_latest(store: TableStore, name: str, writer: TableWriterBase) -> TableMeta | None:
     """The latest live version of `name` if it has the fingerprint this writer would commit."""
     latest = [m for m in store.tables() if m.name == name]
     if not latest:
@@ -335,7 +336,7 @@ def _same_as_latest(store: Store, name: str, writer: TableWriter) -> TableMeta |
     return latest[-1] if latest[-1].fingerprint == writer.fingerprint() else None
 
 
-def _keep_newest(store: Store, name: str, keep: int, say: Callable[[str], None]) -> list[int]:
+def _keep_newest(store: TableStore, name: str, keep: int, say: Callable[[str], None]) -> list[int]:
     """Drop all but the newest `keep` versions of `name`, naming each; the versions dropped."""
     if keep <= 0:
         return []

@@ -25,7 +25,6 @@ the rows it holds fail with StoreUnavailable naming the node and its slots.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -45,10 +44,9 @@ from redis.cluster import ClusterNode, LoadBalancingStrategy, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
 
-from lutstore.formats.codec import CRC_BYTES, RowFormat
-from lutstore.storage.rocksdb import (ArtifactMeta, StoreError, TableMeta, VersionIndex, check_complete, check_new_table,
-                            check_rows, table_fingerprint, write_artifact)
-from lutstore.storage.api import StoreUnavailable
+from lutstore.formats.codec import RowFormat
+from lutstore.storage.model import (StoreBase, StoreError, StoreUnavailable, TableMeta, TableWriterBase, check_complete,
+                                    check_new_table)
 
 log = logging.getLogger(__name__)
 
@@ -390,9 +388,11 @@ class _Nodes:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-class ClusterStore(VersionIndex):
+class ClusterStore(StoreBase):
     """Tables in a Valkey / Redis Cluster. Stateless apart from the cached manifest: any number of
     daemons (mode "secondary") and one or more ingests (mode "primary") may share a cluster."""
+
+    _called = "store"
 
     def __init__(self, cfg: ClusterConfig, rc: RedisCluster, mode: str):
         self.cfg = cfg
@@ -494,10 +494,6 @@ class ClusterStore(VersionIndex):
 
     # ---- writing -------------------------------------------------------
 
-    def _require_primary(self, what: str) -> None:
-        if self.mode != "primary":
-            raise StoreError(f"{what} needs the store opened as primary")
-
     def begin_table(self, name: str, fmt: RowFormat, vocab_size: int, source_form: str) -> ClusterTableWriter:
         self._require_primary("writing a table")
         check_new_table(name, vocab_size)
@@ -577,11 +573,10 @@ class ClusterStore(VersionIndex):
             return False
         return ok
 
-    def drop(self, name: str, version: int) -> None:
-        """Unpublish one version at once (with a pending marker), then delete its rows and artifacts."""
-        self._require_primary("drop")
-        if version < 1:
-            raise StoreError(f"give the version to drop (>= 1), got {version}")
+    def drop(self, name: str, version: int) -> list[str]:
+        """Unpublish one version at once (with a pending marker), then delete its rows and artifacts.
+        Returns what stayed behind: nothing (a cluster has no damaged ranges to leave in place)."""
+        self._check_drop(version)
         self.refresh()
         meta = self.resolve(name, version)
         marker = json.dumps({"name": name, "vocab_size": meta.vocab_size, "artifacts": len(meta.artifacts),
@@ -597,6 +592,7 @@ class ClusterStore(VersionIndex):
         self._rc.hdel(self._keys.pending, str(meta.table_id))
         self.remove_leftovers()
         log.info("dropped %s v%d (table id %d)", name, version, meta.table_id)
+        return []
 
     def close(self) -> None:
         self._nodes.close()
@@ -609,36 +605,19 @@ class ClusterStore(VersionIndex):
         self.close()
 
 
-class ClusterTableWriter:
+class ClusterTableWriter(TableWriterBase):
     """Writes one new version's rows straight into the cluster (one chunk in flight while the
     caller computes the next: bounded RAM); commit() publishes the manifest entry in one step."""
 
     def __init__(self, store: ClusterStore, table_id: int, name: str, version: int, fmt: RowFormat,
                  vocab_size: int, source_form: str):
+        super().__init__(table_id, name, version, fmt, vocab_size, source_form)
         self._store = store
-        self.table_id = table_id
-        self.name = name
-        self.version = version
-        self.fmt = fmt
-        self.vocab_size = vocab_size
-        self.source_form = source_form
-        self._next_token = 0
-        self._stored_bytes = 0
-        self._crcs = hashlib.sha256()
-        self._artifacts: list[ArtifactMeta] = []
         self._writing: futures.Future | None = None
         self._writer = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lutstore-cluster-ingest")
-        self._done = False
         self._stop_lease = threading.Event()
         self._lease = threading.Thread(target=self._keep_lease, name="lutstore-lease", daemon=True)
         self._lease.start()
-
-    def __enter__(self) -> ClusterTableWriter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if not self._done:
-            self.abort()
 
     def _keep_lease(self) -> None:
         cfg = self._store.cfg
@@ -654,34 +633,20 @@ class ClusterTableWriter:
             writing, self._writing = self._writing, None
             writing.result()
 
-    def add_rows(self, values: list[bytes]) -> None:
-        check_rows(self.name, self.fmt, self._next_token, self.vocab_size, values)
-        first = self._next_token
+    def _write_rows(self, first: int, values: list[bytes]) -> None:
         keys = self._store._keys.rows(self.table_id, range(first, first + len(values)))
-        for value in values:
-            self._crcs.update(value[-CRC_BYTES:])
-            self._stored_bytes += len(value)
-        self._next_token += len(values)
         self._wait_writing()  # at most one chunk in flight
         self._writing = self._writer.submit(self._store.write, keys, list(values),
-                                            f"writing rows {first}..{self._next_token - 1} of {self.name}")
+                                            f"writing rows {first}..{first + len(values) - 1} of {self.name}")
 
-    def add_artifact(self, name: str, data: bytes | Path) -> None:
-        if any(a.name == name for a in self._artifacts):
-            raise StoreError(f"artifact {name!r} added twice")
-        index = len(self._artifacts)
+    def _artifact_writer(self, name: str, index: int) -> Callable[[int, bytes], None]:
         # Name the artifact in the pending marker first, so a killed ingest's chunks are found.
         self._store._set_pending(self.table_id, self.name, self.vocab_size, index + 1, "writing")
 
         def put(chunk: int, data: bytes) -> None:
             self._store.write([self._store._keys.artifact(self.table_id, index, chunk)], [data],
                               f"writing artifact {name!r}")
-
-        self._artifacts.append(write_artifact(name, index, data, put))
-
-    def fingerprint(self, extra: bytes = b"") -> str:
-        """The fingerprint commit() gives this version, from what was added so far."""
-        return table_fingerprint(self.vocab_size, self.fmt, self._crcs.digest(), self._artifacts, extra)
+        return put
 
     def commit(self, fingerprint_extra: bytes = b"") -> TableMeta:
         check_complete(self.name, self._done, self._next_token, self.vocab_size)
@@ -692,12 +657,7 @@ class ClusterTableWriter:
             fingerprint = self.fingerprint(fingerprint_extra)
             created = int(time.time() * 1000)
             while True:
-                meta = TableMeta(
-                    table_id=self.table_id, name=self.name, version=self.version, vocab_size=self.vocab_size,
-                    num_layers=self.fmt.num_layers, num_experts=self.fmt.num_experts, hidden_size=self.fmt.hidden_size,
-                    encoding=self.fmt.encoding.value, zstd=self.fmt.zstd, fingerprint=fingerprint,
-                    source_form=self.source_form, created_unix_ms=created, stored_bytes=self._stored_bytes,
-                    artifacts=list(self._artifacts), block_size=self.fmt.block_size)
+                meta = self._table_meta(fingerprint, created)
                 k = store._keys
                 got = int(store._publish(keys=[k.manifest, k.counters, k.pending, k.lease(self.table_id)],
                                          args=[str(self.table_id), self.name, str(self.version), meta.to_json()]))

@@ -26,7 +26,6 @@ so a reader's cache keyed by table id can never see stale rows.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,65 +36,30 @@ import struct
 import tempfile
 import threading
 import time
-import unicodedata
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
 from rocksdict import AccessType, IngestExternalFileOptions, Options, Rdict, SstFileWriter
 
-from lutstore.formats.codec import CRC_BYTES, Encoding, RowFormat
-from lutstore.errors import UserError
+from lutstore.formats.codec import RowFormat
+from lutstore.storage.model import (ArtifactMeta, DatabaseDamaged, RowsUnreadable, StoreBase, StoreError,
+                                    TableMeta, TableNotFound, TableWriterBase, VersionGone, check_complete,
+                                    check_new_table)
+
+__all__ = ["Store", "TableWriter", "SECONDARY_PREFIX", "remove_stale_secondaries", "row_key", "rows_range",
+           "artifact_key", "artifacts_range", "manifest_key",
+           # the table model, for code that imported it from here
+           "ArtifactMeta", "DatabaseDamaged", "RowsUnreadable", "StoreError", "TableMeta", "TableNotFound",
+           "VersionGone"]
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_CHUNK_BYTES = 4 << 20
 SST_ROLL_BYTES = 256 << 20  # start a new rows SST file past this size
 
 _U32 = struct.Struct(">I")
 _ROW = struct.Struct(">cII")
 _ART = struct.Struct(">cIHI")
 _COUNTERS_KEY = b"n"
-
-
-class StoreError(UserError):
-    """A database problem a user can understand and act on."""
-
-
-class TableNotFound(StoreError):
-    def __init__(self, name: str, existing: list[str]):
-        self.name = name
-        self.existing = existing
-        listing = ", ".join(existing) if existing else "none"
-        super().__init__(f"no table named {name!r} (tables: {listing})")
-
-
-class VersionGone(StoreError):
-    def __init__(self, name: str, version: int, latest: int):
-        self.name = name
-        self.version = version
-        self.latest = latest
-        super().__init__(f"table {name!r} has no live version {version} (dropped or never ingested); latest is {latest}")
-
-
-class DatabaseDamaged(StoreError):
-    """The database's files are damaged so that it cannot be opened or its table list read."""
-
-
-class RowsUnreadable(StoreError):
-    """RocksDB cannot read these rows: a block that holds them fails its checksum, or the disk
-    read failed. `detail` is RocksDB's message (file names and offsets: for the log, not clients)."""
-
-    def __init__(self, meta: TableMeta, token_ids: list[int], detail: str):
-        self.meta = meta
-        self.token_ids = token_ids
-        self.detail = detail
-        super().__init__(f"{len(token_ids)} row(s) of table {meta.name!r} v{meta.version} unreadable: {detail}")
-
-    @property
-    def reason(self) -> str:
-        """What happened, without file names or offsets (safe to send to a client)."""
-        return _damage_kind(self.detail)
 
 
 def _is_damage(e: BaseException) -> bool:
@@ -133,53 +97,6 @@ def artifacts_range(table_id: int) -> tuple[bytes, bytes]:
 
 def manifest_key(table_id: int) -> bytes:
     return b"m" + _U32.pack(table_id)
-
-
-@dataclass
-class ArtifactMeta:
-    name: str
-    size: int
-    sha256: str
-    index: int
-    chunks: int
-
-
-@dataclass
-class TableMeta:
-    table_id: int
-    name: str
-    version: int
-    vocab_size: int
-    num_layers: int
-    num_experts: int
-    hidden_size: int
-    encoding: str
-    zstd: bool
-    fingerprint: str
-    source_form: str
-    created_unix_ms: int
-    stored_bytes: int
-    artifacts: list[ArtifactMeta] = field(default_factory=list)
-    block_size: int = 0   # nf4 only: values per block (manifests written before nf4 have none)
-
-    def row_format(self) -> RowFormat:
-        return RowFormat(self.num_layers, self.num_experts, self.hidden_size, Encoding(self.encoding), self.zstd,
-                         self.block_size)
-
-    def artifact(self, name: str) -> ArtifactMeta:
-        for a in self.artifacts:
-            if a.name == name:
-                return a
-        raise KeyError(name)
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> TableMeta:
-        d = json.loads(data)
-        d["artifacts"] = [ArtifactMeta(**a) for a in d.get("artifacts", [])]
-        return cls(**d)
 
 
 def _db_exists(path: Path) -> bool:
@@ -316,31 +233,7 @@ def _check_whole(path: Path, links: Path, own: Path, attempts: int = 3) -> None:
     raise StoreError(f"cannot open database {path}: {text}") from error
 
 
-class VersionIndex:
-    """tables() and resolve() over the manifest as loaded, `_by_name` {name: {version: TableMeta}}:
-    the same for every backend (each loads the manifest its own way)."""
-
-    _by_name: dict[str, dict[int, TableMeta]]
-
-    def tables(self) -> list[TableMeta]:
-        """All live versions, sorted by (name, version)."""
-        by_name = self._by_name
-        return [by_name[n][v] for n in sorted(by_name) for v in sorted(by_name[n])]
-
-    def resolve(self, name: str, version: int = 0) -> TableMeta:
-        """The live TableMeta of (name, version); version 0 is the latest."""
-        versions = self._by_name.get(name)
-        if not versions:
-            raise TableNotFound(name, sorted(self._by_name))
-        if version == 0:
-            return versions[max(versions)]
-        meta = versions.get(version)
-        if meta is None:
-            raise VersionGone(name, version, max(versions))
-        return meta
-
-
-class Store(VersionIndex):
+class Store(StoreBase):
     """One lutstore database. Writers open it as primary (one process at a
     time); readers (server, info, verify) as a secondary that catches up with
     the primary on refresh()."""
@@ -457,7 +350,7 @@ class Store(VersionIndex):
                 bad.append(t)
                 detail = self._detail(e)
         if bad:
-            raise RowsUnreadable(meta, bad, detail)
+            raise RowsUnreadable(meta, bad, detail, _damage_kind(detail))
         return values  # the failure did not repeat (a transient read error)
 
     def iter_rows(self, meta: TableMeta) -> Iterator[tuple[int, bytes | RowsUnreadable]]:
@@ -492,7 +385,8 @@ class Store(VersionIndex):
                 except Exception as e:
                     if not _is_damage(e):
                         raise
-                    yield next_id, RowsUnreadable(meta, [next_id], self._detail(e))
+                    detail = self._detail(e)
+                    yield next_id, RowsUnreadable(meta, [next_id], detail, _damage_kind(detail))
                     next_id += 1
                     continue
                 next_id += 1
@@ -525,10 +419,6 @@ class Store(VersionIndex):
         self._load_manifest()
 
     # ---- writing (primary only) ---------------------------------------
-
-    def _require_primary(self, what: str) -> None:
-        if self.mode != "primary":
-            raise StoreError(f"{what} needs the database opened as primary")
 
     def begin_table(self, name: str, fmt: RowFormat, vocab_size: int, source_form: str) -> TableWriter:
         self._require_primary("writing a table")
@@ -572,9 +462,7 @@ class Store(VersionIndex):
         is left in place, because deleting it makes RocksDB compact, that is read, the damaged
         block, and a failed compaction stops every later write. Its table id is never reused, so
         nothing reads those keys again."""
-        self._require_primary("drop")
-        if version < 1:
-            raise StoreError(f"give the version to drop (>= 1), got {version}")
+        self._check_drop(version)
         meta = self.resolve(name, version)
         kept = []
         ranges = {"rows": rows_range(meta.table_id), "artifacts": artifacts_range(meta.table_id)}
@@ -627,116 +515,22 @@ class Store(VersionIndex):
         self.close()
 
 
-def write_artifact(name: str, index: int, data: bytes | Path, put: Callable[[int, bytes], None]) -> ArtifactMeta:
-    """Store an artifact in chunks through put(chunk number, bytes), the same way on every backend."""
-    digest = hashlib.sha256()
-    size = chunks = 0
-    for chunk in _chunks(data):
-        put(chunks, chunk)
-        digest.update(chunk)
-        size += len(chunk)
-        chunks += 1
-    return ArtifactMeta(name, size, digest.hexdigest(), index, chunks)
-
-
-def check_new_table(name: str, vocab_size: int) -> None:
-    """What begin_table accepts (both backends): a name check_table_name accepts, and a vocabulary
-    that token ids of 32 bits can index."""
-    check_table_name(name)
-    if vocab_size < 1 or vocab_size >= 2**32:
-        raise StoreError(f"vocab_size must be in 1..2^32-1, got {vocab_size}")
-
-
-def check_rows(name: str, fmt: RowFormat, first: int, vocab_size: int, values: list[bytes]) -> None:
-    """What add_rows accepts (both backends), checked before any is written: rows first.. within
-    vocab_size, each a stored value of fmt (more than its CRC; exactly stored_bytes when fixed)."""
-    if first + len(values) > vocab_size:
-        raise StoreError(f"table {name!r}: more rows than vocab_size {vocab_size}")
-    fixed = fmt.stored_bytes
-    for k, value in enumerate(values):
-        if len(value) <= CRC_BYTES or (fixed is not None and len(value) != fixed):
-            raise StoreError(f"row {first + k} is {len(value)} bytes; expected {fixed or 'more than 4'}")
-
-
-def check_complete(name: str, done: bool, rows_added: int, vocab_size: int) -> None:
-    """A table writer may commit once, after exactly vocab_size rows (both backends)."""
-    if done:
-        raise StoreError("table writer already finished")
-    if rows_added != vocab_size:
-        raise StoreError(f"table {name!r}: {rows_added} rows added, vocab_size is {vocab_size}")
-
-
-def is_utf8(name: str) -> bool:
-    """Can a gRPC string field carry name? Not if it holds a lone surrogate (os.fsdecode's stand-in
-    for a byte that is not UTF-8)."""
-    try:
-        name.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def check_table_name(name: str) -> None:
-    """Raise StoreError unless `name` can name a table: 1-200 characters, no '/', no control
-    characters (NUL, newline: they would garble `info` and the logs), and valid UTF-8 (a folder name
-    with a stray byte arrives as a lone surrogate, which no gRPC string field can carry: one such
-    table made every ListTables fail)."""
-    if not name or "/" in name or len(name) > 200 or any(unicodedata.category(c) == "Cc" for c in name) \
-            or not is_utf8(name):
-        raise StoreError(f"bad table name {name!r}: use 1-200 characters of valid UTF-8, no '/' and no control "
-                         f"characters (--name NAME sets it; the default is the checkpoint folder's name)")
-
-
-def table_fingerprint(vocab_size: int, fmt: RowFormat, crc_digest: bytes, artifacts: list[ArtifactMeta],
-                      extra: bytes = b"") -> str:
-    """sha256 over the (name-independent) shape and encoding, the CRC of every row in order (crc_digest)
-    and every artifact's sha256: the same on every backend (tests check they agree)."""
-    h = hashlib.sha256()
-    shape = {"vocab_size": vocab_size, "num_layers": fmt.num_layers, "num_experts": fmt.num_experts,
-             "hidden_size": fmt.hidden_size, "encoding": fmt.encoding.value, "zstd": fmt.zstd}
-    if fmt.block_size:   # nf4 only, so the other encodings' fingerprints are unchanged
-        shape["block_size"] = fmt.block_size
-    h.update(json.dumps(shape, sort_keys=True).encode())
-    h.update(crc_digest)
-    for a in artifacts:
-        h.update(f"{a.name}\0{a.sha256}\0".encode())
-    h.update(extra)
-    return h.hexdigest()
-
-
-class TableWriter:
+class TableWriter(TableWriterBase):
     """Collects one new table version in staging SST files; commit() makes it
     visible in one atomic ingest. Leaving the `with` block without commit()
     aborts and removes the staging files."""
 
     def __init__(self, store: Store, staging: Path, table_id: int, name: str, version: int,
                  fmt: RowFormat, vocab_size: int, source_form: str):
+        super().__init__(table_id, name, version, fmt, vocab_size, source_form)
         self._store = store
-        self._staging = staging
-        self.table_id = table_id
-        self.name = name
-        self.version = version
-        self.fmt = fmt
-        self.vocab_size = vocab_size
-        self.source_form = source_form
+        self._staging = self.scratch_dir = staging
         self._opts = _options(False)
         self._row_files: list[Path] = []
         self._rows: SstFileWriter | None = None
-        self._next_token = 0
-        self._stored_bytes = 0
-        self._crcs = hashlib.sha256()
         self._meta_file = staging / "meta.sst"
         self._meta_writer = SstFileWriter(options=self._opts)
         self._meta_writer.open(str(self._meta_file))
-        self._artifacts: list[ArtifactMeta] = []
-        self._done = False
-
-    def __enter__(self) -> TableWriter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if not self._done:
-            self.abort()
 
     def _rows_writer(self) -> SstFileWriter:
         if self._rows is not None and self._rows.file_size() >= SST_ROLL_BYTES:
@@ -749,42 +543,22 @@ class TableWriter:
             self._row_files.append(path)
         return self._rows
 
-    def add_rows(self, values: list[bytes]) -> None:
-        """Stored values (codec.encode_rows) of the next token ids, in order."""
-        check_rows(self.name, self.fmt, self._next_token, self.vocab_size, values)
+    def _write_rows(self, first: int, values: list[bytes]) -> None:
         tid = self.table_id
-        for value in values:
-            self._rows_writer()[_ROW.pack(b"r", tid, self._next_token)] = value
-            self._crcs.update(value[-CRC_BYTES:])
-            self._stored_bytes += len(value)
-            self._next_token += 1
+        for token, value in enumerate(values, first):
+            self._rows_writer()[_ROW.pack(b"r", tid, token)] = value
 
-    def add_artifact(self, name: str, data: bytes | Path) -> None:
-        """A file stored with the table (config.json, tokenizer, backbone weights)."""
-        if any(a.name == name for a in self._artifacts):
-            raise StoreError(f"artifact {name!r} added twice")
-        index = len(self._artifacts)
-
+    def _artifact_writer(self, name: str, index: int) -> Callable[[int, bytes], None]:
         def put(chunk: int, data: bytes) -> None:
             self._meta_writer[artifact_key(self.table_id, index, chunk)] = data
-
-        self._artifacts.append(write_artifact(name, index, data, put))
-
-    def fingerprint(self, extra: bytes = b"") -> str:
-        """The fingerprint commit() gives this version, from what was added so far."""
-        return table_fingerprint(self.vocab_size, self.fmt, self._crcs.digest(), self._artifacts, extra)
+        return put
 
     def commit(self, fingerprint_extra: bytes = b"") -> TableMeta:
         """Check all vocab_size rows were added, then ingest everything at once."""
         check_complete(self.name, self._done, self._next_token, self.vocab_size)
         try:
             self._rows.finish()
-            meta = TableMeta(
-                table_id=self.table_id, name=self.name, version=self.version, vocab_size=self.vocab_size,
-                num_layers=self.fmt.num_layers, num_experts=self.fmt.num_experts, hidden_size=self.fmt.hidden_size,
-                encoding=self.fmt.encoding.value, zstd=self.fmt.zstd, fingerprint=self.fingerprint(fingerprint_extra),
-                source_form=self.source_form, created_unix_ms=int(time.time() * 1000),
-                stored_bytes=self._stored_bytes, artifacts=list(self._artifacts), block_size=self.fmt.block_size)
+            meta = self._table_meta(self.fingerprint(fingerprint_extra), int(time.time() * 1000))
             counters = self._store._counters()
             counters["next_table_id"] = max(counters["next_table_id"], self.table_id + 1)
             counters["versions"][self.name] = max(counters["versions"].get(self.name, 0), self.version)
@@ -806,21 +580,3 @@ class TableWriter:
         self._done = True
         self._store._reserved_ids.discard(self.table_id)
         shutil.rmtree(self._staging, ignore_errors=True)
-
-
-def _chunks(data: bytes | Path) -> Iterator[bytes]:
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        data = bytes(data)
-        for off in range(0, max(len(data), 1), ARTIFACT_CHUNK_BYTES):
-            yield data[off : off + ARTIFACT_CHUNK_BYTES]
-        return
-    with open(data, "rb") as f:
-        first = True
-        while True:
-            chunk = f.read(ARTIFACT_CHUNK_BYTES)
-            if not chunk and not first:
-                return
-            yield chunk  # an empty file is one empty chunk, so it still round-trips
-            first = False
-            if len(chunk) < ARTIFACT_CHUNK_BYTES:
-                return
