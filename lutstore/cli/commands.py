@@ -13,6 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from lutstore.formats.codec import ENCODINGS, Encoding
 from lutstore.help_format import HelpFormatter, add_verbose
 from lutstore.paths import default_db_path
 
@@ -61,9 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path, help="HF-format MoLE checkpoint folder (config.json + weights)")
     _add_db(p)
     p.add_argument("--name", help="table name (default: the checkpoint folder's name)")
-    p.add_argument("--encoding", choices=["fp32", "fp16", "bf16", "int8", "nf4"], default="fp16",
-                   help="row encoding (default: fp16, as the official reparameterisation); nf4: 4-bit "
-                        "NormalFloat codes + one fp16 scale per block, 0.27x of fp16's bytes")
+    p.add_argument("--encoding", choices=[e.value for e in ENCODINGS], default=Encoding.FP16.value,
+                   help="row encoding (default: fp16, as the official reparameterisation): "
+                        + "; ".join(f"{e.value}: {spec.about}" for e, spec in ENCODINGS.items()))
     p.add_argument("--block-size", type=int, default=None,
                    help="nf4 only: values per block, each with its own scale; must be even and divide "
                         "hidden_size (default: 64, as QLoRA)")

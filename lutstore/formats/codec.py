@@ -5,10 +5,16 @@ proto/lutstore/v1/lutstore.proto):  data = body || crc32-LE(body), where body
 is the payload, optionally inside one zstd frame. Encoders work on a whole
 chunk of rows at once (vectorised), decoders on one stored value or a batch.
 
+Each encoding is one entry of ENCODINGS (an EncodingSpec: payload size, encode, decode, layer
+slices, what ingest accepts with it); the rest of this module, the protocol's enum names
+(lutstore.formats.protocol) and `lutstore ingest --encoding` read that table, never the encoding.
+A new encoding: an Encoding member, its entry here, the proto enum value, the device form
+(inference.dequantize.DEVICE_FORMS), the Node codec, the docs.
+
 Error bounds (relative to max|x| of each layer x expert vector, per value):
   fp32: exact; fp16: 2^-11 relative to |x| (plus subnormal floor 2^-24);
   bf16: 2^-8 relative to |x|; int8: 0.5/127 of the vector's max|x|;
-  nf4: half the widest code book gap (0.152) of the block's absmax (see lutstore/nf4.py).
+  nf4: half the widest code book gap (0.152) of the block's absmax (see lutstore/formats/nf4.py).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import enum
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
 from typing import Callable
 try:  # the same CRC-32, ~10x faster (ISA-L); rows are checked on every read from RocksDB
     from isal.isal_zlib import crc32
@@ -60,12 +67,17 @@ class RowFormat:
     block_size: int = 0
 
     def __post_init__(self) -> None:
-        if self.encoding is not Encoding.NF4:
+        spec = ENCODINGS[self.encoding]
+        if spec.check_block_size is None:
             object.__setattr__(self, "block_size", 0)
             return
-        block = self.block_size or nf4.DEFAULT_BLOCK_SIZE
+        block = self.block_size or spec.default_block_size
         object.__setattr__(self, "block_size", block)
-        nf4.check_block_size(block, self.hidden_size)
+        spec.check_block_size(block, self.hidden_size)
+
+    @property
+    def spec(self) -> EncodingSpec:
+        return ENCODINGS[self.encoding]
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -79,16 +91,10 @@ class RowFormat:
     def vectors(self) -> int:
         return self.num_layers * self.num_experts
 
-    @property
+    @cached_property
     def payload_bytes(self) -> int:
         """Bytes of one row's payload before compression and checksum."""
-        if self.encoding is Encoding.FP32:
-            return 4 * self.values
-        if self.encoding in (Encoding.FP16, Encoding.BF16):
-            return 2 * self.values
-        if self.encoding is Encoding.NF4:
-            return self.num_layers * self.nf4_layer_bytes
-        return 4 * self.vectors + self.values  # int8: scales, then values
+        return ENCODINGS[self.encoding].payload_bytes(self)
 
     @property
     def nf4_layer_bytes(self) -> int:
@@ -113,28 +119,45 @@ def encode_payloads(fmt: RowFormat, rows: np.ndarray) -> np.ndarray:
     rows = np.asarray(rows)
     if rows.ndim != 4 or rows.shape[1:] != fmt.shape:
         raise ValueError(f"rows have shape {rows.shape}, expected [n, {fmt.num_layers}, {fmt.num_experts}, {fmt.hidden_size}]")
+    return ENCODINGS[fmt.encoding].encode(fmt, rows)
+
+
+def _finite_float32(rows: np.ndarray) -> np.ndarray:
+    rows32 = rows.astype(np.float32, copy=False)
+    if not np.isfinite(rows32).all():
+        raise ValueError("rows contain NaN or infinity; refusing to store them")
+    return rows32
+
+
+def _encode_fp32(fmt: RowFormat, rows: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(_finite_float32(rows)).reshape(len(rows), -1).view(np.uint8)
+
+
+def _encode_fp16(fmt: RowFormat, rows: np.ndarray) -> np.ndarray:
     n = rows.shape[0]
-    if fmt.encoding is Encoding.NF4:
-        # fp16 or fp32 in, block by block in cache-sized pieces (nf4.encode checks finiteness)
-        return _in_parallel(lambda part: nf4.encode(part.reshape(len(part), fmt.num_layers, -1),
-                                                    fmt.block_size).reshape(len(part), -1), rows)
-    if fmt.encoding is Encoding.INT8:
-        return _in_parallel(lambda part: _encode_int8(fmt, part), rows)
-    if rows.dtype == np.float16 and fmt.encoding is Encoding.FP16:
+    if rows.dtype == np.float16:
         # fp16 in, fp16 out (an official rep checkpoint): no round trip through fp32.
         if not np.isfinite(rows).all():
             raise ValueError("rows contain NaN or infinity; refusing to store them")
         return np.ascontiguousarray(rows, dtype="<f2").reshape(n, -1).view(np.uint8)
-    rows32 = rows.astype(np.float32, copy=False)
-    if not np.isfinite(rows32).all():
-        raise ValueError("rows contain NaN or infinity; refusing to store them")
-    if fmt.encoding is Encoding.FP32:
-        return np.ascontiguousarray(rows32).reshape(n, -1).view(np.uint8)
-    if fmt.encoding is Encoding.FP16:
-        if np.abs(rows32).max(initial=0.0) > 65504.0:
-            raise ValueError("rows exceed the fp16 range (65504); use --encoding fp32, bf16 or int8")
-        return rows32.astype("<f2").reshape(n, -1).view(np.uint8)
-    return _bf16_bits(rows32).astype("<u2").reshape(n, -1).view(np.uint8)  # BF16
+    rows32 = _finite_float32(rows)
+    if np.abs(rows32).max(initial=0.0) > 65504.0:
+        raise ValueError("rows exceed the fp16 range (65504); use --encoding fp32, bf16 or int8")
+    return rows32.astype("<f2").reshape(n, -1).view(np.uint8)
+
+
+def _encode_bf16(fmt: RowFormat, rows: np.ndarray) -> np.ndarray:
+    return _bf16_bits(_finite_float32(rows)).astype("<u2").reshape(len(rows), -1).view(np.uint8)
+
+
+def _encode_nf4(fmt: RowFormat, rows: np.ndarray) -> np.ndarray:
+    # fp16 or fp32 in, block by block in cache-sized pieces (nf4.encode checks finiteness)
+    return _in_parallel(lambda part: nf4.encode(part.reshape(len(part), fmt.num_layers, -1),
+                                                fmt.block_size).reshape(len(part), -1), rows)
+
+
+def _encode_int8_rows(fmt: RowFormat, rows: np.ndarray) -> np.ndarray:
+    return _in_parallel(lambda part: _encode_int8(fmt, part), rows)
 
 
 ENCODE_THREADS = min(2, os.cpu_count() or 1)
@@ -234,21 +257,32 @@ def decode_payload(fmt: RowFormat, payload: bytes | memoryview, out: np.ndarray 
     """Decode one payload into float32 [L, N, D] (into `out` when given)."""
     if out is None:
         out = np.empty(fmt.shape, dtype=np.float32)
-    if fmt.encoding is Encoding.FP32:
-        out[...] = np.frombuffer(payload, dtype="<f4").reshape(fmt.shape)
-    elif fmt.encoding is Encoding.FP16:
-        out[...] = np.frombuffer(payload, dtype="<f2").reshape(fmt.shape)
-    elif fmt.encoding is Encoding.BF16:
-        bits = np.frombuffer(payload, dtype="<u2").astype(np.uint32) << 16
-        out[...] = bits.view(np.float32).reshape(fmt.shape)
-    elif fmt.encoding is Encoding.NF4:
-        layers = np.frombuffer(payload, dtype=np.uint8).reshape(fmt.num_layers, fmt.nf4_layer_bytes)
-        nf4.decode(layers, fmt.block_size, out=out.reshape(fmt.num_layers, -1))
-    else:
-        scales = np.frombuffer(payload, dtype="<f4", count=fmt.vectors)
-        q = np.frombuffer(payload, dtype=np.int8, offset=4 * fmt.vectors)
-        np.multiply(q.reshape(fmt.vectors, fmt.hidden_size), scales[:, None], out=out.reshape(fmt.vectors, fmt.hidden_size))
+    ENCODINGS[fmt.encoding].decode(fmt, payload, out)
     return out
+
+
+def _decode_fp32(fmt: RowFormat, payload: bytes | memoryview, out: np.ndarray) -> None:
+    out[...] = np.frombuffer(payload, dtype="<f4").reshape(fmt.shape)
+
+
+def _decode_fp16(fmt: RowFormat, payload: bytes | memoryview, out: np.ndarray) -> None:
+    out[...] = np.frombuffer(payload, dtype="<f2").reshape(fmt.shape)
+
+
+def _decode_bf16(fmt: RowFormat, payload: bytes | memoryview, out: np.ndarray) -> None:
+    bits = np.frombuffer(payload, dtype="<u2").astype(np.uint32) << 16
+    out[...] = bits.view(np.float32).reshape(fmt.shape)
+
+
+def _decode_int8(fmt: RowFormat, payload: bytes | memoryview, out: np.ndarray) -> None:
+    scales = np.frombuffer(payload, dtype="<f4", count=fmt.vectors)
+    q = np.frombuffer(payload, dtype=np.int8, offset=4 * fmt.vectors)
+    np.multiply(q.reshape(fmt.vectors, fmt.hidden_size), scales[:, None], out=out.reshape(fmt.vectors, fmt.hidden_size))
+
+
+def _decode_nf4(fmt: RowFormat, payload: bytes | memoryview, out: np.ndarray) -> None:
+    layers = np.frombuffer(payload, dtype=np.uint8).reshape(fmt.num_layers, fmt.nf4_layer_bytes)
+    nf4.decode(layers, fmt.block_size, out=out.reshape(fmt.num_layers, -1))
 
 
 def decode_row(fmt: RowFormat, value: bytes | memoryview, verify: bool = True) -> np.ndarray:
@@ -290,15 +324,27 @@ def slice_payload_bytes(fmt: RowFormat, begin: int, end: int) -> int:
 def slice_parts(fmt: RowFormat, payload: memoryview, begin: int, end: int) -> list[memoryview]:
     """The payload restricted to layers [begin, end), as views into payload whose concatenation
     is the slice (one view; int8: the layers' scales, then their values)."""
-    if fmt.encoding is Encoding.NF4:  # each layer's scales and nibbles are one piece
-        return [payload[begin * fmt.nf4_layer_bytes : end * fmt.nf4_layer_bytes]]
+    return ENCODINGS[fmt.encoding].slice_parts(fmt, payload, begin, end)
+
+
+def _layer_major_slice(value_bytes: int) -> Callable[[RowFormat, memoryview, int, int], list[memoryview]]:
+    """Slices of a payload that is the values in [L, N, D] order, value_bytes each."""
+    def parts(fmt: RowFormat, payload: memoryview, begin: int, end: int) -> list[memoryview]:
+        per_layer = value_bytes * fmt.num_experts * fmt.hidden_size
+        return [payload[begin * per_layer : end * per_layer]]
+    return parts
+
+
+def _int8_slice(fmt: RowFormat, payload: memoryview, begin: int, end: int) -> list[memoryview]:
     per_layer = fmt.num_experts * fmt.hidden_size
-    if fmt.encoding is Encoding.INT8:
-        scales = 4 * fmt.vectors
-        return [payload[4 * begin * fmt.num_experts : 4 * end * fmt.num_experts],
-                payload[scales + begin * per_layer : scales + end * per_layer]]
-    size = 4 if fmt.encoding is Encoding.FP32 else 2
-    return [payload[size * begin * per_layer : size * end * per_layer]]
+    scales = 4 * fmt.vectors
+    return [payload[4 * begin * fmt.num_experts : 4 * end * fmt.num_experts],
+            payload[scales + begin * per_layer : scales + end * per_layer]]
+
+
+def _nf4_slice(fmt: RowFormat, payload: memoryview, begin: int, end: int) -> list[memoryview]:
+    # each layer's scales and nibbles are one piece
+    return [payload[begin * fmt.nf4_layer_bytes : end * fmt.nf4_layer_bytes]]
 
 
 def crc_of_parts(parts: list[memoryview]) -> bytes:
@@ -307,3 +353,40 @@ def crc_of_parts(parts: list[memoryview]) -> bytes:
     for part in parts:
         value = crc32(part, value)
     return _CRC.pack(value)
+
+
+# ---- the encodings ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EncodingSpec:
+    """One row encoding: everything the codec, the protocol and ingest need to know of it."""
+
+    about: str                                                       # for --help
+    payload_bytes: Callable[[RowFormat], int]                        # one row's payload, uncompressed
+    encode: Callable[[RowFormat, np.ndarray], np.ndarray]            # rows [n, L, N, D] -> uint8 [n, payload_bytes]
+    decode: Callable[[RowFormat, bytes | memoryview, np.ndarray], None]   # one payload -> out float32 [L, N, D]
+    slice_parts: Callable[[RowFormat, memoryview, int, int], list[memoryview]]   # layers [begin, end) of a payload
+    compressible: bool = True             # ingest accepts --zstd with it
+    # blocks of values with a scale each: checks a block size against hidden_size (ValueError), or None
+    check_block_size: Callable[[int, int], None] | None = None
+    default_block_size: int = 0
+
+
+ENCODINGS: dict[Encoding, EncodingSpec] = {
+    Encoding.FP32: EncodingSpec("float32, exact", lambda f: 4 * f.values, _encode_fp32, _decode_fp32,
+                                _layer_major_slice(4)),
+    Encoding.FP16: EncodingSpec("float16, as the official reparameterisation", lambda f: 2 * f.values,
+                                _encode_fp16, _decode_fp16, _layer_major_slice(2)),
+    Encoding.BF16: EncodingSpec("bfloat16: fp32's range, 8 bits of mantissa", lambda f: 2 * f.values,
+                                _encode_bf16, _decode_bf16, _layer_major_slice(2)),
+    Encoding.INT8: EncodingSpec("int8 + one fp32 scale per (layer, expert) vector",
+                                lambda f: 4 * f.vectors + f.values,   # scales, then values
+                                _encode_int8_rows, _decode_int8, _int8_slice),
+    # Measured (zstd level 3, per row): 0.1% of the demo model's nf4 rows, 2.5% of Gaussian ones; the
+    # code book's 16 bins are about equally likely for normal-looking values, so a code carries close
+    # to 4 bits. Not worth a decompression per row read, nor a 2nd format.
+    Encoding.NF4: EncodingSpec("4-bit NormalFloat codes + one fp16 scale per block, 0.27x of fp16's bytes",
+                               lambda f: f.num_layers * f.nf4_layer_bytes, _encode_nf4, _decode_nf4, _nf4_slice,
+                               compressible=False, check_block_size=nf4.check_block_size,
+                               default_block_size=nf4.DEFAULT_BLOCK_SIZE),
+}

@@ -21,14 +21,9 @@ BATCH_GET = method_path("BatchGet")
 BATCH_GET_STREAM = method_path("BatchGetStream")
 BATCH_GET_SHARED = method_path("BatchGetShared")
 
-# Row encodings: codec's names <-> the proto's enum values.
-ENCODING_TO_PB: dict[codec.Encoding, int] = {
-    codec.Encoding.FP32: pb.ENCODING_FP32,
-    codec.Encoding.FP16: pb.ENCODING_FP16,
-    codec.Encoding.BF16: pb.ENCODING_BF16,
-    codec.Encoding.INT8: pb.ENCODING_INT8,
-    codec.Encoding.NF4: pb.ENCODING_NF4,
-}
+# Row encodings: codec's names <-> the proto's enum values, ENCODING_<NAME> for each of the
+# codec's encodings (an encoding the proto lacks fails here, at import).
+ENCODING_TO_PB: dict[codec.Encoding, int] = {e: pb.Encoding.Value(f"ENCODING_{e.name}") for e in codec.ENCODINGS}
 ENCODING_FROM_PB: dict[int, codec.Encoding] = {v: k for k, v in ENCODING_TO_PB.items()}
 
 # Host names that mean "this machine": the server does not warn about plaintext there, and a

@@ -35,7 +35,7 @@ import zstandard
 
 from lutstore.storage.backends import backend_for, open_store
 from lutstore.ingest.checkpoint import EMBED, TABLE, Checkpoint
-from lutstore.formats.codec import CRC_BYTES, Encoding, RowFormat, encode_rows
+from lutstore.formats.codec import CRC_BYTES, ENCODINGS, Encoding, RowFormat, encode_rows
 from lutstore.errors import UserError
 from lutstore.interrupts import Terminated, deferred
 from lutstore.storage.api import TableStore
@@ -89,13 +89,12 @@ def _row_format(ckpt: Checkpoint, encoding: str, zstd: bool, block_size: int | N
         enc = Encoding(encoding)
     except ValueError:
         raise UserError(f"unknown encoding {encoding!r}: use one of {', '.join(e.value for e in Encoding)}") from None
-    if block_size is not None and enc is not Encoding.NF4:
-        raise UserError(f"--block-size applies to --encoding nf4 only, not {enc.value}")
-    if zstd and enc is Encoding.NF4:
-        # Measured (zstd level 3, per row): 0.1% of the demo model's nf4 rows, 2.5% of Gaussian
-        # ones; the code book's 16 bins are about equally likely for normal-looking values, so a
-        # code carries close to 4 bits. Not worth a decompression per row read, nor a 2nd format.
-        raise UserError("--zstd does not apply to --encoding nf4: nf4 codes are near-incompressible "
+    spec = ENCODINGS[enc]
+    if block_size is not None and spec.check_block_size is None:
+        blocked = ", ".join(e.value for e, s in ENCODINGS.items() if s.check_block_size is not None)
+        raise UserError(f"--block-size applies to --encoding {blocked} only, not {enc.value}")
+    if zstd and not spec.compressible:
+        raise UserError(f"--zstd does not apply to --encoding {enc.value}: {enc.value} codes are near-incompressible "
                         "(zstd saved 0.1-2.5%); drop --zstd")
     c = ckpt.config
     try:
