@@ -237,7 +237,7 @@ def test_a_file_on_disk_is_not_a_segment(db_path: Path, serve, tmp_path: Path) -
 
 def _refused_segment(path: str) -> None:
     """A segment whose greeting the server does not accept raises SegmentRefused naming the reason."""
-    import lutstore.shm_segment as seg_mod
+    import lutstore.client.shm_segment as seg_mod
     saved = seg_mod.HELLO
     seg_mod.HELLO = b"lutstore-segment v0\n"
     try:

@@ -18,6 +18,12 @@ from lutstore.help_format import HelpFormatter, add_verbose
 from lutstore.paths import default_db_path
 
 
+def _daemon_default(field: str):
+    """The default of a serve flag: its DaemonConfig field's."""
+    from lutstore.daemon.config import DaemonConfig
+    return DaemonConfig.default(field)
+
+
 def _add_db(p: argparse.ArgumentParser) -> None:
     # A str, not a Path: Path() folds "redis-cluster://h:p" into "redis-cluster:/h:p" (see lutstore.dbpath).
     p.add_argument("--db", default=str(default_db_path()),
@@ -89,18 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("serve", "serve the tables of a database over gRPC")
     _add_db(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
-    p.add_argument("--port", type=int, default=50051, help="port (0: pick a free one and print it)")
-    p.add_argument("--cache-mb", type=float, default=1024, help="RAM budget of the hot-row LRU (MiB)")
-    p.add_argument("--max-batch-rows", type=int, default=4096, help="most token ids in one BatchGet")
-    p.add_argument("--max-message-mb", type=float, default=8, help="largest gRPC message sent or received (MiB)")
-    p.add_argument("--max-concurrent-streams", type=int, default=64, help="most RPCs in flight per connection")
-    p.add_argument("--workers", type=int, default=16, help="server threads")
-    p.add_argument("--max-sessions", type=int, default=None,
+    p.add_argument("--host", default=_daemon_default("host"),
+                   help="address to bind (default: 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=_daemon_default("port"), help="port (0: pick a free one and print it)")
+    p.add_argument("--cache-mb", type=float, default=_daemon_default("cache_mb"),
+                   help="RAM budget of the hot-row LRU (MiB)")
+    p.add_argument("--max-batch-rows", type=int, default=_daemon_default("max_batch_rows"),
+                   help="most token ids in one BatchGet")
+    p.add_argument("--max-message-mb", type=float, default=_daemon_default("max_message_mb"),
+                   help="largest gRPC message sent or received (MiB)")
+    p.add_argument("--max-concurrent-streams", type=int, default=_daemon_default("max_concurrent_streams"),
+                   help="most RPCs in flight per connection")
+    p.add_argument("--workers", type=int, default=_daemon_default("workers"), help="server threads")
+    p.add_argument("--max-sessions", type=int, default=_daemon_default("max_sessions"),
                    help="most open BatchGetStream sessions (each holds a server thread while open); more are "
                         "answered RESOURCE_EXHAUSTED and clients fall back to BatchGet calls (default: workers / 2)")
-    p.add_argument("--refresh-seconds", type=float, default=1.0, help="how often to look for newly ingested tables")
-    p.add_argument("--max-concurrent-rpcs", type=int, default=256,
+    p.add_argument("--refresh-seconds", type=float, default=_daemon_default("refresh_seconds"),
+                   help="how often to look for newly ingested tables")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=_daemon_default("max_concurrent_rpcs"),
                    help="most RPCs in flight over all connections; more are answered RESOURCE_EXHAUSTED")
     sec = p.add_argument_group("security (defaults: loopback only, plaintext, no token)")
     sec.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS (needs --tls-key)")
@@ -112,17 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="answer BatchGetShared: write rows into a shared-memory segment that a client on this "
                           "host hands over as a file descriptor on a Unix socket (the same-host fast path; loopback "
                           "--host only; default: off)")
-    p.add_argument("--max-response-mb", type=float, default=64,
+    p.add_argument("--max-response-mb", type=float, default=_daemon_default("max_response_mb"),
                    help="response bytes being built or sent at once, all calls together (bounds the daemon's memory "
                         "beyond the cache; calls past it wait their turn)")
-    p.add_argument("--stalled-send-seconds", type=float, default=20.0,
+    p.add_argument("--stalled-send-seconds", type=float, default=_daemon_default("stalled_send_seconds"),
                    help="cancel a streaming call whose reader has taken no message for this long (frees its thread)")
     ops = p.add_argument_group("operations")
-    ops.add_argument("--metrics-port", type=int, default=None,
+    ops.add_argument("--metrics-port", type=int, default=_daemon_default("metrics_port"),
                      help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (0: a free port, printed; "
                           "default: off)")
-    ops.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint (loopback)")
-    ops.add_argument("--log-format", choices=["text", "json"], default="text",
+    ops.add_argument("--metrics-host", default=_daemon_default("metrics_host"),
+                     help="address of the metrics endpoint (loopback)")
+    ops.add_argument("--log-format", choices=["text", "json"], default=_daemon_default("log_format"),
                      help="text, or one JSON object per line for log shippers")
 
     p = command("info", "list tables: shapes, sizes, encodings, versions")
@@ -188,8 +201,8 @@ def _run(args: argparse.Namespace) -> int:
             from lutstore.ingest import pipeline as ingest
             return ingest.main(args)
         if args.command == "serve":
-            from lutstore.daemon import servicer as server
-            return server.main(args)
+            from lutstore.daemon import run
+            return run.main(args)
         if args.command == "get":
             from lutstore.cli import rowview
             return rowview.get(args)

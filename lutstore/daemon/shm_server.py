@@ -18,13 +18,14 @@ only for those): a file on another file system, FUSE above all, could make the s
 block for as long as its owner likes, holding a worker each time;
 segment_bytes must lie within its size at the time of the call, and every
 row's bytes are checked to fit in segment_bytes before anything is written.
-Rows come from the servicer's RowSource, so the hot-row LRU and the checksum
-checks stay in one place.
+Rows come from the daemon's RowReader, so the hot-row LRU, the checksum
+checks and the response budget stay in one place.
 """
 
 from __future__ import annotations
 
 import array
+import contextlib
 import fcntl
 import logging
 import os
@@ -38,11 +39,12 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import grpc
 
 from lutstore.daemon.read_status import abort_on_read_errors
+from lutstore.daemon.requests import RequestChecks
+from lutstore.daemon.row_reader import RowReader, row_bound
 from lutstore.v1 import lutstore_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -255,18 +257,13 @@ def _reply(conn: socket.socket, line: str) -> None:
 
 
 class SharedMemoryRows:
-    """The BatchGetShared handler; validates like BatchGet and reads rows through the functions it is
-    given (the servicer's), so this module imports nothing of the server."""
+    """The BatchGetShared handler: checks the request as BatchGet does and reads the rows through the
+    same RowReader (response budget, read-ahead); the segments come from the registry."""
 
-    def __init__(self, registry: SegmentRegistry | None, resolve: Callable, checked_ids: Callable,
-                 rows: Callable, row_bound: Callable, prefetch, budget=None):
+    def __init__(self, registry: SegmentRegistry | None, checks: RequestChecks, reader: RowReader):
         self.registry = registry   # None: --allow-shared-memory not given
-        self.resolve = resolve         # (table, version, context) -> TableMeta
-        self.checked_ids = checked_ids  # (token_ids, meta, context) -> distinct ascending ids
-        self.rows = rows               # (meta, ids) -> stored values
-        self.row_bound = row_bound     # meta -> the most bytes one stored row takes
-        self.prefetch = prefetch       # an Executor: the next group is read while this one is written
-        self.budget = budget           # guard.ByteBudget: the rows read at once count against it (None: no bound)
+        self.checks = checks
+        self.reader = reader
 
     def BatchGetShared(self, request: pb.BatchGetSharedRequest,
                        context: grpc.ServicerContext) -> pb.BatchGetSharedResponse:
@@ -278,8 +275,8 @@ class SharedMemoryRows:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           "shared memory: segment_name is no longer accepted (the server opens no file by name); "
                           "hand the segment's descriptor to TableInfo.shared_memory_socket and send segment_handle")
-        meta = self.resolve(request.table, request.version, context)
-        ids = self.checked_ids(request.token_ids, meta, context)
+        meta = self.checks.table(request.table, request.version, context)
+        ids = self.checks.ids(request.token_ids, meta, context)
         if request.segment_bytes == 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "shared memory: segment_bytes is 0")
         fd = self.registry.open(request.segment_handle) if request.segment_handle else None
@@ -293,25 +290,9 @@ class SharedMemoryRows:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                               f"shared memory: segment_bytes {request.segment_bytes} exceeds the segment's size "
                               f"({size} bytes)")
-            # Two groups of rows are held at once (one written while the next is read): one take.
-            per_read = max(1, ROWS_PER_READ_BYTES // self.row_bound(meta))
-            held = self._take(min(len(ids), 2 * per_read) * self.row_bound(meta), context)
-            try:
-                return self._write_rows(meta, ids, fd, request.segment_bytes, context)
-            finally:
-                if self.budget is not None:
-                    self.budget.give(held)
+            return self._write_rows(meta, ids, fd, request.segment_bytes, context)
         finally:
             os.close(fd)
-
-    def _take(self, n: int, context: grpc.ServicerContext) -> int:
-        if self.budget is None:
-            return 0
-        try:
-            return self.budget.take(n)
-        except Exception as e:   # guard.BudgetExhausted (this module imports nothing of the server)
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later")
-            raise
 
     # ---- the copy -----------------------------------------------------------
 
@@ -322,24 +303,22 @@ class SharedMemoryRows:
             self._too_small(meta, len(ids), len(ids) * fixed, size, context)
         offsets: list[int] = []
         lengths: list[int] = []
-        per_read = max(1, ROWS_PER_READ_BYTES // self.row_bound(meta))
+        bound = row_bound(meta)
+        per_read = max(1, ROWS_PER_READ_BYTES // bound)
         position = 0
         starts = range(0, len(ids), per_read)
-        pending = None
+        rows = self.reader.rows.rows
+        # The next group is read while this one is written (multi-get, CRC and pwritev release the GIL).
+        groups = self.reader.in_parts(meta, [ids[start : start + per_read] for start in starts],
+                                      lambda group: len(group) * bound, rows, context)
         try:
-            with abort_on_read_errors(context):   # a damaged row: DATA_LOSS; a node down: UNAVAILABLE
-                for k, start in enumerate(starts):
-                    group = ids[start : start + per_read]
-                    values = pending.result() if pending is not None else self.rows(meta, group)
-                    # Read the next group while this one is written (multi-get, CRC and pwritev release
-                    # the GIL), as BatchGet reads message k+1 while gRPC sends message k.
-                    nxt = start + per_read
-                    pending = self.prefetch.submit(self.rows, meta, ids[nxt : nxt + per_read]) \
-                        if k + 1 < len(starts) else None
+            # a damaged row: DATA_LOSS; a node down: UNAVAILABLE; the budget given back however it ends
+            with contextlib.closing(groups), abort_on_read_errors(context):
+                for start, values in zip(starts, groups):
                     group_bytes = sum(len(v) for v in values)
                     if position + group_bytes > size:  # zstd rows only: count what the whole batch needs, then refuse
                         need = position + group_bytes + sum(len(v) for s in range(start + per_read, len(ids), per_read)
-                                                            for v in self.rows(meta, ids[s : s + per_read]))
+                                                            for v in rows(meta, ids[s : s + per_read]))
                         self._too_small(meta, len(ids), need, size, context)
                     for value in values:
                         offsets.append(position)
@@ -375,9 +354,3 @@ def _pwrite_all(fd: int, values: list[bytes], offset: int) -> None:
                 pending.pop(0)
             if pending and written:
                 pending[0] = pending[0][written:]
-
-
-def method_handler(rows: SharedMemoryRows) -> grpc.RpcMethodHandler:
-    return grpc.unary_unary_rpc_method_handler(
-        rows.BatchGetShared, request_deserializer=pb.BatchGetSharedRequest.FromString,
-        response_serializer=pb.BatchGetSharedResponse.SerializeToString)

@@ -20,7 +20,9 @@ skipped), so clients in other languages and protobuf itself interoperate.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
+
+from lutstore.formats import codec
 
 # Tags: (field number << 3) | wire type (0 varint, 2 length-delimited).
 _RESPONSE_ROW = 0x0A      # BatchGetResponse.rows = 1, LEN
@@ -83,6 +85,26 @@ def encode_parts(token_ids: Sequence[int], values: Sequence[bytes], version: int
 def encode_response(token_ids: Sequence[int], values: Sequence[bytes], version: int) -> bytes:
     """One serialised BatchGetResponse (equal to protobuf's SerializeToString of the same rows)."""
     return b"".join(encode_parts(token_ids, values, version))
+
+
+def sliced_responses(fmt: codec.RowFormat, version: int, token_ids: Sequence[int], payloads: Sequence[memoryview],
+                     groups: Sequence[tuple[int, int]], message_bytes: int) -> Iterator[bytes]:
+    """Layer-sliced BatchGetResponses of these rows (BatchGetRequest.layer_ends): for each layer group
+    [begin, end) in order, every row's slice of those layers with its own CRC-32, in messages of
+    about message_bytes; each message names its group (layer_begin, layer_end)."""
+    for begin, end in groups:
+        size = codec.slice_payload_bytes(fmt, begin, end) + codec.CRC_BYTES
+        per_message = max(1, message_bytes // size)
+        trailer = response_trailer(version, begin, end)
+        for first in range(0, len(token_ids), per_message):
+            parts: list = []
+            for token, payload in zip(token_ids[first : first + per_message], payloads[first : first + per_message]):
+                pieces = codec.slice_parts(fmt, payload, begin, end)
+                parts.append(row_header(token, size))
+                parts += pieces
+                parts.append(codec.crc_of_parts(pieces))
+            parts.append(trailer)
+            yield b"".join(parts)
 
 
 def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
