@@ -11,7 +11,7 @@ and the in-process tables (inference.lut) ask this table, never the encoding its
 NF4 in torch:
 
 A row's NF4 payload is L pieces of codec.RowFormat.nf4_layer_bytes (P) bytes, one per layer
-(fp16 block scales, then packed 4-bit codes; see lutstore/nf4.py and the .proto), so a table
+(fp16 block scales, then packed 4-bit codes; see lutstore/formats/nf4.py and the .proto), so a table
 or cache can keep rows as uint8 [n, L, P] and dequantise, per layer, only the rows a step needs:
 
     pieces = rows_u8[:, l].index_select(0, slots)            # [m, P] uint8, any device
@@ -19,7 +19,7 @@ or cache can keep rows as uint8 [n, L, P] and dequantise, per layer, only the ro
 
 dequantize_nf4 is device-agnostic (CPU and CUDA tensors): one gather of a 256-entry table of
 byte -> (low-nibble value, high-nibble value) and one multiply by the block scales. On the CPU in
-float32 it is lutstore.nf4.decode, the numpy decoder every client shares: its gather of one int64
+float32 it is lutstore.formats.nf4.decode, the numpy decoder every client shares: its gather of one int64
 word per byte was 2-2.5x faster than torch's index_select at 1-8 rows (18/92/373 vs 41/196/523 us
 per 160M-16E layer for 1/8/32 rows), and gives the same bits (the same float32 products).
 """

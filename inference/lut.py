@@ -9,7 +9,7 @@ Two sources:
   - InProcessTable: the whole table as one tensor on the device (or in RAM).
     No fetch at all: the ceiling a remote table is measured against.
   - RemoteTable: rows from a `lutstore serve` daemon through the client's
-    RowFetcher (lutstore.fetch: a session, a call or shared memory). Requests
+    RowFetcher (lutstore.client.fetch: a session, a call or shared memory). Requests
     are de-duplicated and start the moment ids are known, so the fetch of a
     sampled token's row overlaps the start of the next forward pass; rows live
     in a byte-budgeted LRU slab on the device, keyed by token id (token
@@ -222,7 +222,7 @@ class RemoteTable(LutSource):
     """Rows from a lutstore daemon with prefetch, de-duplication and a device-side LRU.
 
     Fetching: ids are fetched the moment they are announced (request) by the
-    client's RowFetcher, which picks the transport and falls back (lutstore.fetch:
+    client's RowFetcher, which picks the transport and falls back (lutstore.client.fetch:
     one open BatchGetStream session by default; with session=False, for big
     fetches when the client uses shared memory, or when the daemon has no
     session for us, one call each on `fetch_threads` fetch threads; a call no
@@ -322,7 +322,7 @@ class RemoteTable(LutSource):
 
     @property
     def transport(self) -> str:
-        """How fetches go now: "session" or "calls" (lutstore.fetch)."""
+        """How fetches go now: "session" or "calls" (lutstore.client.fetch)."""
         return self._fetcher.transport
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""lutstore.checkpoint: form detection, lazy access and validation of bad checkpoints."""
+"""lutstore.ingest.checkpoint: form detection, lazy access and validation of bad checkpoints."""
 
 from __future__ import annotations
 

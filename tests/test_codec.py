@@ -1,4 +1,4 @@
-"""Row codec round trips, with the error bounds stated in lutstore/codec.py."""
+"""Row codec round trips, with the error bounds stated in lutstore/formats/codec.py."""
 
 import numpy as np
 import pytest

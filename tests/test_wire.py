@@ -1,4 +1,4 @@
-"""lutstore.wire must stay byte-compatible with protobuf's BatchGetResponse."""
+"""lutstore.formats.wire must stay byte-compatible with protobuf's BatchGetResponse."""
 
 from __future__ import annotations
 

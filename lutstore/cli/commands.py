@@ -25,7 +25,7 @@ def _daemon_default(field: str):
 
 
 def _add_db(p: argparse.ArgumentParser) -> None:
-    # A str, not a Path: Path() folds "redis-cluster://h:p" into "redis-cluster:/h:p" (see lutstore.dbpath).
+    # A str, not a Path: Path() folds "redis-cluster://h:p" into "redis-cluster:/h:p" (see lutstore.cli.dbpath).
     p.add_argument("--db", default=str(default_db_path()),
                    help="RocksDB directory, or redis-cluster://HOST:PORT[,HOST:PORT...][?OPTIONS] for a Valkey / "
                         "Redis Cluster (docs/operations.md; default: $LUTSTORE_DB or ~/.local/share/lutstore/db; "

@@ -4,7 +4,7 @@ BatchGetStream session, BatchGetShared through shared memory):
   - RetryPolicy: UNAVAILABLE (a restarting daemon, a dead replica) is retried with
     exponential backoff within a budget of tries and seconds, then reported as a LutError
     naming the address; any other status is reported at once.
-  - read_message: decode one BatchGet answer message (lutstore.wire) and check it answers
+  - read_message: decode one BatchGet answer message (lutstore.formats.wire) and check it answers
     the version and layer groups asked for.
   - row_payload: a row's payload, its CRC-32 checked.
   - RowsAnswer: one request's answer assembled layer group by layer group.

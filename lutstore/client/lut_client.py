@@ -6,9 +6,9 @@
 Rows arrive in their stored encoding and are decoded with numpy straight
 from the received bytes. Calls have deadlines; UNAVAILABLE is retried with
 backoff within a budget, then reported as LutError naming the address
-(lutstore.answer.RetryPolicy, shared with sessions and shared memory).
+(lutstore.client.answer.RetryPolicy, shared with sessions and shared memory).
 
-A decoding model fetches through client.fetcher(...) (lutstore.fetch): one way
+A decoding model fetches through client.fetcher(...) (lutstore.client.fetch): one way
 to fetch rows, behind which a session, a call or shared memory is picked.
 """
 
@@ -113,7 +113,7 @@ class LutClient:
         if auth_token:
             calls = grpc.intercept_channel(self._channel, security.TokenClientInterceptor(auth_token))
         self._stub = pb_grpc.LutStoreStub(calls)
-        # The row RPCs hand back each response as the received bytes (parsed by lutstore.wire without
+        # The row RPCs hand back each response as the received bytes (parsed by lutstore.formats.wire without
         # copies) instead of a protobuf message (which would copy every row once more).
         self._batch_get = calls.unary_stream(
             protocol.BATCH_GET, request_serializer=pb.BatchGetRequest.SerializeToString,
@@ -166,13 +166,13 @@ class LutClient:
                 session: bool = True, threads: int = 2) -> RowFetcher:
         """A RowFetcher of one table version: fetch(ids, on_group, on_error, on_done) returns at once
         and hands the rows over layer group by layer group, over a session, a call or shared memory
-        (it picks, and falls back; see lutstore.fetch)."""
+        (it picks, and falls back; see lutstore.client.fetch)."""
         info = self.info(name, version)
         return RowFetcher(self, info, layer_ends or [], session, threads)
 
     def session(self, name: str, version: int = 0, layer_ends: list[int] | None = None) -> RowSession:
         """A RowSession: many BatchGets of one table version on one open stream (BatchGetStream),
-        answers handed over layer group by layer group on a reader thread (lutstore.session)."""
+        answers handed over layer group by layer group on a reader thread (lutstore.client.session)."""
         info = self.info(name, version)
         return RowSession(self._batch_get_stream, info, self.row_format(info), layer_ends, self.retry, self.verify)
 

@@ -1,5 +1,5 @@
 """BatchGet sessions (BatchGetStream) that skip a call's setup per batch; each answer is
-assembled and checked layer group by layer group by a lutstore.answer.RowsAnswer.
+assembled and checked layer group by layer group by a lutstore.client.answer.RowsAnswer.
 
     session = client.session("mole-160m", version=3, layer_ends=[1, 2, 4, 8, 12])   # a RowSession
     session.submit([17, 4], on_group=lambda begin, end, ids, payloads: ..., on_error=...)
@@ -13,7 +13,7 @@ reader thread takes the answers in order and hands each complete layer group
 to the request's callback (layer 0 first, while later layers are on the wire).
 
 Failures: a broken stream (UNAVAILABLE: the daemon restarted, or a replica
-died) is reopened within the client's retry budget (lutstore.answer.RetryPolicy)
+died) is reopened within the client's retry budget (lutstore.client.answer.RetryPolicy)
 and the unanswered requests are sent again (slices already received are not
 delivered twice); any other status fails the oldest unanswered request with it
 (the requests behind it are sent again on a new stream). The stream has no

@@ -1,4 +1,4 @@
-"""A client's shared-memory segment for BatchGetShared (the server's side is lutstore/shm.py).
+"""A client's shared-memory segment for BatchGetShared (the server's side is lutstore/daemon/shm_server.py).
 
 The segment is a memfd: it has no name anyone could open, and nothing is left
 in /dev/shm if the client dies. Its descriptor is handed to the server over
@@ -14,7 +14,8 @@ import os
 import socket
 import weakref
 
-HELLO = b"lutstore-segment v1\n"   # lutstore.shm.HELLO: the protocol's, kept here so the client imports no server code
+from lutstore.formats.protocol import SEGMENT_HELLO
+
 HANDSHAKE_SECONDS = 10.0
 
 
@@ -36,7 +37,7 @@ class Segment:
         self.reserve(size)
         conn.settimeout(HANDSHAKE_SECONDS)
         conn.connect(socket_path)
-        socket.send_fds(conn, [HELLO], [fd])
+        socket.send_fds(conn, [SEGMENT_HELLO], [fd])
         reply = b""
         while not reply.endswith(b"\n"):
             got = conn.recv(256)

@@ -33,11 +33,8 @@ log = logging.getLogger(__name__)
 class LutStoreServicer(pb_grpc.LutStoreServicer):
     def __init__(self, checks: RequestChecks, reader: RowReader, shared_memory: SharedMemoryRows,
                  max_message_bytes: int, max_sessions: int = 8):
-        self.checks = checks
-        self.reader = reader
-        self.shared_memory = shared_memory
-        self.max_message_bytes = max_message_bytes
-        self.max_sessions = max_sessions
+        self.checks, self.reader, self.shared_memory = checks, reader, shared_memory
+        self.max_message_bytes, self.max_sessions = max_message_bytes, max_sessions
         self._open_sessions = 0
         self._sessions_lock = threading.Lock()
 

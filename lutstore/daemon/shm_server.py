@@ -45,11 +45,11 @@ import grpc
 from lutstore.daemon.read_status import abort_on_read_errors
 from lutstore.daemon.requests import RequestChecks
 from lutstore.daemon.row_reader import RowReader, row_bound
+from lutstore.formats.protocol import SEGMENT_HELLO
 from lutstore.v1 import lutstore_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-HELLO = b"lutstore-segment v1\n"   # what a client sends with the descriptor
 SOCKET_NAME = "segments.sock"
 DIR_PREFIX = "lutstore-shm-"
 ROWS_PER_READ_BYTES = 4 << 20  # rows read from the RowSource at a time: bounds the memory a big call holds
@@ -220,7 +220,7 @@ def remove_stale_dirs(parent: Path) -> list[Path]:
 
 def _recv_fds(conn: socket.socket) -> tuple[bytes, list[int]]:
     fds = array.array("i")
-    data, ancdata, _flags, _addr = conn.recvmsg(len(HELLO) + 16, socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * fds.itemsize),
+    data, ancdata, _flags, _addr = conn.recvmsg(len(SEGMENT_HELLO) + 16, socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * fds.itemsize),
                                                 socket.MSG_CMSG_CLOEXEC)
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -230,8 +230,8 @@ def _recv_fds(conn: socket.socket) -> tuple[bytes, list[int]]:
 
 def _check(data: bytes, fds: list[int]) -> str | None:
     """Why a hand-over is refused, or None."""
-    if data != HELLO:
-        return f"expected {HELLO!r} with the descriptor"
+    if data != SEGMENT_HELLO:
+        return f"expected {SEGMENT_HELLO!r} with the descriptor"
     if len(fds) != 1:
         return f"expected one file descriptor, got {len(fds)}"
     mode = fcntl.fcntl(fds[0], fcntl.F_GETFL) & os.O_ACCMODE

@@ -26,6 +26,9 @@ BATCH_GET_SHARED = method_path("BatchGetShared")
 ENCODING_TO_PB: dict[codec.Encoding, int] = {e: pb.Encoding.Value(f"ENCODING_{e.name}") for e in codec.ENCODINGS}
 ENCODING_FROM_PB: dict[int, codec.Encoding] = {v: k for k, v in ENCODING_TO_PB.items()}
 
+# What a client sends with a segment's descriptor over the daemon's Unix socket (BatchGetShared).
+SEGMENT_HELLO = b"lutstore-segment v1\n"
+
 # Host names that mean "this machine": the server does not warn about plaintext there, and a
 # client's shared_memory="auto" uses /dev/shm only there (any 127.x address counts too).
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")

@@ -1,13 +1,13 @@
 """`lutstore ingest`: a MoLE checkpoint folder -> one new, immutable table version.
 
 Order of work, so that bad input never touches the database:
-  1. open and validate the checkpoint (lutstore.checkpoint), the encoding,
+  1. open and validate the checkpoint (lutstore.ingest.checkpoint), the encoding,
      the device and the free disk space;
   2. open the DB as primary and stream rows in vocab chunks:
        train form: e_l = expert_layernorm_l(embed[chunk]) (RMSNorm, fp32),
                    row[l, j] = down_j(gelu_erf(up_j(e_l)))   (fp32, on --device)
        rep form:   moe_table[chunk] upcast to fp32, reshaped [chunk, L, N, D]
-     encoded with lutstore.codec and appended to a TableWriter (staging SSTs);
+     encoded with lutstore.formats.codec and appended to a TableWriter (staging SSTs);
   3. add the artifacts (config.json, backbone.safetensors, tokenizer files)
      and commit: one atomic RocksDB ingest makes the version visible.
 Any failure (including a full disk or a kill) before the commit leaves the

@@ -1,5 +1,5 @@
 """Tables in a Valkey / Redis Cluster (redis-py's RedisCluster), behind the same
-store interface as the RocksDB backend (lutstore.store_api.TableStore).
+store interface as the RocksDB backend (lutstore.storage.api.TableStore).
 
 Keys (NS is the URL's `namespace`, default "lut"):
 

@@ -168,17 +168,13 @@ class TableWriterBase(ABC):
 
     def __init__(self, table_id: int, name: str, version: int, fmt: RowFormat, vocab_size: int,
                  source_form: str) -> None:
-        self.table_id = table_id
-        self.name = name
-        self.version = version
-        self.fmt = fmt
-        self.vocab_size = vocab_size
-        self.source_form = source_form
-        self._next_token = 0
+        self.table_id, self.name, self.version = table_id, name, version
+        self.fmt, self.vocab_size, self.source_form = fmt, vocab_size, source_form
+        self._next_token = 0                     # rows added so far
         self._stored_bytes = 0
-        self._crcs = hashlib.sha256()
+        self._crcs = hashlib.sha256()            # of every row's CRC, in order: the fingerprint's rows part
         self._artifacts: list[ArtifactMeta] = []
-        self._done = False
+        self._done = False                       # committed or aborted
 
     def __enter__(self) -> TableWriterBase:
         return self
