@@ -236,15 +236,15 @@ class RemoteTable(LutSource):
     device (capacity = budget // row bytes, capped at the vocabulary), allocated
     whole when the table opens, and on a CPU its first PREFAULT_BYTES written
     once so their pages are mapped then (as a model's weights are loaded before
-    the first token; slots are handed out from 0 up). Growing it by doubling
-    copied it, up to 70 ms in the middle of a decode step, and peaked at 2.5x
-    the budget; fresh pages cost ~70 page faults per 295 KB row inside the step.
+    the first token; slots are handed out from 0 up): a slab that grew would be
+    copied in the middle of a decode step (tens of ms) and peak at 2.5x the
+    budget, and fresh pages fault ~70 times per 295 KB row inside the step.
     A dict maps token id -> slot in LRU order; a layer of a batch is one
     index_select from the slab. A batch with more distinct ids than the slab
     holds is served from a temporary tensor and leaves the cache as it was.
 
-    Rows are kept in their stored precision: fp16/bf16 as is, int8 as int8 plus
-    per-vector scales (a quarter of float32's bytes), dequantised on the device
+    Rows are kept in their stored form (inference.dequantize.DEVICE_FORMS: fp16/bf16
+    as is, int8 with per-vector scales, nf4 packed) and dequantised on the device
     for the rows a step uses. CRCs are checked by the client (LutClient(verify=...)).
     """
 

@@ -10,7 +10,7 @@ one fp32 scale per vector, nf4 packed as uint8 per layer) and written byte for b
 is its payload slice (int8: the group's scales, then its values, see the
 proto), copied into the slot's bytes of those layers.
 
-Copies to a GPU (not run on this CPU-only machine yet; see issue 18): the
+Copies to a GPU: the
 rows of a layer group are gathered on the fetch's thread into one pinned host
 buffer (stage_rows), copied to the device with non_blocking=True on the model
 thread's current stream, then scattered into the slab by a kernel on that same

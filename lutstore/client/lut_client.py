@@ -6,7 +6,7 @@
 Rows arrive in their stored encoding and are decoded with numpy straight
 from the received bytes. Calls have deadlines; UNAVAILABLE is retried with
 backoff within a budget, then reported as LutError naming the address
-(lutstore.client.answer.RetryPolicy, shared with sessions and shared memory).
+(lutstore.client.retry.RetryPolicy, shared with sessions and shared memory).
 
 A decoding model fetches through client.fetcher(...) (lutstore.client.fetch): one way
 to fetch rows, behind which a session, a call or shared memory is picked.
@@ -35,7 +35,8 @@ from lutstore import security
 
 from lutstore.client import shm_segment
 from lutstore.client.address import parse_addresses
-from lutstore.client.answer import AnswerError, OnGroup, RetryPolicy, RowsAnswer, read_message, row_payload
+from lutstore.client.answer import AnswerError, OnGroup, RowsAnswer, read_message, row_payload
+from lutstore.client.retry import RetryPolicy
 from lutstore.errors import LutError
 from lutstore.client.fetch import RowFetcher
 from lutstore.client.session import RowSession

@@ -13,7 +13,7 @@ reader thread takes the answers in order and hands each complete layer group
 to the request's callback (layer 0 first, while later layers are on the wire).
 
 Failures: a broken stream (UNAVAILABLE: the daemon restarted, or a replica
-died) is reopened within the client's retry budget (lutstore.client.answer.RetryPolicy)
+died) is reopened within the client's retry budget (lutstore.client.retry.RetryPolicy)
 and the unanswered requests are sent again (slices already received are not
 delivered twice); any other status fails the oldest unanswered request with it
 (the requests behind it are sent again on a new stream). The stream has no
@@ -35,7 +35,8 @@ from typing import Callable
 import grpc
 
 from lutstore.formats import codec
-from lutstore.client.answer import AnswerError, OnGroup, RetryBudget, RetryPolicy, RowsAnswer, read_message
+from lutstore.client.answer import AnswerError, OnGroup, RowsAnswer, read_message
+from lutstore.client.retry import RetryBudget, RetryPolicy
 from lutstore.errors import LutError
 from lutstore.v1 import lutstore_pb2 as pb
 

@@ -30,7 +30,7 @@ UNKNOWN_METHOD = "unknown"  # the label of every method the server does not have
 _LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
-class Metrics:
+class DaemonMetrics:
     """One registry per server, so several servers in one process don't collide. known_methods: the
     "service/method" names the server has; any other name (a caller's typo, or 3,000 made-up 4 KB
     names) is counted as UNKNOWN_METHOD, so /metrics cannot grow without bound. None: every name."""
@@ -110,7 +110,7 @@ def _reject_unparsable(context: grpc.ServicerContext, method: str) -> None:
 class RpcInterceptor(grpc.ServerInterceptor):
     """Counts, times and logs every RPC; answers unparsable requests with INVALID_ARGUMENT."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: DaemonMetrics) -> None:
         self.m = metrics
 
     def intercept_service(self, continuation, handler_call_details):

@@ -27,7 +27,7 @@ from lutstore.daemon import health, logs, stream_guard
 from lutstore.daemon.budget import ByteBudget
 from lutstore.daemon.cache import ByteLRU
 from lutstore.daemon.config import DaemonConfig
-from lutstore.daemon.metrics import Metrics
+from lutstore.daemon.metrics import DaemonMetrics
 from lutstore.daemon.requests import RequestChecks
 from lutstore.daemon.row_reader import RowReader
 from lutstore.daemon.rows import Catalog, Refresher, RowSource
@@ -67,7 +67,7 @@ def serve(config: DaemonConfig) -> int:
             opened.callback(registry.close)
         cache = ByteLRU(config.cache_bytes)
         catalog = Catalog(store, cache)
-        metrics = Metrics(known_methods())
+        metrics = DaemonMetrics(known_methods())
         metrics.track_cache(cache.stats)
         rows = RowSource(store, cache, on_corrupt=lambda meta, ids: metrics.corrupt_rows.labels(meta.name).inc(len(ids)))
         reader = RowReader(rows, ByteBudget(config.response_budget_bytes), config.max_message_bytes)
@@ -130,7 +130,7 @@ def _stop_refresher(refresher: Refresher) -> None:
     refresher.join()
 
 
-def _grpc_server(config: DaemonConfig, servicer: LutStoreServicer, metrics: Metrics,
+def _grpc_server(config: DaemonConfig, servicer: LutStoreServicer, metrics: DaemonMetrics,
                  credentials: grpc.ServerCredentials | None,
                  token: str | None) -> tuple[grpc.Server, health.HealthServicer]:
     """The gRPC server with every service and limit, not yet listening."""
