@@ -40,7 +40,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -319,4 +318,4 @@ def _delta(after: int | None, before: int | None) -> int | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.run("bench_bigger_than_ram", main)

@@ -214,4 +214,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    common.run("bench_cluster", main)

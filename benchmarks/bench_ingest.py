@@ -178,8 +178,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("bench_ingest: interrupted", file=sys.stderr)
-        sys.exit(1)
+    common.run("bench_ingest", main)

@@ -216,4 +216,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    common.run("bench_load", main)
