@@ -129,6 +129,10 @@ def _iter_prefix(db: Rdict, begin: bytes, end: bytes) -> Iterator[tuple[bytes, b
 
 SECONDARY_PREFIX = "lutstore-secondary-"
 _SECONDARY_NAME = re.compile(re.escape(SECONDARY_PREFIX) + r"(\d+)-(\d+)-")
+# Older versions named the folder lutstore-secondary-<random> (mkdtemp), with no owner to ask: such
+# a folder untouched for this long belongs to no running reader (a live one's files change as it
+# catches up with the database).
+OLD_SCHEME_STALE_SECONDS = 24 * 3600
 # Files a reader must not share with the database: RocksDB's lock and info log, rocksdict's
 # config (rocksdict writes it at every open, even read-only) and ingest staging.
 _NOT_LINKED = ("LOCK", "LOG", "rocksdict-config.json", "staging")
@@ -164,14 +168,34 @@ def remove_stale_secondaries(root: str | None = None) -> list[str]:
     except OSError:
         return removed
     for name in names:
+        if not name.startswith(SECONDARY_PREFIX):
+            continue
+        path = os.path.join(root, name)
         match = _SECONDARY_NAME.match(name)
-        if match and not _alive(int(match.group(1)), int(match.group(2))):
-            path = os.path.join(root, name)
+        if match and _alive(int(match.group(1)), int(match.group(2))):
+            continue
+        if not match and not _untouched_for(path, OLD_SCHEME_STALE_SECONDS):
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
             if not os.path.exists(path):
                 log.info("removed stale reader folder %s", path)
                 removed.append(path)
     return removed
+
+
+def _untouched_for(path: str, seconds: float) -> bool:
+    """Nothing in the folder (to two levels) was modified in the last `seconds`."""
+    newest = 0.0
+    try:
+        for top, dirs, files in os.walk(path):
+            for name in [top, *(os.path.join(top, f) for f in files)]:
+                newest = max(newest, os.lstat(name).st_mtime)
+            if top.count(os.sep) - path.count(os.sep) >= 1:
+                dirs.clear()
+    except OSError:
+        return False
+    return time.time() - newest > seconds
 
 
 def _link_db_files(db: Path, links: Path) -> None:
