@@ -154,6 +154,29 @@ def test_layers_import_one_way(part, forbidden):
     assert not wrong, f"{part} reaches what it must not: {sorted(wrong)[:5]}"
 
 
+def test_every_import_of_ours_names_a_module_of_this_tree():
+    """`from lutstore.x import y` where lutstore/x.py is not here would still import, from whatever
+    lutstore an editable install points at: a module moved away must not be imported by its old path
+    (tests and benchmarks included)."""
+    def here(name: str) -> bool:
+        path = REPO / name.replace(".", "/")
+        return path.with_suffix(".py").is_file() or path.is_dir()
+
+    wrong = []
+    for path in sorted(REPO.glob("tests/*.py")) + [f for f in module_files().values()]:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                if name.split(".")[0] in PACKAGES and not here(name):
+                    wrong.append(f"{path.relative_to(REPO)}:{node.lineno} imports {name}")
+    assert not wrong, "; ".join(wrong)
+
+
 def test_the_client_library_loads_no_storage_or_daemon():
     """At run time too: `import lutstore.client` brings in neither rocksdict nor the daemon."""
     code = ("import sys, lutstore.client\n"

@@ -149,8 +149,13 @@ def _is_disk_full(e: BaseException) -> bool:
 
 # ---- rows -------------------------------------------------------------------
 
-class _TrainRows:
-    """Computes train-form rows: every expert on the token's normalised embedding, in fp32."""
+class TrainRows:
+    """Computes train-form rows: every expert on the token's normalised embedding, in fp32.
+
+        rows = TrainRows(Checkpoint.open(folder), torch.device("cpu"))(start, stop)   # [stop - start, L, N, D]
+
+    What ingest stores for a train-form checkpoint (before encoding); engines that compute a
+    table's rows themselves use it to match."""
 
     def __init__(self, ckpt: Checkpoint, device: torch.device):
         self.ckpt, self.device = ckpt, device
@@ -190,7 +195,7 @@ class _TrainRows:
         return out.cpu().numpy()
 
 
-class _RepRows:
+class RepRows:
     """Slices of the reparameterised table; fp16 stays fp16 (the codec takes it as is)."""
 
     def __init__(self, ckpt: Checkpoint):
@@ -254,7 +259,7 @@ def ingest_checkpoint(ckpt_dir: str | Path, db_path: str | Path, name: str | Non
     need = _estimate_bytes(ckpt, fmt, backbone)
     if local:  # a cluster's memory is its operator's to size (docs/operations.md)
         _check_space(db_path, need)
-    compute = _TrainRows(ckpt, dev) if ckpt.form == "train" else _RepRows(ckpt)
+    compute = TrainRows(ckpt, dev) if ckpt.form == "train" else RepRows(ckpt)
 
     started = time.monotonic()
     meta = duplicate = None
@@ -290,7 +295,7 @@ def ingest_checkpoint(ckpt_dir: str | Path, db_path: str | Path, name: str | Non
     return meta
 
 
-def _write_rows(writer: TableWriterBase, compute: "_TrainRows | _RepRows", fmt: RowFormat, vocab: int, chunk: int, progress: bool) -> None:
+def _write_rows(writer: TableWriterBase, compute: TrainRows | RepRows, fmt: RowFormat, vocab: int, chunk: int, progress: bool) -> None:
     from tqdm import tqdm
 
     compressor = zstandard.ZstdCompressor(level=3) if fmt.zstd else None
