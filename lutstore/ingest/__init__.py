@@ -1,7 +1,19 @@
-"""Checkpoint folder -> rows (reparameterised) -> a new table version."""
+"""Checkpoint folder -> rows (reparameterised) -> a new table version: checkpoint.py reads the
+folder, pipeline.py computes, encodes and writes the rows. The pipeline's names (TrainRows,
+RepRows, ingest_checkpoint, main, ...) are this package's too, loaded when first asked for, so
+that reading a checkpoint (inference.backbone does) loads no storage."""
 
-from lutstore.ingest.pipeline import RepRows, TrainRows, ingest_checkpoint, main
+from __future__ import annotations
 
-_TrainRows = TrainRows   # kept for engines that import it by this name
+_ALIASES = {"_TrainRows": "TrainRows"}   # kept for engines that import it by this name
 
-__all__ = ["RepRows", "TrainRows", "ingest_checkpoint", "main"]
+
+def __getattr__(name: str):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    import lutstore.ingest.pipeline as pipeline
+
+    try:
+        return getattr(pipeline, _ALIASES.get(name, name))
+    except AttributeError:
+        raise AttributeError(f"module 'lutstore.ingest' has no attribute {name!r}") from None
