@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db(p)
     p.add_argument("--name", help="table name (default: the checkpoint folder's name)")
     p.add_argument("--encoding", choices=[e.value for e in ENCODINGS], default=Encoding.FP16.value,
-                   help="row encoding (default: fp16, as the official reparameterisation): "
-                        + "; ".join(f"{e.value}: {spec.about}" for e, spec in ENCODINGS.items()))
+                   help="row encoding (default: fp16, as the official reparameterisation)"
+                        + "".join(f"; {e.value}: {spec.about}" for e, spec in ENCODINGS.items() if spec.about))
     p.add_argument("--block-size", type=int, default=None,
                    help="nf4 only: values per block, each with its own scale; must be even and divide "
                         "hidden_size (default: 64, as QLoRA)")

@@ -361,7 +361,7 @@ def crc_of_parts(parts: list[memoryview]) -> bytes:
 class EncodingSpec:
     """One row encoding: everything the codec, the protocol and ingest need to know of it."""
 
-    about: str                                                       # for --help
+    about: str                                                       # for --help, where the name says too little
     payload_bytes: Callable[[RowFormat], int]                        # one row's payload, uncompressed
     encode: Callable[[RowFormat, np.ndarray], np.ndarray]            # rows [n, L, N, D] -> uint8 [n, payload_bytes]
     decode: Callable[[RowFormat, bytes | memoryview, np.ndarray], None]   # one payload -> out float32 [L, N, D]
@@ -373,14 +373,10 @@ class EncodingSpec:
 
 
 ENCODINGS: dict[Encoding, EncodingSpec] = {
-    Encoding.FP32: EncodingSpec("float32, exact", lambda f: 4 * f.values, _encode_fp32, _decode_fp32,
-                                _layer_major_slice(4)),
-    Encoding.FP16: EncodingSpec("float16, as the official reparameterisation", lambda f: 2 * f.values,
-                                _encode_fp16, _decode_fp16, _layer_major_slice(2)),
-    Encoding.BF16: EncodingSpec("bfloat16: fp32's range, 8 bits of mantissa", lambda f: 2 * f.values,
-                                _encode_bf16, _decode_bf16, _layer_major_slice(2)),
-    Encoding.INT8: EncodingSpec("int8 + one fp32 scale per (layer, expert) vector",
-                                lambda f: 4 * f.vectors + f.values,   # scales, then values
+    Encoding.FP32: EncodingSpec("", lambda f: 4 * f.values, _encode_fp32, _decode_fp32, _layer_major_slice(4)),
+    Encoding.FP16: EncodingSpec("", lambda f: 2 * f.values, _encode_fp16, _decode_fp16, _layer_major_slice(2)),
+    Encoding.BF16: EncodingSpec("", lambda f: 2 * f.values, _encode_bf16, _decode_bf16, _layer_major_slice(2)),
+    Encoding.INT8: EncodingSpec("", lambda f: 4 * f.vectors + f.values,   # scales, then values
                                 _encode_int8_rows, _decode_int8, _int8_slice),
     # Measured (zstd level 3, per row): 0.1% of the demo model's nf4 rows, 2.5% of Gaussian ones; the
     # code book's 16 bins are about equally likely for normal-looking values, so a code carries close
