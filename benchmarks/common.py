@@ -168,9 +168,10 @@ def finish(name: str, results: dict[str, Any], plots: list[Path] | tuple[Path, .
     return path
 
 
-def run(name: str, main: Callable[[], int | None]) -> NoReturn:
-    """A benchmark's `__main__`: exit with main()'s status; a UserError (a store, a daemon, a flag)
-    or a Ctrl-C is one line on stderr and exit 1, not a traceback."""
+def run(name: str, main: Callable[[], Any]) -> NoReturn:
+    """A benchmark's `__main__`: exit with main()'s status (0 unless it returns a non-zero int; some
+    return their results); a UserError (a store, a daemon, a flag) or a Ctrl-C is one line on stderr
+    and exit 1, not a traceback."""
     try:
         code = main()
     except UserError as e:
@@ -179,4 +180,4 @@ def run(name: str, main: Callable[[], int | None]) -> NoReturn:
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         code = 1
-    sys.exit(code or 0)
+    sys.exit(code if isinstance(code, int) else 0)
