@@ -5,6 +5,11 @@
   instead of the process vanishing with rc -15.
 - `deferred()` holds SIGTERM and SIGINT back over a step that must not be cut
   in half (an ingest's commit), then delivers them.
+- `finished(line)`: the command's work is done (an ingest has committed), so a
+  signal from now on only says `line` and the command finishes and exits 0;
+  for the process's own command line (`sigterm_raises(until_exit=True)`) that
+  holds through the interpreter's exit too, which otherwise a SIGTERM turns into
+  a death by the signal (rc -15) with the output half printed.
 - `raise_if_signalled()` re-raises a signal that an extension swallowed: a
   handler's exception raised inside C code that calls back into Python (a
   safetensors read) can come out as that code's own error instead.
@@ -34,10 +39,22 @@ class Terminated(BaseException):
 
 _held: list[int] | None = None   # signals that arrived inside deferred(); None outside it
 _signalled: int | None = None    # the last signal whose handler raised, inside sigterm_raises()
+_active = False                  # inside sigterm_raises()
+_finished: str | None = None     # finished(line) was called inside it: signals only print line
+
+
+def _ignore_after_finish(signum, frame) -> None:
+    if _finished:
+        try:   # os.write, not print: a handler may run in the middle of a print to stderr
+            os.write(2, f"{_finished} ({signal.Signals(signum).name} ignored)\n".encode())
+        except OSError:
+            pass
 
 
 def _on_sigterm(signum, frame) -> None:
     global _signalled
+    if _finished:
+        return _ignore_after_finish(signum, frame)
     if _held is not None:
         _held.append(signum)
         return
@@ -47,6 +64,8 @@ def _on_sigterm(signum, frame) -> None:
 
 def _on_sigint(signum, frame) -> None:
     global _signalled
+    if _finished:
+        return _ignore_after_finish(signum, frame)
     if _held is not None:
         _held.append(signum)
         return
@@ -64,15 +83,26 @@ def raise_if_signalled() -> None:
         raise KeyboardInterrupt()
 
 
+def finished(line: str) -> None:
+    """The command's work is done (an ingest has committed): inside sigterm_raises() a SIGTERM or
+    SIGINT from now on prints `line` on stderr and is otherwise ignored, so the command finishes
+    (and exits 0) instead of reporting a failure for work that was done."""
+    global _finished
+    if _active and threading.current_thread() is threading.main_thread():
+        _finished = line
+
+
 @contextmanager
-def sigterm_raises() -> Iterator[None]:
+def sigterm_raises(until_exit: bool = False) -> Iterator[None]:
     """Inside the block SIGTERM raises Terminated in the main thread (and SIGINT KeyboardInterrupt, as
-    always); the previous handlers come back after."""
-    global _signalled
+    always); the previous handlers come back after. until_exit: the block is the process's whole
+    command (the CLI's entry point): once finished() was called, signals stay ignored after the block
+    while the interpreter exits."""
+    global _signalled, _active, _finished
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    _signalled = None
+    _signalled, _active, _finished = None, True, None
     # SIGINT keeps its meaning (KeyboardInterrupt); our handler only also notes it for raise_if_signalled
     # (an ignored SIGINT, as in a shell's background job, stays ignored)
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _on_sigterm)}
@@ -81,9 +111,12 @@ def sigterm_raises() -> Iterator[None]:
     try:
         yield
     finally:
+        done = _finished is not None and until_exit   # the interpreter's exit must not undo a finished command
         for s, handler in previous.items():
-            signal.signal(s, handler)
-        _signalled = None
+            signal.signal(s, _ignore_after_finish if done else handler)
+        _signalled, _active = None, False
+        if not done:
+            _finished = None
 
 
 @contextmanager
@@ -103,7 +136,10 @@ def deferred() -> Iterator[None]:
         held, _held = _held, None
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if held:
+        if held and _finished:
+            for signum in held:
+                _ignore_after_finish(signum, None)
+        elif held:
             raise Terminated() if signal.SIGTERM in held else KeyboardInterrupt()
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import pty
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -81,7 +82,8 @@ def test_db_that_is_a_file_a_url_or_a_foreign_folder_is_refused(tmp_path):
     work = tmp_path / "cwd"
     work.mkdir()
     for url, needle in (("redis-cluster://127.0.0.1:7000", "cannot reach"),
-                        ("http://127.0.0.1/db", "looks like a URL")):
+                        ("http://127.0.0.1/db", "looks like a URL"),
+                        ("redis://127.0.0.1:7000", "or a cluster URL, redis-cluster://HOST:PORT")):
         for argv in (["ingest", str(ckpt), "--no-progress"], ["info"], ["serve", "--port", "0"]):
             r = lutstore(argv[0], "--db", url, *argv[1:], cwd=work)
             assert needle in one_line_error(r, f"lutstore {argv[0]}: error:")
@@ -165,8 +167,10 @@ def test_ingest_says_what_it_did(tmp_path):
 
     first = lutstore("ingest", str(ckpt), "--db", str(db), "--name", "t", "--no-progress")
     assert first.returncode == 0 and "ingested t v1" in first.stdout, first.stderr
-    again = lutstore("ingest", str(ckpt), "--db", str(db), "--name", "t", "--no-progress")
+    again = lutstore("ingest", str(ckpt), "--db", str(db), "--name", "t")   # with its progress bars
     assert again.returncode == 0 and "already holds this checkpoint" in again.stdout and "--force" in again.stdout
+    # Decided from the checkpoint files' checksums before any row is computed: no "ingest" bar ran.
+    assert "checksum" in again.stderr and "ingest:" not in again.stderr, again.stderr
     assert versions(db) == [("bare", 1), ("t", 1)] and not any((db / "staging").iterdir())
     # Another encoding is another table content: a new version, no --force needed.
     assert "ingested t v2" in lutstore("ingest", str(ckpt), "--db", str(db), "--name", "t", "--no-progress",
@@ -204,6 +208,51 @@ def test_sigterm_during_ingest_aborts_cleanly(tmp_path):
     assert versions(db) == [("t", 1)]
 
 
+def test_sigterm_after_the_commit_lets_ingest_finish_and_exit_0(tmp_path):
+    """Once ingest has committed, a SIGTERM cannot undo it: the ingest finishes (its --keep-versions drop,
+    its report), exits 0 and says the signal came after the commit. Its stdout is a pipe we fill first,
+    so the ingest blocks on printing its report, after the commit, until we read."""
+    db = tmp_path / "db"
+    assert lutstore("ingest", str(make_checkpoint(tmp_path / "a", vocab=32)), "--db", str(db), "--name", "t",
+                    "--no-progress").returncode == 0
+    read_end, write_end = os.pipe()
+    filler = b"x" * fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)   # a full pipe: the first print blocks
+    os.write(write_end, filler)
+    proc = subprocess.Popen([sys.executable, "-m", "lutstore.cli", "ingest", str(make_checkpoint(tmp_path / "b", vocab=32,
+                             seed=4)), "--db", str(db), "--name", "t", "--no-progress", "--keep-versions", "1"],
+                            cwd=REPO, env=ENV, stdout=write_end, stderr=subprocess.PIPE)
+    os.close(write_end)
+    deadline = time.monotonic() + 120
+    while versions(db) != [("t", 2)]:   # committed, and v1 dropped: it now waits to print its report
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    with os.fdopen(read_end, "rb") as out:
+        printed = out.read()[len(filler):].decode()
+    err = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 0, (printed, err)
+    assert "ingested t v2" in printed and "dropped t v1" in printed, printed
+    assert "lutstore ingest: t v2 was already committed; finishing (SIGTERM ignored)" in err and "Traceback" not in err
+
+
+def test_a_finished_command_is_not_killed_by_sigterm_while_python_exits(tmp_path):
+    """After the entry point's block (sigterm_raises(until_exit=True)) a finished command's process is
+    exiting: a SIGTERM then must not end it by the signal (rc -15)."""
+    code = ("import os, signal\n"
+            "from lutstore import interrupts\n"
+            "with interrupts.sigterm_raises(until_exit=True):\n"
+            "    interrupts.finished('done')\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "print('exited normally')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "exited normally\n", done
+    assert done.stderr == "done (SIGTERM ignored)\n", done.stderr
+    # Not finished, or not the process's own entry point: SIGTERM keeps its meaning after the block.
+    code = code.replace("    interrupts.finished('done')\n", "    pass\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGTERM, done
+
+
 @pytest.mark.parametrize("module", ["inference.generate", "inference.evaluate", "inference.serve"])
 def test_ctrl_c_while_torch_loads_is_one_line(module, tmp_path):
     argv = ["--lut-addr", "127.0.0.1:1", "--retry-seconds", "30"]
@@ -232,6 +281,45 @@ def test_token_ids_that_are_not_npy(tmp_path):
     np.save(tmp_path / "ids.npy", np.arange(1, 9))
     r = run("inference.evaluate", "--checkpoint", str(ckpt), "--token-ids", str(tmp_path / "ids.npy"))
     assert r.returncode == 0 and json.loads(r.stdout)["tokens"] == 8, r.stderr
+
+
+def test_readme_own_checkpoint_lines_run_as_written_with_two_tables(tmp_path):
+    """README's "Your own checkpoint" block, run line by line (its database through $LUTSTORE_DB, its
+    fixed ports swapped for free ones) against a daemon that serves two tables: every line works."""
+    from inference.endpoint_process import READY as ENDPOINT_READY
+    from lutstore.child_server import ChildServer
+
+    block = (REPO / "README.md").read_text().split("## Your own checkpoint", 1)[1].split("\n## ", 1)[0]
+    lines = [line.strip().split("   #")[0].strip() for line in block.splitlines() if line.startswith("    ")]
+    assert any(line.startswith("python -m inference.generate") for line in lines), lines
+    db, cache = tmp_path / "db", tmp_path / "cache"
+    env = {"LUTSTORE_DB": str(db), "LUTSTORE_CACHE": str(cache)}
+    ckpt = make_checkpoint(tmp_path / "mole-160m", vocab=128, layers=2, experts=4, hidden=32, heads=4, seed=7)
+    other = make_checkpoint(tmp_path / "other", vocab=64, seed=8)
+    assert lutstore("ingest", str(other), "--no-progress", env=env).returncode == 0   # a second table
+    (tmp_path / "some.txt").write_text("The water of the river runs down to the sea. " * 4)
+    servers: list = []
+    try:
+        for line in lines:
+            if line.startswith("source "):
+                continue
+            if servers:
+                line = line.replace("127.0.0.1:50051", servers[0].address)
+            argv = [a.replace("path/to/mole-160m", str(ckpt)) for a in shlex.split(line.rstrip("& "))]
+            if argv[:2] == ["lutstore", "serve"]:
+                servers.append(start_server(db))
+            elif line.endswith("&"):      # the endpoint: it starts once it has resolved its table
+                argv[argv.index("--port") + 1] = "0"
+                servers.append(ChildServer([sys.executable, *argv[1:]], ENDPOINT_READY, cwd=tmp_path,
+                                           env={"PYTHONPATH": ENV["PYTHONPATH"], **env}, timeout=120))
+            else:
+                module = "lutstore.cli" if argv[0] == "lutstore" else argv[2]
+                r = run(module, *argv[1 if argv[0] == "lutstore" else 3:], cwd=tmp_path, env=env, timeout=300)
+                assert r.returncode == 0, (line, r.stdout[-2000:], r.stderr[-2000:])
+    finally:
+        for server in reversed(servers):
+            server.stop()
+    assert len(servers) == 2, lines
 
 
 # ---- 3. addresses --------------------------------------------------------------------------

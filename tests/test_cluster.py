@@ -121,6 +121,7 @@ def test_bad_urls_are_one_line_errors(valkey_cluster, tmp_path: Path) -> None:
         dead = sock.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k != "LUTSTORE_CLUSTER_PASSWORD"}
     for db, fragment in ((f"redis-cluster://{seeds}?password_file={wrong}", "refused the password"),
+                         (f"redis-cluster://{seeds}", "needs a password and none was given: add ?password_file=PATH"),
                          (f"redis-cluster://127.0.0.1:{dead}", "cannot reach cluster")):
         done = _cli("serve", "--db", db, "--port", "0", env=env)
         lines = done.stderr.strip().splitlines()

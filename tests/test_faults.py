@@ -56,7 +56,8 @@ def test_kill_9_of_ingest_at_random_points_keeps_serving_and_verifies(tmp_path: 
             for run in range(3):
                 before = live_tables(db)
                 proc = subprocess.Popen([sys.executable, "-m", "lutstore.cli", "ingest", str(ckpt), "--db", str(db),
-                                         "--name", "m", "--encoding", "fp16", "--chunk-tokens", "8", "--no-progress"],
+                                         "--name", "m", "--encoding", "fp16", "--chunk-tokens", "8", "--no-progress",
+                                         "--force"],   # the same checkpoint: computed every run, not refused at once
                                         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 delay = rng.uniform(0.8, 3.0)  # from interpreter start-up through row writing to the commit
                 time.sleep(delay)

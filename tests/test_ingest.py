@@ -208,7 +208,7 @@ def test_artifacts_round_trip(served, case):
     info = rpc.info(name)
     by_name = {a.name: a for a in info.artifacts}
     assert set(by_name) == {"config.json", "backbone.safetensors", "tokenizer.json", "tokenizer_config.json",
-                            "special_tokens_map.json"}
+                            "special_tokens_map.json", "lutstore-source.json"}
     for fname in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         data = rpc.artifact(name, fname)
         assert data == (ckpt / fname).read_bytes()
@@ -255,6 +255,38 @@ def test_bad_checkpoints_fail_cleanly_and_change_nothing(tmp_path):
     # Bad input never creates a database either.
     r = ingest(tmp_path / "noconfig", tmp_path / "fresh-db")
     assert r.returncode != 0 and not (tmp_path / "fresh-db").exists()
+
+
+def test_same_checkpoint_again_is_decided_before_computing_rows_and_old_tables_still_match(tmp_path):
+    """A version records its source (the checkpoint files' sha256 and the encoding): the same files again
+    are refused before any row is computed (no "ingest" progress bar), changed files are ingested. A
+    version from before that record (rebuilt here without it) is still matched, by fingerprint."""
+    from lutstore.ingest import SOURCE_ARTIFACT
+
+    db, ckpt = tmp_path / "db", make_checkpoint(tmp_path / "m", vocab=64)
+    ingest_ok(ckpt, db, "--name", "m")
+    again = lutstore_cli("ingest", str(ckpt), "--db", str(db), "--name", "m")   # with its progress bars
+    assert again.returncode == 0 and "already holds this checkpoint" in again.stdout, again.stderr
+    assert "ingest:" not in again.stderr and "checksum" in again.stderr, again.stderr
+    with Store.open(db, "primary") as store:
+        [v1] = store.tables()
+        record = json.loads(b"".join(store.iter_artifact(v1, SOURCE_ARTIFACT)))
+        assert record["encoding"] == "fp16" and set(record["files_sha256"]) >= {"config.json", "tokenizer.json"}
+        # What an older lutstore wrote: the same rows and artifacts, no source record.
+        with store.begin_table("m", v1.row_format(), v1.vocab_size, v1.source_form) as writer:
+            writer.add_rows(store.get_values(v1, list(range(v1.vocab_size))))
+            for a in v1.artifacts:
+                if a.name != SOURCE_ARTIFACT:
+                    writer.add_artifact(a.name, b"".join(store.iter_artifact(v1, a.name)))
+            old = writer.commit()
+        assert old.version == 2 and SOURCE_ARTIFACT not in {a.name for a in old.artifacts}
+    again = lutstore_cli("ingest", str(ckpt), "--db", str(db), "--name", "m")   # with its progress bars
+    assert again.returncode == 0 and "already holds this checkpoint" in again.stdout and "m' v2" in again.stdout
+    assert "ingest:" in again.stderr, again.stderr   # no record to compare: computed, then matched
+    # One byte of a tokenizer file changed is another checkpoint: a new version.
+    tok = ckpt / "tokenizer_config.json"
+    tok.write_text(tok.read_text() + " ")
+    assert "ingested m v3" in ingest_ok(ckpt, db, "--name", "m")
 
 
 def test_bad_flags(tmp_path):
@@ -322,9 +354,10 @@ def test_kill_9_midway_leaves_previous_version(tmp_path):
     sample = list(range(0, vocab, 97)) + [vocab - 1]
     try:
         assert_within_bounds(rpc.rows("big", sample), ref[sample], "fp32", "train")
-        # Tiny chunks make the second ingest slow; kill it once its progress bar moves.
+        # Tiny chunks make the second ingest slow; kill it once its progress bar moves (--force: the same
+        # checkpoint again would otherwise be refused before computing any row).
         proc = subprocess.Popen([sys.executable, "-m", "lutstore.cli", "ingest", str(ckpt), "--db", str(db),
-                                 "--name", "big", "--encoding", "fp32", "--chunk-tokens", "2"],
+                                 "--name", "big", "--encoding", "fp32", "--chunk-tokens", "2", "--force"],
                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         err = bytearray()
         threading.Thread(target=lambda: [err.extend(b) for b in iter(lambda: proc.stderr.read1(4096), b"")],

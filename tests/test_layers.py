@@ -164,6 +164,71 @@ def test_session_of_whole_rows_and_a_closed_session(db_path, serve) -> None:
         assert err.value.code == grpc.StatusCode.CANCELLED
 
 
+class Boom(Exception):
+    """What a consumer's callback raises in the tests."""
+
+
+@pytest.mark.parametrize("entry", ["session", "fetcher", "fetcher-calls"])
+def test_no_bad_call_poisons_a_session_or_a_fetcher(db_path, serve, entry: str) -> None:
+    """A repeated id or no ids is refused at once (ValueError naming the repeat) and sends nothing; an id
+    outside the vocabulary, or a callback that raises, fails only its own call (on_error). Every good call
+    around them, sent right behind without waiting, gets its own rows."""
+    fmt = RowFormat(4, 2, 8, Encoding.FP16)
+    _, _, values = write_table(db_path, "t", fmt, vocab_size=32, seed=7)
+    server = serve(db_path)
+    with LutClient(server.address) as client:
+        if entry == "session":
+            runner = client.session("t", 0, [1, 4])
+            submit = lambda ids, c: runner.submit(ids, **c.kwargs())                  # noqa: E731
+        else:
+            runner = client.fetcher("t", 0, [1, 4], session=entry == "fetcher")
+            submit = lambda ids, c: runner.fetch(ids, **c.kwargs())                   # noqa: E731
+        for ids, repeat in (([3, 4, 3], 3), ([9, 9], 9), ([], None)):
+            with pytest.raises(ValueError, match=f"token id {repeat} is asked for more than once" if repeat is not None
+                               else "no token ids"):
+                submit(ids, Collector())
+
+        class RaisesInGroup(Collector):
+            def on_group(self, *args) -> None:
+                raise Boom("on_group")
+
+        raises_done = Collector()
+
+        def done_then_raise() -> None:
+            raises_done.done.set()
+            raise Boom("on_done")
+
+        calls: list[tuple[list[int], Collector, str]] = []   # (ids, collector, what it must get)
+        for ids, c, outcome in (([7, 8], Collector(), "rows"), ([40], Collector(), "out of range"),
+                                ([1, 2], Collector(), "rows"), ([5], RaisesInGroup(), "on_group"),
+                                ([6, 30], Collector(), "rows"), ([11], raises_done, "rows"),
+                                ([12, 13], Collector(), "rows")):
+            kwargs = c.kwargs()
+            if c is raises_done:
+                kwargs["on_done"] = done_then_raise
+            (runner.submit if entry == "session" else runner.fetch)(ids, **kwargs)
+            calls.append((ids, c, outcome))
+        submit([7, 8], after := Collector())   # after every bad call: still served
+        calls.append(([7, 8], after, "rows"))
+        for ids, c, outcome in calls:
+            assert c.done.wait(20), (ids, outcome)
+        runner.close()
+    assert isinstance(raises_done.error, Boom) and str(raises_done.error) == "on_done"   # told, after its rows
+    for ids, c, outcome in calls:
+        if outcome == "out of range":
+            assert isinstance(c.error, LutError) and c.error.code == grpc.StatusCode.INVALID_ARGUMENT, c.error
+            assert "token id 40" in c.error.message and not c.groups
+        elif outcome == "on_group":
+            assert isinstance(c.error, Boom) and str(c.error) == "on_group", c.error
+        else:
+            assert c.error is None or c is raises_done, (ids, c.error)
+            assert [(b, e) for b, e, _, _ in c.groups] == [(0, 1), (1, 4)], ids
+            for b, e, got, payloads in c.groups:
+                assert got == ids
+                for i, t in enumerate(ids):
+                    assert bytes(payloads[i]) == expected_slice(fmt, values[t], b, e)
+
+
 def _decode_steps_equal(source: RemoteTable, reference: InProcessTable, steps: int, vocab: int, batch: int,
                         widths: int, seed: int, exact: bool) -> None:
     """Decode-like steps of random ids (1..widths tokens each) through source: every layer's rows equal

@@ -5,6 +5,7 @@ LutClient; plus the row LRU and the admin subcommands."""
 from __future__ import annotations
 
 import hashlib
+import signal
 import subprocess
 import sys
 import threading
@@ -328,3 +329,44 @@ def test_a_stored_name_that_is_not_utf8_is_left_out_of_list_tables(db_path, serv
     while "is left out of ListTables: its name is not valid UTF-8" not in "".join(server.output):
         assert time.monotonic() < deadline, "".join(server.output)
         time.sleep(0.05)
+
+
+def test_sigterm_ends_idle_sessions_at_once_and_says_what_it_waits_for(db_path: Path) -> None:
+    """An open BatchGetStream session that is not answering, or a health Watch, is no work in flight:
+    SIGTERM ends it at once.
+    A call still sending is drained, and the daemon says on stderr what it waits for."""
+    fmt = RowFormat(2, 4, 256, Encoding.FP32)     # 8 KiB rows: a call of 200 rows stalls on an unread stream
+    write_table(db_path, "a", fmt, vocab_size=200)
+    server = start_server(db_path, "--max-message-mb", "0.05")
+    with LutClient(server.address) as client:
+        session = client.session("a")
+        done = threading.Event()
+        session.submit([1, 2], on_group=lambda *a: None, on_error=lambda e: done.set(), on_done=done.set)
+        assert done.wait(10)          # answered: the session is open and idle
+        with grpc.insecure_channel(server.address) as channel:   # and a health Watch, as a balancer keeps
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            started = time.monotonic()
+            assert server.stop(timeout=60) == 0
+            took = time.monotonic() - started
+        session.close()
+    # The drain's grace is 10 s; an idle session used to hold all of it. Stopping takes well under a
+    # second; 8 s leaves room for a loaded machine and still tells the two apart.
+    assert took < 8, (took, "".join(server.output))
+    assert not any("waiting up to" in line for line in server.output), "".join(server.output)
+
+    server = start_server(db_path, "--max-message-mb", "0.05")
+    # No BDP probing: the stream's window stays at 64 KiB, so the unread answer holds the call open.
+    with grpc.insecure_channel(server.address, options=[("grpc.http2.bdp_probe", 0)]) as channel:
+        stub = pb_grpc.LutStoreStub(channel)
+        call = stub.BatchGet(pb.BatchGetRequest(table="a", token_ids=list(range(200))), timeout=60)
+        first = next(call)            # the rest waits in flow control until we read it
+        server.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while not any("waiting up to" in line for line in server.output) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        said = [line for line in server.output if "waiting up to" in line]
+        assert said and "1 call(s) in flight" in said[0] and "(BatchGet: 1)" in said[0], "".join(server.output)
+        rows = sum(len(m.rows) for m in [first, *call])   # reading it lets the drain finish
+    assert rows == 200
+    assert server.stop(timeout=30) == 0

@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-rows", type=int, default=_daemon_default("max_batch_rows"),
                    help="most token ids in one BatchGet")
     p.add_argument("--max-message-mb", type=float, default=_daemon_default("max_message_mb"),
-                   help="largest gRPC message sent or received (MiB)")
+                   help="largest gRPC message sent (MiB); a request is read up to the smaller of this and what "
+                        "--max-batch-rows ids need (5 bytes an id + 64 KiB)")
     p.add_argument("--max-concurrent-streams", type=int, default=_daemon_default("max_concurrent_streams"),
                    help="most RPCs in flight per connection")
     p.add_argument("--workers", type=int, default=_daemon_default("workers"), help="server threads")
@@ -177,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     verbose = args.verbose + getattr(args, "sub_verbose", 0)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # serve has its own graceful SIGTERM handling; the others clean up on the way out
-    with contextlib.nullcontext() if args.command == "serve" else interrupts.sigterm_raises():
+    # serve has its own graceful SIGTERM handling; the others clean up on the way out (argv None: this
+    # is the process's own command line, so a finished ingest also stays finished while Python exits)
+    with contextlib.nullcontext() if args.command == "serve" else interrupts.sigterm_raises(until_exit=argv is None):
         return interrupts.quiet_on_closed_pipe(lambda: _run(args))   # `lutstore info | head`
 
 

@@ -39,7 +39,9 @@ def check_db(db: str | Path, create: bool = False) -> str | Path:
     if not backend_for(text).local:   # a URL of a backend's: checked when it is opened
         return text
     if _is_url(text):
-        raise UserError(f"--db {text} looks like a URL; --db takes a local folder (the RocksDB database)")
+        raise UserError(f"--db {text} looks like a URL; --db takes a local folder (the RocksDB database) or a "
+                        f"cluster URL, redis-cluster://HOST:PORT[,HOST:PORT...][?password_file=PATH] "
+                        f"(rediss-cluster:// for TLS)")
     path = Path(text).expanduser()
     if path.exists() and not path.is_dir():
         hint = "; give a folder path (a new one is created)" if create else ""

@@ -64,6 +64,19 @@ def row_payload(fmt: codec.RowFormat, token: int, data: memoryview, verify: bool
 
 # ---- one request's answer ------------------------------------------------------------------------
 
+def check_request_ids(ids: list[int]) -> None:
+    """ValueError for a request no answer can complete: no ids, or an id asked twice (the daemon
+    sends each distinct id once, so the answer would wait forever for the repeat). Callers with
+    repeats deduplicate first (LutClient.get_rows does, and fans the rows back out)."""
+    if len(ids) == 0:
+        raise ValueError("no token ids: give at least one")
+    if len(set(ids)) != len(ids):
+        seen: set[int] = set()
+        repeat = next(t for t in ids if t in seen or seen.add(t))
+        raise ValueError(f"token id {repeat} is asked for more than once: a request's ids must be distinct "
+                         f"(LutClient.get_rows accepts repeats)")
+
+
 class RowsAnswer:
     """One BatchGet answer being assembled: on_group(begin, end, ids, payloads) is called once per
     layer group, in layer order, as soon as every distinct id's part of it has arrived (ids int64
@@ -76,6 +89,7 @@ class RowsAnswer:
                  verify: bool = True, views: bool = False) -> None:
         self.fmt, self.ids, self.layer_ends, self.on_group, self.verify = fmt, ids, layer_ends, on_group, verify
         self.views = views
+        check_request_ids(ids)
         self.groups = codec.check_layer_ends(fmt, layer_ends) if layer_ends else [(0, fmt.num_layers)]
         self._index = {t: i for i, t in enumerate(ids)}
         self._ids = np.array(ids, dtype=np.int64)

@@ -32,7 +32,7 @@ from typing import Callable, Protocol
 import grpc
 
 from lutstore.formats import codec
-from lutstore.client.answer import OnGroup
+from lutstore.client.answer import OnGroup, check_request_ids
 from lutstore.client.session import RowSession
 from lutstore.errors import LutError
 from lutstore.v1 import lutstore_pb2 as pb
@@ -97,7 +97,9 @@ class RowFetcher:
 
     def fetch(self, ids: list[int], on_group: OnGroup, on_error: Callable[[BaseException], None],
               on_done: Callable[[], None] | None = None) -> FetchJob:
-        """Start fetching ids (distinct, ascending, at most the table's max_batch_rows); returns at once."""
+        """Start fetching ids (distinct, ascending, at most the table's max_batch_rows); returns at once.
+        No ids, or a repeated id: ValueError here, on every transport."""
+        check_request_ids(ids)
         job = FetchJob(ids, on_group, on_error, on_done)
         bulk = self.client.shared_memory and not self.layer_ends \
             and len(ids) * self.fmt.payload_bytes >= SHARED_MEMORY_MIN_BYTES
@@ -128,11 +130,10 @@ class RowFetcher:
         """One call (BatchGet, or BatchGetShared), rows checked and handed over as the session does."""
         try:
             self.client.call_groups(self.info, job.ids, self.layer_ends, job.on_group, views=True)
-        except BaseException as e:  # handed to the consumer, which raises it in its own thread
+            if job.on_done is not None:
+                job.on_done()
+        except BaseException as e:  # handed to the consumer (as a session does), which raises it in its own thread
             job.on_error(e)
-            return
-        if job.on_done is not None:
-            job.on_done()
 
     def _session_failed(self, job: FetchJob, error: BaseException) -> None:
         """Session reader thread: a fetch failed. If the daemon cannot give us a session: one call per

@@ -16,7 +16,10 @@ Failures: a broken stream (UNAVAILABLE: the daemon restarted, or a replica
 died) is reopened within the client's retry budget (lutstore.client.retry.RetryPolicy)
 and the unanswered requests are sent again (slices already received are not
 delivered twice); any other status fails the oldest unanswered request with it
-(the requests behind it are sent again on a new stream). The stream has no
+(the requests behind it are sent again on a new stream); so does a callback that
+raises (its request gets the exception through on_error). A request no answer
+can complete (no ids, a repeated id) is refused by submit() before it is sent.
+The stream has no
 deadline (it lives as long as the session), so a server that accepts a request
 and never answers it is not detected here: a caller that must not wait forever
 bounds its own wait (RemoteTable waits at most the client's timeout plus its
@@ -80,10 +83,11 @@ class RowSession:
                on_done: Callable[[], None] | None = None, views: bool = False) -> None:
         """Ask for the rows of ids (distinct, ascending, at most max_batch_rows); returns at once.
         on_group gets each layer group as it completes (as arrays, or memoryviews: RowsAnswer),
-        on_done() follows the last one; on_error(e) (a LutError) replaces them if the request fails."""
+        on_done() follows the last one; on_error(e) replaces them if the request fails (a LutError, or
+        what on_group or on_done raised). No ids, or a repeated id: ValueError here, nothing sent."""
+        answer = RowsAnswer(self.fmt, ids, self.layer_ends, on_group, self.verify, views)
         message = pb.BatchGetRequest(table=self.name, version=self.version, token_ids=ids, layer_ends=self.layer_ends)
-        request = _Request(message, RowsAnswer(self.fmt, ids, self.layer_ends, on_group, self.verify, views),
-                           on_error, on_done)
+        request = _Request(message, answer, on_error, on_done)
         with self._lock:
             if self._closed:
                 raise LutError(grpc.StatusCode.CANCELLED, "the row session is closed")
@@ -154,7 +158,10 @@ class RowSession:
             with self._lock:
                 self._inflight.popleft()
             if request.on_done is not None:
-                request.on_done()
+                try:
+                    request.on_done()
+                except Exception as e:   # its rows are all in: the stream and the requests behind go on
+                    _report(request, e)
 
     def _broken(self, call, error: BaseException) -> None:
         """The stream ended: reopen it and send what is unanswered again (UNAVAILABLE, within the
@@ -181,8 +188,9 @@ class RowSession:
                 failed = self._inflight.popleft()
         if failed is not None:
             log.info("row session request failed: %s", details)
-            failed.on_error(error if isinstance(error, LutError) else
-                            LutError(code or grpc.StatusCode.UNKNOWN, f"{details} (from {self.retry.address})"))
+            if isinstance(error, grpc.RpcError):
+                error = LutError(code or grpc.StatusCode.UNKNOWN, f"{details} (from {self.retry.address})")
+            _report(failed, error)   # a callback's own exception is handed back as it is
         else:
             log.debug("row stream to %s broke (%s); retry in %.2fs", self.retry.address, details, delay)
             time.sleep(delay)   # a restarting daemon or a dead replica: let the channel reconnect / fail over
@@ -194,4 +202,13 @@ class RowSession:
         with self._lock:
             pending, self._inflight = list(self._inflight), collections.deque()
         for request in pending:
-            request.on_error(error)
+            _report(request, error)
+
+
+def _report(request: _Request, error: BaseException) -> None:
+    """request.on_error(error); an on_error that raises is logged, so the reader thread goes on
+    serving the requests behind it."""
+    try:
+        request.on_error(error)
+    except Exception:
+        log.exception("on_error of a row session request raised")

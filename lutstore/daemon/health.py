@@ -29,7 +29,8 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
     def __init__(self, services: Iterable[str], max_watches: int):
         self._status = {name: NOT_SERVING for name in services}   # fixed keys: never grows
         self._lock = threading.Lock()
-        self._watchers: dict[int, tuple[str, Callable]] = {}   # id -> (service, send_response_callback)
+        # id -> (service, send_response_callback, its RPC's context)
+        self._watchers: dict[int, tuple[str, Callable, grpc.ServicerContext]] = {}
         self._next_id = 0
         self._shutting_down = False
         self.max_watches = max_watches
@@ -41,7 +42,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             if self._shutting_down:
                 return
             self._status[service] = status
-            told = [send for name, send in self._watchers.values() if name == service]
+            told = [send for name, send, _context in self._watchers.values() if name == service]
         for send in told:
             _send(send, status)
 
@@ -51,9 +52,18 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             self._shutting_down = True
             for name in self._status:
                 self._status[name] = NOT_SERVING
-            told = [send for _name, send in self._watchers.values()]
+            told = [send for _name, send, _context in self._watchers.values()]
         for send in told:
             _send(send, NOT_SERVING)
+
+    def end_watches(self) -> int:
+        """The server is stopping: end every open Watch (they were told NOT_SERVING), so the drain does
+        not wait its whole grace period for streams that never end by themselves. How many ended."""
+        with self._lock:
+            watches, self._watchers = list(self._watchers.values()), {}
+        for _name, _send_response, context in watches:
+            context.cancel()
+        return len(watches)
 
     def watch_count(self) -> int:
         with self._lock:
@@ -83,7 +93,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
                               f"all {self.max_watches} health Watch streams are in use; poll with Check")
             key = self._next_id
             self._next_id += 1
-            self._watchers[key] = (service, send_response_callback)
+            self._watchers[key] = (service, send_response_callback, context)
         context.add_callback(lambda: self._forget(key))
         _send(send_response_callback, status)
 

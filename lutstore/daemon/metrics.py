@@ -12,7 +12,9 @@ log record per RPC at DEBUG level.
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
 import time
 from typing import Callable, Iterable, Iterator
 
@@ -44,12 +46,29 @@ class DaemonMetrics:
         self.latency = Histogram("lutstore_request_seconds", "RPC latency (streams: until the last message), by method",
                                  ["method"], buckets=_LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("lutstore_requests_in_flight", "RPCs being handled now", registry=r)
+        self._running: collections.Counter[str] = collections.Counter()   # in_flight by method, for a draining server
+        self._running_lock = threading.Lock()
         self.rows = Counter("lutstore_rows_served", "Rows sent by BatchGet, by table", ["table"], registry=r)
         self.bytes = Counter("lutstore_bytes_served", "Row bytes (stored values) sent by BatchGet, by table", ["table"],
                              registry=r)
         self.auth_rejects = Counter("lutstore_auth_rejected", "RPCs rejected for a missing or wrong token", registry=r)
         self.corrupt_rows = Counter("lutstore_corrupt_rows", "Damaged rows met by reads (CRC mismatch, missing, or "
                                     "an unreadable RocksDB block), by table", ["table"], registry=r)
+
+    def started(self, method: str) -> None:
+        self.in_flight.inc()
+        with self._running_lock:
+            self._running[method] += 1
+
+    def finished(self, method: str) -> None:
+        self.in_flight.dec()
+        with self._running_lock:
+            self._running[method] -= 1
+
+    def running(self) -> dict[str, int]:
+        """RPCs being handled now, by method ("service/method")."""
+        with self._running_lock:
+            return {m: n for m, n in self._running.items() if n > 0}
 
     def track_cache(self, stats: Callable[[], CacheStats]) -> None:
         """Report the row cache's own counters at every scrape."""
@@ -143,7 +162,7 @@ class RpcInterceptor(grpc.ServerInterceptor):
             else:
                 code = grpc.StatusCode.OK
         seconds = time.perf_counter() - started
-        self.m.in_flight.dec()
+        self.m.finished(method)
         self.m.requests.labels(method, code.name).inc()
         self.m.latency.labels(method).observe(seconds)
         if code is grpc.StatusCode.UNAUTHENTICATED:
@@ -157,7 +176,7 @@ class RpcInterceptor(grpc.ServerInterceptor):
     def _unary(self, method, behavior):
         def handle(request, context):
             started, failed = time.perf_counter(), None
-            self.m.in_flight.inc()
+            self.m.started(method)
             try:
                 if request is _UNPARSABLE:
                     _reject_unparsable(context, method)
@@ -174,7 +193,7 @@ class RpcInterceptor(grpc.ServerInterceptor):
         RPC ends, and kept non-blocking (a wrapping generator would hold a thread per stream)."""
         def handle(request, context, send_response_callback):
             started = time.perf_counter()
-            self.m.in_flight.inc()
+            self.m.started(method)
             context.add_callback(lambda: self._finish(method, context, started, None))
             if request is _UNPARSABLE:
                 _reject_unparsable(context, method)
@@ -185,7 +204,7 @@ class RpcInterceptor(grpc.ServerInterceptor):
     def _unary_stream(self, method, behavior, seen: list | None = None):
         def handle(request, context):
             started, failed = time.perf_counter(), None
-            self.m.in_flight.inc()
+            self.m.started(method)
             rows = nbytes = 0
             counted = False
             try:

@@ -41,6 +41,7 @@ from lutstore.v1 import lutstore_pb2 as pb
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_SECONDS = 10.0
+DRAIN_QUIET_SECONDS = 0.5   # a drain that takes longer says on stderr what it waits for
 SERVER_MALLOC_ARENAS = 2  # with alloc.py's thresholds each arena keeps freed memory: few arenas, a bound that holds
 REQUEST_SLACK_BYTES = 64 << 10  # a request's table name, layer_ends, ... beyond its token ids
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -104,7 +105,7 @@ def serve(config: DaemonConfig) -> int:
             health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         refresher.start()
         opened.callback(_stop_refresher, refresher)
-        opened.callback(_stop_server, server, health_servicer)   # the first thing undone
+        opened.callback(_stop_server, server, servicer, health_servicer, metrics)   # the first thing undone
         tables = store.tables()
         log.info("%d table versions: %s", len(tables), ", ".join(f"{m.name} v{m.version}" for m in tables) or "none")
         log.info("listening on %s:%d (tls=%s, auth=%s, metrics=%s)", config.host, port, credentials is not None,
@@ -119,10 +120,21 @@ def serve(config: DaemonConfig) -> int:
     return 0
 
 
-def _stop_server(server: grpc.Server, health_servicer: health.HealthServicer) -> None:
+def _stop_server(server: grpc.Server, servicer: LutStoreServicer, health_servicer: health.HealthServicer,
+                 metrics: DaemonMetrics) -> None:
     health_servicer.enter_graceful_shutdown()  # NOT_SERVING, so balancers move away first
-    # New RPCs are refused from here on; in-flight ones (streams included) get the grace period.
-    server.stop(SHUTDOWN_GRACE_SECONDS).wait()
+    # New RPCs are refused from here on; in-flight ones (streams included) get the grace period;
+    # idle sessions and health Watches, which are no work in flight, end at once.
+    stopped = server.stop(SHUTDOWN_GRACE_SECONDS)
+    sessions, watches = servicer.end_idle_sessions(), health_servicer.end_watches()
+    if sessions or watches:
+        log.info("stopping: ended %d idle BatchGetStream session(s) and %d health Watch(es)", sessions, watches)
+    if not stopped.wait(DRAIN_QUIET_SECONDS):
+        running = {m.rpartition("/")[2]: n for m, n in metrics.running().items()}
+        log.warning("stopping: waiting up to %g s for %d call(s) in flight to finish (%s)",
+                    SHUTDOWN_GRACE_SECONDS - DRAIN_QUIET_SECONDS, sum(running.values()),
+                    ", ".join(f"{m}: {n}" for m, n in sorted(running.items())) or "none left")
+        stopped.wait()
 
 
 def _stop_refresher(refresher: Refresher) -> None:

@@ -37,6 +37,8 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
         self.max_message_bytes, self.max_sessions = max_message_bytes, max_sessions
         self._open_sessions = 0
         self._sessions_lock = threading.Lock()
+        self._idle_sessions: set[grpc.ServicerContext] = set()   # open, waiting for their next request
+        self._stopping = False
 
     # ---- RPCs ------------------------------------------------------------
 
@@ -75,10 +77,25 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
                   1000 * (time.perf_counter() - started))
 
     def BatchGetStream(self, requests: Iterator[pb.BatchGetRequest], context: grpc.ServicerContext) -> Iterator[bytes]:
-        """BatchGet for each request of the session, in order (serialised messages, as BatchGet's)."""
+        """BatchGet for each request of the session, in order (serialised messages, as BatchGet's).
+        Once the daemon is stopping, the session ends after its current answer."""
         with self._session(context):
             for request in requests:
+                if not self._busy(context, True):
+                    return   # the client sends what is unanswered again, on a new stream (another replica)
                 yield from self.BatchGet(request, context)
+                if not self._busy(context, False):
+                    return
+
+    def end_idle_sessions(self) -> int:
+        """Stopping: end every session now waiting for a request (an idle stream is no work in flight:
+        the drain must not wait for it), and each busy one after its current answer. How many ended now."""
+        with self._sessions_lock:
+            self._stopping = True
+            idle, self._idle_sessions = self._idle_sessions, set()
+        for context in idle:
+            context.cancel()   # wakes its thread, which waits in the request iterator
+        return len(idle)
 
     def BatchGetShared(self, request: pb.BatchGetSharedRequest,
                        context: grpc.ServicerContext) -> pb.BatchGetSharedResponse:
@@ -137,10 +154,24 @@ class LutStoreServicer(pb_grpc.LutStoreServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"all {self.max_sessions} BatchGetStream sessions are in use (--max-sessions); use BatchGet")
         try:
+            with self._sessions_lock:
+                self._idle_sessions.add(context)
             yield
         finally:
             with self._sessions_lock:
+                self._idle_sessions.discard(context)
                 self._open_sessions -= 1
+
+    def _busy(self, context: grpc.ServicerContext, busy: bool) -> bool:
+        """Mark a session busy (answering) or idle (waiting for a request); False once stopping."""
+        with self._sessions_lock:
+            if self._stopping:
+                return False
+            if busy:
+                self._idle_sessions.discard(context)
+            else:
+                self._idle_sessions.add(context)
+        return True
 
     def _artifact_chunks(self, meta: TableMeta, name: str, context: grpc.ServicerContext) -> Iterator[pb.ArtifactChunk]:
         """The artifact in messages of a few MiB, each holding its bytes three times (the chunk, the

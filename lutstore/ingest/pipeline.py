@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -37,7 +39,7 @@ from lutstore.storage.backends import backend_for, open_store
 from lutstore.ingest.checkpoint import EMBED, TABLE, Checkpoint
 from lutstore.formats.codec import CRC_BYTES, ENCODINGS, Encoding, RowFormat, encode_rows
 from lutstore.errors import UserError
-from lutstore.interrupts import Terminated, deferred
+from lutstore.interrupts import Terminated, deferred, finished
 from lutstore.storage.api import TableStore
 from lutstore.storage.model import TableMeta, TableWriterBase, check_table_name
 
@@ -48,6 +50,11 @@ EXPERT_CACHE_BYTES = 2 << 30        # keep all experts resident (fp32) when they
 KEY_OVERHEAD_BYTES = 32             # per-row key + SST index overhead, for the space estimate
 SPACE_MARGIN_BYTES = 4 << 20        # RocksDB's own files (WAL, manifest, options, log)
 SKIP_SPACE_CHECK_ENV = "LUTSTORE_INGEST_SKIP_SPACE_CHECK"
+# An artifact naming what a version was made from (the checkpoint files' sha256 and how they were
+# encoded): the same record as the latest version's means "already holds this checkpoint", decided
+# before any row is computed. Versions ingested before it existed are compared by fingerprint.
+SOURCE_ARTIFACT = "lutstore-source.json"
+HASH_CHUNK_BYTES = 8 << 20
 
 
 class AlreadyIngested(UserError):
@@ -264,15 +271,22 @@ def ingest_checkpoint(ckpt_dir: str | Path, db_path: str | Path, name: str | Non
     started = time.monotonic()
     meta = duplicate = None
     try:
+        source = _source_record(ckpt, fmt, progress)
         with open_store(db_path, "primary", create=True) as store:
-            with store.begin_table(name, fmt, vocab, ckpt.form) as writer:
-                _write_rows(writer, compute, fmt, vocab, chunk, progress)
-                _add_artifacts(writer, ckpt, backbone)
-                duplicate = None if force else _same_as_latest(store, name, writer)
-                if duplicate is None:
-                    with deferred():  # a SIGTERM / Ctrl-C now waits for the commit to finish or fail
-                        meta = writer.commit()
-                # else: leaving the block aborts the writer and removes its staging files
+            duplicate = None if force else _made_from(store, name, source)
+            if duplicate is None:
+                with store.begin_table(name, fmt, vocab, ckpt.form) as writer:
+                    _write_rows(writer, compute, fmt, vocab, chunk, progress)
+                    _add_artifacts(writer, ckpt, backbone)
+                    duplicate = None if force else _same_as_latest(store, name, writer)
+                    if duplicate is None:
+                        writer.add_artifact(SOURCE_ARTIFACT, source)
+                        with deferred():  # a SIGTERM / Ctrl-C now waits for the commit to finish or fail
+                            meta = writer.commit()
+                            # Done: a signal from here on cannot undo it, so the ingest finishes (its
+                            # --keep-versions drops, its report) and exits 0, saying so.
+                            finished(f"lutstore ingest: {meta.name} v{meta.version} was already committed; finishing")
+                    # else: leaving the block aborts the writer and removes its staging files
             _keep_newest(store, name, keep_versions, say)
     except (KeyboardInterrupt, Terminated) as e:
         e.ingest_note = (f"{meta.name} v{meta.version} had been added" if meta is not None else
@@ -331,8 +345,46 @@ def _add_artifacts(writer: TableWriterBase, ckpt: Checkpoint, backbone: list[str
         writer.add_artifact(f.name, f.read_bytes())
 
 
+def _source_record(ckpt: Checkpoint, fmt: RowFormat, progress: bool) -> bytes:
+    """SOURCE_ARTIFACT's bytes: the sha256 of every file the ingest reads (config, weights, weight
+    index, tokenizer files) and the row format they are encoded to; canonical JSON, so two ingests
+    of the same files in the same format give the same bytes. Reading the files costs a fraction of
+    computing the rows (a 15 GB checkpoint: seconds, not minutes)."""
+    from tqdm import tqdm
+
+    files = [ckpt.path / "config.json", *ckpt.weight_files(), *ckpt.tokenizer_files()]
+    files += [ckpt.path / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+              if (ckpt.path / n).is_file()]
+    digests: dict[str, str] = {}
+    with tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, disable=not progress,
+              desc="checksum", dynamic_ncols=True) as bar:
+        for f in files:
+            digest = hashlib.sha256()
+            with open(f, "rb") as stream:
+                while chunk := stream.read(HASH_CHUNK_BYTES):
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+            digests[str(f.relative_to(ckpt.path))] = digest.hexdigest()
+    record = {"files_sha256": digests, "form": ckpt.form, "encoding": fmt.encoding.value, "zstd": fmt.zstd,
+              "block_size": fmt.block_size}
+    return json.dumps(record, sort_keys=True, indent=1).encode()
+
+
+def _made_from(store: TableStore, name: str, source: bytes) -> TableMeta | None:
+    """The latest live version of `name` if it records this very source (SOURCE_ARTIFACT)."""
+    latest = [m for m in store.tables() if m.name == name]
+    if not latest:
+        return None
+    try:
+        recorded = latest[-1].artifact(SOURCE_ARTIFACT)
+    except KeyError:   # ingested before versions recorded their source: _same_as_latest decides
+        return None
+    return latest[-1] if recorded.sha256 == hashlib.sha256(source).hexdigest() else None
+
+
 def _same_as_latest(store: TableStore, name: str, writer: TableWriterBase) -> TableMeta | None:
-    """The latest live version of `name` if it has the fingerprint this writer would commit."""
+    """The latest live version of `name` if it has the fingerprint this writer would commit (the
+    writer holds no SOURCE_ARTIFACT yet, so this matches versions ingested before there was one)."""
     latest = [m for m in store.tables() if m.name == name]
     if not latest:
         return None

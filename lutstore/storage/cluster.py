@@ -231,6 +231,15 @@ def _connect_failure(error: BaseException, cfg: ClusterConfig) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
+def _auth_refused(cfg: ClusterConfig, reason: str) -> StoreError:
+    """The cluster refused us: with no password given, say it needs one and how to give it (its
+    own reply, e.g. "HELLO must be called with the client already authenticated", says neither)."""
+    if cfg.password is None:
+        return StoreError(f"{cfg.describe()} needs a password and none was given: add ?password_file=PATH (a file "
+                          f"holding it) or ?password_env=VAR to the URL, or set ${DEFAULT_PASSWORD_ENV}")
+    return StoreError(f"{cfg.describe()} refused the password ({reason}); check password_file / password_env")
+
+
 def _read_password(path: str | None, env: str | None) -> str | None:
     if path:
         try:
@@ -425,13 +434,12 @@ class ClusterStore(StoreBase):
         try:
             rc = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in cfg.seeds], **kwargs)
         except redis.AuthenticationError as e:
-            raise StoreError(f"{cfg.describe()} refused the password ({e}); check password_file / password_env") from None
+            raise _auth_refused(cfg, str(e)) from None
         except (redis.RedisError, RedisClusterException, OSError) as e:
             text = str(e).splitlines()[0] if str(e) else type(e).__name__
             tls_failed = any(isinstance(c, ssl.SSLError) for c in _causes(e))  # "authority key ..." is no password
             if not tls_failed and ("auth" in text.lower() or "password" in text.lower()):
-                raise StoreError(f"{cfg.describe()} refused the password ({text}); check password_file / "
-                                 f"password_env") from None
+                raise _auth_refused(cfg, text) from None
             raise StoreError(f"cannot reach {cfg.describe()}: {_connect_failure(e, cfg)}") from None
         store = cls(cfg, rc, mode)
         try:
