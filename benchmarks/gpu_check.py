@@ -9,7 +9,10 @@ A GPU is lent to some tasks only, for minutes, so this is prepared ahead and run
   3. the GPU's real step times on the 160M-16E shape (decode at batch 1 and 32, a 2048-token
      prefill; bf16, rows from an in-GPU table), written to benchmarks/results/gpu_step_times.json,
      where bench_decode's fixed-step mode takes its defaults from;
-  4. bench_decode on the GPU, real mode, batch 1/8/32 (in-process vs lutstore cold / warm / steady
+  4. MoLE in vLLM (tests/test_vllm.py) when a python on this host has vLLM: $LUTSTORE_VLLM_PYTHON,
+     else .venv-vllm (`make install-vllm` is the CPU build: on a GPU host install vLLM's CUDA build
+     and lutstore --no-deps into a venv and name its python); skipped with a line otherwise;
+  5. bench_decode on the GPU, real mode, batch 1/8/32 (in-process vs lutstore cold / warm / steady
      state, and the offload baseline), then fixed-step mode with the measured step times;
      results (JSON + PNG, naming the card) under benchmarks/results/.
 
@@ -114,6 +117,16 @@ def measure_step_times(vocab: int = 8192, repeats: int = 20, device_name: str = 
     return out
 
 
+def vllm_python() -> str | None:
+    """A python on this host that imports vllm (LUTSTORE_VLLM_PYTHON, else .venv-vllm), or None."""
+    for candidate in (os.environ.get("LUTSTORE_VLLM_PYTHON"), str(REPO / ".venv-vllm" / "bin" / "python")):
+        if candidate and Path(candidate).exists():
+            probe = subprocess.run([candidate, "-c", "import vllm"], capture_output=True, timeout=120)
+            if probe.returncode == 0:
+                return candidate
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = common.parser("gpu_check", __doc__)
     p.add_argument("--skip-bench", action="store_true", help="stop after the tests and the step times")
@@ -133,6 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     ok &= stage("cuda variants of the staged-row and nf4 tests",
                 [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_layers.py", "tests/test_nf4.py",
                  "-k", "cuda"], 120, env)
+
+    vllm_py = None if dry else vllm_python()
+    if dry:
+        print("\n===== MoLE in vLLM: skipped in a dry run (make test runs tests/test_vllm.py on the CPU)", flush=True)
+    elif vllm_py is None:
+        print("\n===== MoLE in vLLM: skipped (no vLLM on this host: set LUTSTORE_VLLM_PYTHON to a python "
+              "that imports vllm)", flush=True)
+    else:   # the plugin with rows from a daemon and in memory, every encoding, on the card (--enforce-eager)
+        ok &= stage("MoLE in vLLM", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_vllm.py"], 300,
+                    dict(env, LUTSTORE_VLLM_PYTHON=vllm_py, LUTSTORE_REQUIRE_VLLM="1"))
 
     print("\n===== step times of the 160M-16E backbone on this GPU", flush=True)
     times = {"card": card, **measure_step_times(args.vocab, device_name=device),

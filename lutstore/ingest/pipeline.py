@@ -31,12 +31,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import zstandard
 
 from lutstore.storage.backends import backend_for, open_store
-from lutstore.ingest.checkpoint import EMBED, TABLE, Checkpoint
+from lutstore.ingest.checkpoint import Checkpoint
+from lutstore.ingest.reparam import RepRows, TrainRows
 from lutstore.formats.codec import CRC_BYTES, ENCODINGS, Encoding, RowFormat, encode_rows
 from lutstore.errors import UserError
 from lutstore.interrupts import Terminated, deferred, finished
@@ -46,7 +46,6 @@ from lutstore.storage.model import TableMeta, TableWriterBase, check_table_name
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 64 << 20      # fp32 rows computed per chunk when --chunk-tokens is 0
-EXPERT_CACHE_BYTES = 2 << 30        # keep all experts resident (fp32) when they fit in this
 KEY_OVERHEAD_BYTES = 32             # per-row key + SST index overhead, for the space estimate
 SPACE_MARGIN_BYTES = 4 << 20        # RocksDB's own files (WAL, manifest, options, log)
 SKIP_SPACE_CHECK_ENV = "LUTSTORE_INGEST_SKIP_SPACE_CHECK"
@@ -152,68 +151,6 @@ def _is_disk_full(e: BaseException) -> bool:
         return True
     text = str(e)  # rocksdict reports RocksDB IO errors as plain exceptions
     return any(s in text for s in ("No space left", "Disk quota exceeded", "File too large"))
-
-
-# ---- rows -------------------------------------------------------------------
-
-class TrainRows:
-    """Computes train-form rows: every expert on the token's normalised embedding, in fp32.
-
-        rows = TrainRows(Checkpoint.open(folder), torch.device("cpu"))(start, stop)   # [stop - start, L, N, D]
-
-    What ingest stores for a train-form checkpoint (before encoding); engines that compute a
-    table's rows themselves use it to match."""
-
-    def __init__(self, ckpt: Checkpoint, device: torch.device):
-        self.ckpt, self.device = ckpt, device
-        c = ckpt.config
-        expert_bytes = 4 * 2 * c.num_layers * c.num_experts * c.hidden_size * c.intermediate_size
-        self._cache: dict[int, tuple[torch.Tensor, ...]] | None = {} if expert_bytes <= EXPERT_CACHE_BYTES else None
-        if self._cache is None:
-            log.info("experts need %s MB in fp32; reloading them per chunk", _mb(expert_bytes))
-
-    def _layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(expert_layernorm weight [D], stacked up [N, I, D], stacked down [N, D, I]) in fp32 on device."""
-        if self._cache is not None and i in self._cache:
-            return self._cache[i]
-        p, n = f"model.layers.{i}.", self.ckpt.config.num_experts
-
-        def load(name: str) -> torch.Tensor:
-            return self.ckpt.tensor(name).to(self.device, torch.float32)
-
-        weights = (load(p + "expert_layernorm.weight"),
-                   torch.stack([load(p + f"experts.{j}.up_proj.weight") for j in range(n)]),
-                   torch.stack([load(p + f"experts.{j}.down_proj.weight") for j in range(n)]))
-        if self._cache is not None:
-            self._cache[i] = weights
-        return weights
-
-    @torch.inference_mode()
-    def __call__(self, start: int, stop: int) -> np.ndarray:
-        c = self.ckpt.config
-        x = self.ckpt.rows(EMBED, start, stop).to(self.device, torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + c.rms_norm_eps)
-        out = torch.empty(stop - start, c.num_layers, c.num_experts, c.hidden_size, device=self.device)
-        for i in range(c.num_layers):
-            norm_w, up, down = self._layer(i)
-            e = (x * norm_w).unsqueeze(0)                                             # [1, C, D]
-            h = torch.nn.functional.gelu(e @ up.transpose(1, 2), approximate="none")  # [N, C, I]
-            out[:, i] = (h @ down.transpose(1, 2)).transpose(0, 1)                    # [C, N, D]
-        return out.cpu().numpy()
-
-
-class RepRows:
-    """Slices of the reparameterised table; fp16 stays fp16 (the codec takes it as is)."""
-
-    def __init__(self, ckpt: Checkpoint):
-        self.ckpt = ckpt
-
-    def __call__(self, start: int, stop: int) -> np.ndarray:
-        c = self.ckpt.config
-        rows = self.ckpt.rows(TABLE, start, stop)
-        if rows.dtype not in (torch.float16, torch.float32):
-            rows = rows.to(torch.float32)  # bf16 and others: numpy has no bf16
-        return rows.reshape(stop - start, c.num_layers, c.num_experts, c.hidden_size).numpy()
 
 
 # ---- artifacts --------------------------------------------------------------
