@@ -111,7 +111,7 @@ class Engine:
             raise ValueError("prefill_chunk must be at least 1")
         self.model, self.source = model, source
         self.device = model.lm_head.weight.device
-        self.context = context or model.args.max_position_embeddings
+        self.context = context or model.args.context_length
         self.max_batch, self.prefill_chunk, self.static, self.max_queue = max_batch, prefill_chunk, static, max_queue
         self.on_step = on_step                      # called with each decode step's batch size
         model.setup_caches(max_batch, self.context)

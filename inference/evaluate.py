@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> dict:
             ids = read_token_ids(args.token_ids)
         if args.bos and backbone.args.bos_token_id is not None:
             ids = [backbone.args.bos_token_id] + ids
-        vocab, context = backbone.args.vocab_size, backbone.args.max_position_embeddings
+        vocab, context = backbone.args.vocab_size, backbone.args.context_length
         if len(ids) < 2:
             raise UserError(f"need at least 2 tokens to score, got {len(ids)}")
         bad = [t for t in ids if not 0 <= t < vocab]

@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
                 ids = [bb.args.bos_token_id] + ids
             if not ids:
                 raise UserError(f"prompt {text!r} encodes to no tokens")
-            prompts.append(fit_context(ids, args.max_new_tokens, bb.args.max_position_embeddings, args.truncate))
+            prompts.append(fit_context(ids, args.max_new_tokens, bb.args.context_length, args.truncate))
         prompts = [prompts[i % len(prompts)] for i in range(batch_size)]
         stream = None if args.json else TextStream(bb.tokenizer)
         if stream is not None and batch_size > 1:

@@ -30,9 +30,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lutstore.errors import UserError
+
 log = logging.getLogger(__name__)
 
 FORMS = ("train", "lut")
+ROPE_SCALINGS = ("linear", "dynamic")   # what transformers 4.38's Llama (the official MoLE code) knows
+
+
+def rope_scaling_of(config: dict[str, Any]) -> dict[str, Any] | None:
+    """{"type": "linear"|"dynamic", "factor": f} from a config's `rope_scaling` (transformers 4.38:
+    `type`; later: `rope_type`) or `rope_parameters` (transformers 5), None for plain rotary.
+    Any other kind is refused: running it as plain rotary would give other logits."""
+    value = config.get("rope_scaling") or config.get("rope_parameters")
+    if not value:
+        return None
+    if not isinstance(value, dict):
+        raise UserError(f"config's rope_scaling must be an object like {{\"type\": \"linear\", \"factor\": 2.0}}, not {value!r}")
+    kind = value.get("type", value.get("rope_type", "default"))
+    if kind == "default":
+        return None
+    factor = value.get("factor")
+    if kind not in ROPE_SCALINGS:
+        raise UserError(f"config's rope scaling {kind!r} is not supported: MoLE (transformers 4.38's Llama) "
+                        f"knows only {' and '.join(ROPE_SCALINGS)}")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
+        raise UserError(f"config's rope scaling {kind!r} needs a numeric factor >= 1, not {factor!r}")
+    return {"type": kind, "factor": float(factor)}
 
 
 @dataclass
@@ -47,6 +71,8 @@ class ModelArgs:
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None   # {"type": "linear"|"dynamic", "factor": f}; None: plain rotary
+    tie_word_embeddings: bool = False            # lm_head is embed_tokens (the checkpoint may omit lm_head.weight)
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # other config keys, kept for to_config()
@@ -58,6 +84,15 @@ class ModelArgs:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        self.rope_scaling = rope_scaling_of({"rope_scaling": self.rope_scaling})
+
+    @property
+    def context_length(self) -> int:
+        """Longest sequence the model runs: max_position_embeddings, times the rope scaling factor
+        if any (what scaling is for, and how vLLM sizes such a model's context)."""
+        if self.rope_scaling is None:
+            return self.max_position_embeddings
+        return int(self.max_position_embeddings * self.rope_scaling["factor"])
 
     @property
     def head_dim(self) -> int:
@@ -70,16 +105,16 @@ class ModelArgs:
                                "num_attention_heads", "num_experts") if k not in config]
         if missing:
             raise ValueError(f"config.json lacks {', '.join(missing)}; is this a MoLE checkpoint?")
-        if config.get("tie_word_embeddings"):
-            raise ValueError("tie_word_embeddings=true is not a MoLE config (lm_head is a separate tensor)")
-        if config.get("rope_scaling"):
-            log.warning("config has rope_scaling=%s; MoLE uses plain rotary embeddings, ignoring it", config["rope_scaling"])
         known = {f for f in cls.__dataclass_fields__ if f != "extra"}
         eos = config.get("eos_token_id")
         args = {k: config[k] for k in known if k in config and config[k] is not None}
+        args["rope_scaling"] = rope_scaling_of(config)
+        rope_parameters = config.get("rope_parameters")   # a config saved by transformers 5 keeps the base here
+        if isinstance(rope_parameters, dict) and "rope_theta" not in config and "rope_theta" in rope_parameters:
+            args["rope_theta"] = rope_parameters["rope_theta"]
         if isinstance(eos, list):  # HF allows a list of stop ids; keep the first
             args["eos_token_id"] = eos[0] if eos else None
-        extra = {k: v for k, v in config.items() if k not in known}
+        extra = {k: v for k, v in config.items() if k not in known and k != "rope_parameters"}
         return cls(**args, extra=extra)
 
     def to_config(self) -> dict[str, Any]:
@@ -108,21 +143,58 @@ class RMSNorm(nn.Module):
 
 
 class Rotary:
-    """Llama rotary embedding tables (half-split), kept in fp32 outside the state_dict
-    so that casting the model to fp16/bf16 does not round the angles."""
+    """Llama rotary embeddings (half-split), kept in fp32 outside the state_dict so that
+    casting the model to fp16/bf16 does not round the angles.
 
-    def __init__(self, head_dim: int, max_pos: int, theta: float) -> None:
+    Scaling as transformers 4.38's Llama (what the official MoLE code runs), with the same
+    fp32 operations:
+      - linear: each position is divided by the factor;
+      - dynamic (NTK): a sequence longer than max_pos tokens (its largest position + 1) gets
+        the base theta * (factor * len / max_pos - (factor - 1)) ** (hd / (hd - 2)) for the
+        tokens of that forward; shorter ones keep theta. The length is each row's own (the
+        official code takes the batch's longest, the same for a batch of one or of rows
+        sharing positions), so a row's logits never depend on the rows batched with it.
+    """
+
+    def __init__(self, head_dim: int, max_pos: int, theta: float, scaling: dict[str, Any] | None = None,
+                 context: int | None = None) -> None:
+        self.head_dim, self.max_pos, self.theta = head_dim, max_pos, theta
+        self.kind = scaling["type"] if scaling else "default"
+        self.factor = scaling["factor"] if scaling else 1.0
+        self.context = context or max_pos    # positions 0..context-1 can be asked for
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        angles = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
+        positions = torch.arange(self.context, dtype=torch.int64).float()
+        if self.kind == "linear":
+            positions = positions / self.factor
+        self._tables = {torch.device("cpu"): self._cos_sin(torch.outer(positions, inv_freq))}
+
+    @staticmethod
+    def _cos_sin(angles: Tensor) -> tuple[Tensor, Tensor]:
         angles = torch.cat([angles, angles], dim=-1)
-        self.max_pos = max_pos
-        self._tables = {torch.device("cpu"): (angles.cos(), angles.sin())}
+        return angles.cos(), angles.sin()
 
     def tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos, sin [context, hd] of the unscaled base (dynamic: what sequences up to max_pos use)."""
         if device not in self._tables:
             cos, sin = self._tables[torch.device("cpu")]
             self._tables[device] = (cos.to(device), sin.to(device))
         return self._tables[device]
+
+    def at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin [*positions.shape, hd] fp32 for positions [T] (every row at them) or [B, T] (per row)."""
+        cos, sin = self.tables(positions.device)
+        if self.kind != "dynamic":
+            return cos[positions], sin[positions]
+        length = positions.max(dim=-1).values + 1                     # [] or [B]
+        if not bool((length > self.max_pos).any()):
+            return cos[positions], sin[positions]
+        # the official expression, on int64 lengths: fp32 throughout
+        base = self.theta * ((self.factor * length / self.max_pos) - (self.factor - 1)) ** (self.head_dim / (self.head_dim - 2))
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=positions.device).float() / self.head_dim
+        scaled = 1.0 / (base[..., None] ** exponents)                 # [(B,) hd/2]
+        plain = 1.0 / (self.theta ** exponents)
+        inv_freq = torch.where((length > self.max_pos)[..., None], scaled, plain)
+        return self._cos_sin(positions.float()[..., None] * inv_freq[..., None, :])
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -273,14 +345,17 @@ class Transformer(nn.Module):
         self.args, self.form = args, form
         self.model = MoleModel(args, form)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        self.rotary = Rotary(args.head_dim, args.max_position_embeddings, args.rope_theta)
+        if args.tie_word_embeddings:   # one Parameter: .to() and load_state_dict keep it shared
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = Rotary(args.head_dim, args.max_position_embeddings, args.rope_theta, args.rope_scaling,
+                             args.context_length)
         self.max_batch = self.max_seq = 0
 
     # -- caches -------------------------------------------------------------------------
     def setup_caches(self, max_batch: int, max_seq: int) -> None:
         """Allocate the static KV cache; afterwards forward(..., input_pos=...) decodes incrementally."""
-        if max_seq > self.args.max_position_embeddings:
-            raise ValueError(f"max_seq {max_seq} exceeds the model's context of {self.args.max_position_embeddings} tokens")
+        if max_seq > self.args.context_length:
+            raise ValueError(f"max_seq {max_seq} exceeds the model's context of {self.args.context_length} tokens")
         if max_batch == self.max_batch and max_seq == self.max_seq:
             return
         weight = self.lm_head.weight
@@ -307,7 +382,6 @@ class Transformer(nn.Module):
         b, t = idx.shape
         if self.form == "lut" and lut_rows is None:
             raise ValueError("the lut form needs lut_rows (the LUT rows of idx)")
-        cos_all, sin_all = self.rotary.tables(idx.device)
         if slots is not None:
             if self.model.layers[0].self_attn.kv_cache is None:
                 raise RuntimeError("call setup_caches() before decoding with slots")
@@ -316,22 +390,22 @@ class Transformer(nn.Module):
             span = int(input_pos.max()) + 1
             if span > self.max_seq:
                 raise ValueError(f"position {span - 1} is beyond the cache's max_seq {self.max_seq}")
-            cos, sin = cos_all[input_pos][:, None], sin_all[input_pos][:, None]      # [B, 1, T, hd]
+            cos, sin = (c[:, None] for c in self.rotary.at(input_pos))              # [B, 1, T, hd]
             keys = torch.arange(span, device=idx.device)
             mask = (keys[None, None, :] <= input_pos[:, :, None])[:, None]          # [B, 1, T, span]
             slot_list = slots.tolist()
             slots = SlotBatch(slots, span, slot_list == list(range(b)))
         elif input_pos is None:
-            if t > self.rotary.max_pos:
-                raise ValueError(f"{t} tokens exceed the model's context of {self.rotary.max_pos}")
-            cos, sin = cos_all[:t], sin_all[:t]
+            if t > self.rotary.context:
+                raise ValueError(f"{t} tokens exceed the model's context of {self.rotary.context}")
+            cos, sin = self.rotary.at(torch.arange(t, device=idx.device))
             mask = None if key_mask is None else self._mask(torch.arange(t, device=idx.device), t, key_mask)
         else:
             if self.model.layers[0].self_attn.kv_cache is None:
                 raise RuntimeError("call setup_caches() before decoding with input_pos")
             if b > self.max_batch:
                 raise ValueError(f"batch {b} exceeds the cache's max_batch {self.max_batch}")
-            cos, sin = cos_all[input_pos], sin_all[input_pos]
+            cos, sin = self.rotary.at(input_pos)
             mask = self._mask(input_pos, self.max_seq, key_mask)
 
         h = self.model.embed_tokens(idx)
@@ -382,11 +456,20 @@ class Transformer(nn.Module):
             return self.form == "lut" and (".experts." in name or ".expert_layernorm." in name)
 
         state = {k: v for k, v in tensors.items() if not unused(k)}
+        tied = self.args.tie_word_embeddings
+        if tied and "lm_head.weight" in state:
+            # the official loader would let lm_head.weight overwrite the shared tensor, embeddings included
+            head, embed = state.pop("lm_head.weight"), state.get("model.embed_tokens.weight")
+            if embed is not None and not torch.equal(head, embed):
+                raise ValueError("tie_word_embeddings=true, yet lm_head.weight differs from model.embed_tokens.weight; "
+                                 "set tie_word_embeddings to false in config.json, or remove lm_head.weight")
         own = self.state_dict()
         wrong = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
         if wrong:
             raise ValueError("checkpoint tensors do not fit the config: " + "; ".join(wrong[:5]))
         result = self.load_state_dict(state, strict=False)
+        if tied and "lm_head.weight" in result.missing_keys:   # loaded as model.embed_tokens.weight
+            result.missing_keys.remove("lm_head.weight")
         if result.missing_keys or result.unexpected_keys:
             raise ValueError(f"checkpoint does not match a {self.form}-form MoLE model: "
                              f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")

@@ -651,7 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="the model id clients name (default: the table's name)")
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together: KV-cache slots (default 32)")
     p.add_argument("--context", type=int, default=0,
-                   help="tokens per slot, prompt + completion (default 0: the model's max_position_embeddings)")
+                   help="tokens per slot, prompt + completion (default 0: the model's context, max_position_embeddings "
+                        "times its rope scaling factor if any)")
     p.add_argument("--prefill-chunk", type=int, default=64,
                    help="prompt tokens prefilled per step, between decode steps of the running batch (default 64)")
     p.add_argument("--max-queue", type=int, default=1024,
@@ -698,9 +699,9 @@ def load(args: argparse.Namespace) -> ServeState:
                          args.lut_cache_mb, args.backbone, args.retry_seconds, **client_options(args))
     try:
         bb = remote.backbone
-        context = args.context or bb.args.max_position_embeddings
-        if not 2 <= context <= bb.args.max_position_embeddings:
-            raise UserError(f"--context must be in 2..{bb.args.max_position_embeddings}")
+        context = args.context or bb.args.context_length
+        if not 2 <= context <= bb.args.context_length:
+            raise UserError(f"--context must be in 2..{bb.args.context_length}")
         source = remote.source
         if args.in_process_table:
             source = InProcessTable.from_client(remote.client, remote.info.name, remote.info.version, device)

@@ -306,6 +306,58 @@ def test_bad_flags(tmp_path):
     assert not (tmp_path / "db").exists()
 
 
+def _official_rep_folder(dest: Path, vocab: int) -> Path:
+    """What the official reparameterize.py writes: config.json, generation_config.json and the
+    weights (moe_table in fp16), no tokenizer files."""
+    rep = make_checkpoint(dest, form="rep", vocab=vocab)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (rep / f).unlink()
+    (rep / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2,
+                                                            "transformers_version": "4.38.2"}))
+    return rep
+
+
+def test_tokenizer_from_another_folder(tmp_path):
+    """--tokenizer DIR: the table gets DIR's tokenizer files (and keeps the checkpoint's generation_config.json),
+    a client's backbone encodes text with it, and the source record names them; a DIR without tokenizer.json,
+    or no DIR, is refused in one line before anything is written."""
+    from inference.backbone import open_remote
+
+    train = make_checkpoint(tmp_path / "train", vocab=64)
+    rep = _official_rep_folder(tmp_path / "rep", vocab=64)
+    db = tmp_path / "db"
+    r = ingest(rep, db)
+    assert r.returncode != 0 and "no tokenizer.json" in r.stderr and "--tokenizer DIR" in r.stderr, r.stderr
+    for folder, fragment in ((tmp_path / "nowhere", "no such folder"), (rep, "has no tokenizer.json")):
+        r = ingest(rep, db, "--tokenizer", str(folder))
+        assert r.returncode != 0 and fragment in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not db.exists()
+
+    assert "ingested rep v1" in ingest_ok(rep, db, "--tokenizer", str(train))
+    server = start_server(db)
+    try:
+        rpc = Rpc(server.address)
+        artifacts = {a.name for a in rpc.info("rep").artifacts}
+        assert artifacts == {"config.json", "backbone.safetensors", "tokenizer.json", "tokenizer_config.json",
+                             "special_tokens_map.json", "generation_config.json", "lutstore-source.json"}
+        for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            assert rpc.artifact("rep", fname) == (train / fname).read_bytes(), fname
+        assert rpc.artifact("rep", "generation_config.json") == (rep / "generation_config.json").read_bytes()
+        record = json.loads(rpc.artifact("rep", "lutstore-source.json"))
+        assert record["files_sha256"]["tokenizer.json"] == hashlib.sha256((train / "tokenizer.json").read_bytes()).hexdigest()
+        rpc.close()
+        remote = open_remote(server.address, "rep", cache_mb=1)
+        try:
+            assert remote.backbone.tokenizer.encode("the of and").ids == [3, 4, 5]
+        finally:
+            remote.close()
+    finally:
+        server.stop()
+    # the same files again are the same source: nothing added
+    assert "already holds this checkpoint" in ingest_ok(rep, db, "--tokenizer", str(train))
+
+
 # ---- versions while a server runs ---------------------------------------------
 
 def test_new_version_appears_while_serving_and_pinned_version_keeps_serving(tmp_path):

@@ -55,6 +55,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from inference.connection import LutstoreSettings, OpenTable, open_table
 from inference.lut import InProcessTable
+from inference.model import ROPE_SCALINGS
 from lutstore.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ class MoleConfig(LlamaConfig):
 
     model_type stays "llama" (what official checkpoints say), so a saved folder is an official
     one. As in the official code, `hidden_act` and `attention_bias` are ignored: the MLP and the
-    experts are down(GELU_erf(up(x))) and no projection has a bias."""
+    experts are down(GELU_erf(up(x))) and no projection has a bias. `rope_scaling` linear and dynamic
+    run on transformers' own rotary code (as the official code does); other kinds are refused."""
 
     num_experts: int | None = None
     lutstore: dict | None = None
@@ -82,10 +84,10 @@ class MoleConfig(LlamaConfig):
         super().__post_init__(**kwargs)
         self.attention_bias = False
         self.mlp_bias = False
-        rope = self.rope_parameters or {}
-        if rope.get("rope_type", "default") != "default":
-            log.warning("config has rope_type=%s; MoLE uses plain rotary embeddings, ignoring it", rope["rope_type"])
-            self.rope_parameters = {"rope_type": "default", "rope_theta": rope.get("rope_theta", 10000.0)}
+        rope = self.rope_parameters
+        if isinstance(rope, dict) and "type" in rope:   # transformers 4.38's key (official configs) -> rope_type
+            rope.setdefault("rope_type", rope["type"])
+            del rope["type"]
 
     def to_dict(self) -> dict[str, Any]:
         return _without_empty_lutstore(super().to_dict())
@@ -118,8 +120,10 @@ def _check_mole_config(config: MoleConfig) -> None:
     if not isinstance(config.num_experts, int) or config.num_experts < 1:
         raise UserError(f"config of {config._name_or_path or 'this model'} has no `num_experts`: not a MoLE "
                         f"checkpoint (a plain Llama loads with LlamaForCausalLM)")
-    if config.tie_word_embeddings:
-        raise UserError("tie_word_embeddings=true is not a MoLE config (lm_head is a separate tensor)")
+    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+    if rope_type not in ("default", *ROPE_SCALINGS):
+        raise UserError(f"config's rope scaling {rope_type!r} is not supported: MoLE (transformers 4.38's Llama) "
+                        f"knows only {' and '.join(ROPE_SCALINGS)}")
 
 
 class MoleMLP(nn.Module):
@@ -236,6 +240,12 @@ class MolePreTrainedModel(PreTrainedModel):
             model = super().from_pretrained(folder, *model_args, config=config, **kwargs)
         finally:
             _TABLE_FILLED_LATER.reset(marker)
+        head = model.get_output_embeddings()
+        if config.tie_word_embeddings and head is not None and head.weight is not model.get_input_embeddings().weight:
+            # transformers then keeps both; the official code would overwrite the embedding with lm_head
+            raise UserError(f"{folder}: tie_word_embeddings=true, yet lm_head.weight differs from "
+                            f"model.embed_tokens.weight; set tie_word_embeddings to false in config.json, "
+                            f"or remove lm_head.weight")
         base = model.base_model
         if settings is not None:
             base.attach_lutstore(settings, folder)
@@ -390,6 +400,8 @@ def _lookup_ids(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
 
 
 class MoleForCausalLM(MolePreTrainedModel, GenerationMixin):
+    # tie_word_embeddings=true (as the official code): lm_head is the embedding
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 

@@ -73,6 +73,21 @@ def _refuse(e: Exception) -> ValueError:
     return ValueError(line)
 
 
+def _check_rope(config, max_model_len: int) -> None:
+    """Rope scaling the official code (transformers 4.38's Llama) has: linear, and dynamic NTK only up
+    to max_position_embeddings tokens (past it the official base grows with each sequence's length,
+    while vLLM's is one fixed base, and its cache of angles ends at max_position_embeddings)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "linear", "dynamic"):
+        raise _refuse(UserError(f"rope scaling {kind!r} is not supported: MoLE (transformers 4.38's Llama) "
+                                f"knows only linear and dynamic"))
+    limit = getattr(config, "max_position_embeddings", 2048)
+    if kind == "dynamic" and max_model_len > limit:
+        raise _refuse(UserError(f"dynamic rope scaling runs here only up to max_position_embeddings: start "
+                                f"vLLM with --max-model-len {limit} (or less), not {max_model_len}"))
+
+
 class MoleMLP(nn.Module):
     """down(gelu_erf(up(x))), no gate; up split by columns, down by rows across TP ranks."""
 
@@ -165,9 +180,15 @@ class MoleForCausalLM(nn.Module):
         self.config, self.vllm_config = config, vllm_config
         if vllm_config.parallel_config.pipeline_parallel_size > 1:
             raise ValueError("MoleForCausalLM does not support pipeline parallelism (use tensor parallelism)")
+        _check_rope(config, vllm_config.model_config.max_model_len)
         self.model = MoleModel(vllm_config, prefix=maybe_prefix(prefix, "model"))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
                                       prefix=maybe_prefix(prefix, "lm_head"))
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tied:   # as the official code: lm_head is the embedding
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        # vLLM unties a tied config itself when the checkpoint holds lm_head.weight: then it must equal the embedding
+        self.untied_by_checkpoint = bool(getattr(vllm_config.model_config, "word_embeddings_untied_by_checkpoint", False))
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.device = torch.device(vllm_config.device_config.device)
         self.checkpoint = vllm_config.model_config.model
@@ -248,7 +269,7 @@ class MoleForCausalLM(nn.Module):
                 reference = BackboneReference.of_table(self.lutstore.client, self.lutstore.info, self.checkpoint)
             except UserError as e:
                 raise _refuse(e) from None
-        rep_table = None
+        rep_table = head = embed = None
         loaded: set[str] = set()
         for name, tensor in weights:
             if name.endswith("rotary_emb.inv_freq"):
@@ -262,6 +283,13 @@ class MoleForCausalLM(nn.Module):
                     reference.check(name, tensor)
                 except UserError as e:   # BackboneMismatch: another model's backbone
                     raise _refuse(e) from None
+            if (self.tied or self.untied_by_checkpoint) and name in ("lm_head.weight", "model.embed_tokens.weight"):
+                if name == "lm_head.weight":
+                    head = tensor.clone()
+                else:
+                    embed = tensor.clone()                # whole, before the loader shards it
+                if self.tied and name == "lm_head.weight":   # lm_head is the embedding: only checked against it
+                    continue
             for param_name, shard_name, shard_id in stacked:
                 if shard_name in name:
                     target = name.replace(shard_name, param_name)
@@ -274,6 +302,10 @@ class MoleForCausalLM(nn.Module):
                 param = params[target]
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded.add(target)
+        if head is not None and embed is not None and not torch.equal(head, embed):
+            raise _refuse(UserError("tie_word_embeddings=true, yet lm_head.weight differs from "
+                                    "model.embed_tokens.weight; set tie_word_embeddings to false in config.json, "
+                                    "or remove lm_head.weight"))
         if reference is not None:
             try:
                 reference.finish()

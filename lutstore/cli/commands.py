@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="add a new version even when the latest one already holds this very checkpoint "
                         "(same fingerprint); without it such an ingest adds nothing")
+    p.add_argument("--tokenizer", type=Path, metavar="DIR",
+                   help="take the tokenizer files (tokenizer.json, tokenizer_config.json, ...) from DIR instead "
+                        "of the checkpoint; DIR must hold tokenizer.json. For a rep folder the official "
+                        "reparameterize.py wrote: DIR is the train checkpoint or the base model's folder")
     p.add_argument("--allow-no-tokenizer", action="store_true",
                    help="ingest a checkpoint that has no tokenizer.json (rows and backbone only: evaluate "
                         "--token-ids and the clients work, generate cannot encode text)")

@@ -232,6 +232,8 @@ class Checkpoint:
         c = self.config
         V, L, N, D, I = c.vocab_size, c.num_layers, c.num_experts, c.hidden_size, c.intermediate_size
         expected: dict[str, tuple[int, ...]] = {EMBED: (V, D), "model.norm.weight": (D,), "lm_head.weight": (V, D)}
+        if c.raw.get("tie_word_embeddings") and "lm_head.weight" not in self._file_of:
+            del expected["lm_head.weight"]   # tied: lm_head is the embedding (what HF saves)
         Q, KV = self._attention_widths()
         for i in range(L):
             p = f"model.layers.{i}."

@@ -35,7 +35,7 @@ import torch
 import zstandard
 
 from lutstore.storage.backends import backend_for, open_store
-from lutstore.ingest.checkpoint import Checkpoint
+from lutstore.ingest.checkpoint import TOKENIZER_FILES, Checkpoint
 from lutstore.ingest.reparam import RepRows, TrainRows
 from lutstore.formats.codec import CRC_BYTES, ENCODINGS, Encoding, RowFormat, encode_rows
 from lutstore.errors import UserError
@@ -68,14 +68,29 @@ class AlreadyIngested(UserError):
 
 # ---- validation --------------------------------------------------------------
 
-def _check_tokenizer(ckpt: Checkpoint, allowed: bool) -> None:
+def _tokenizer_files(ckpt: Checkpoint, allowed: bool, tokenizer_dir: Path | None) -> list[Path]:
+    """The tokenizer files stored with the table: the checkpoint's, or with tokenizer_dir those of
+    that folder (the official reparameterisation writes none: they are the train checkpoint's or
+    the base model's). generation_config.json stays the checkpoint's when it has one."""
+    if tokenizer_dir is not None:
+        if not tokenizer_dir.is_dir():
+            raise UserError(f"--tokenizer {tokenizer_dir}: no such folder")
+        if not (tokenizer_dir / "tokenizer.json").is_file():
+            raise UserError(f"--tokenizer {tokenizer_dir} has no tokenizer.json: give the folder of the model's "
+                            f"tokenizer files (the train checkpoint or the base model)")
+        own = [f for f in ckpt.tokenizer_files() if f.name == "generation_config.json"]
+        theirs = [tokenizer_dir / n for n in TOKENIZER_FILES
+                  if (tokenizer_dir / n).is_file() and not (own and n == "generation_config.json")]
+        return own + theirs
     # Refused up front: without tokenizer.json, `generate` fails only later, far from the cause,
     # after a possibly long ingest. Rows-only tables are legitimate (evaluate --token-ids, clients),
     # so the flag lets them through.
     if not allowed and not (ckpt.path / "tokenizer.json").is_file():
         raise UserError(f"{ckpt.path} has no tokenizer.json, so `generate` could not encode text with this table; "
-                        f"copy the model's tokenizer files into the folder, or pass --allow-no-tokenizer "
-                        f"to ingest the rows and backbone only")
+                        f"pass --tokenizer DIR to take the tokenizer files from another folder (the train "
+                        f"checkpoint or the base model), or --allow-no-tokenizer to ingest the rows and "
+                        f"backbone only")
+    return ckpt.tokenizer_files()
 
 
 def _device(name: str) -> torch.device:
@@ -124,11 +139,11 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
-def _estimate_bytes(ckpt: Checkpoint, fmt: RowFormat, backbone: list[str]) -> int:
+def _estimate_bytes(ckpt: Checkpoint, fmt: RowFormat, backbone: list[str], tokenizer: list[Path]) -> int:
     """Upper bound of the disk this ingest needs: rows (zstd counted as uncompressed), the
     backbone twice (the temporary file and its SST copy), the other artifacts and a margin."""
     rows = int(ckpt.config.vocab_size * (fmt.payload_bytes + CRC_BYTES + KEY_OVERHEAD_BYTES) * 1.02)
-    others = sum(p.stat().st_size for p in ckpt.tokenizer_files()) + (ckpt.path / "config.json").stat().st_size
+    others = sum(p.stat().st_size for p in tokenizer) + (ckpt.path / "config.json").stat().st_size
     return rows + 2 * ckpt.weight_bytes(backbone) + others + SPACE_MARGIN_BYTES
 
 
@@ -174,8 +189,12 @@ def _write_backbone(ckpt: Checkpoint, names: list[str], dest: Path) -> None:
 def ingest_checkpoint(ckpt_dir: str | Path, db_path: str | Path, name: str | None = None, encoding: str = "fp16",
                       zstd: bool = False, device: str = "cpu", chunk_tokens: int = 0, progress: bool = True,
                       keep_versions: int = 0, force: bool = False, allow_no_tokenizer: bool = False,
-                      say: Callable[[str], None] | None = None, block_size: int | None = None) -> TableMeta:
+                      say: Callable[[str], None] | None = None, block_size: int | None = None,
+                      tokenizer_dir: str | Path | None = None) -> TableMeta:
     """Ingest one checkpoint as a new version of table `name` (default: the folder's name).
+
+    tokenizer_dir: take the tokenizer files from this folder (it must hold tokenizer.json) instead
+    of the checkpoint's.
 
     Raises UserError (nothing written) for bad input or too little disk space, and AlreadyIngested
     when the latest version already has this checkpoint's fingerprint (unless force).
@@ -191,7 +210,7 @@ def ingest_checkpoint(ckpt_dir: str | Path, db_path: str | Path, name: str | Non
     check_table_name(name)   # before any work (the store checks it again)
     ckpt = Checkpoint.open(ckpt_dir)
     try:
-        _check_tokenizer(ckpt, allow_no_tokenizer)
+        tokenizer = _tokenizer_files(ckpt, allow_no_tokenizer, None if tokenizer_dir is None else Path(tokenizer_dir))
         fmt = _row_format(ckpt, encoding, zstd, block_size)
     except UserError:
         ckpt.close()
@@ -200,7 +219,7 @@ def ingest_checkpoint(ckpt_dir: str | Path, db_path: str | Path, name: str | Non
     vocab = ckpt.config.vocab_size
     chunk = _chunk_tokens(fmt, vocab, chunk_tokens)
     backbone = ckpt.backbone_names()
-    need = _estimate_bytes(ckpt, fmt, backbone)
+    need = _estimate_bytes(ckpt, fmt, backbone, tokenizer)
     if local:  # a cluster's memory is its operator's to size (docs/operations.md)
         _check_space(db_path, need)
     compute = TrainRows(ckpt, dev) if ckpt.form == "train" else RepRows(ckpt)
@@ -208,13 +227,13 @@ def ingest_checkpoint(ckpt_dir: str | Path, db_path: str | Path, name: str | Non
     started = time.monotonic()
     meta = duplicate = None
     try:
-        source = _source_record(ckpt, fmt, progress)
+        source = _source_record(ckpt, fmt, tokenizer, progress)
         with open_store(db_path, "primary", create=True) as store:
             duplicate = None if force else _made_from(store, name, source)
             if duplicate is None:
                 with store.begin_table(name, fmt, vocab, ckpt.form) as writer:
                     _write_rows(writer, compute, fmt, vocab, chunk, progress)
-                    _add_artifacts(writer, ckpt, backbone)
+                    _add_artifacts(writer, ckpt, backbone, tokenizer)
                     duplicate = None if force else _same_as_latest(store, name, writer)
                     if duplicate is None:
                         writer.add_artifact(SOURCE_ARTIFACT, source)
@@ -266,7 +285,7 @@ def _write_rows(writer: TableWriterBase, compute: TrainRows | RepRows, fmt: RowF
             bar.set_postfix_str(f"{_mb(written / max(time.monotonic() - t0, 1e-9))} MB/s", refresh=False)
 
 
-def _add_artifacts(writer: TableWriterBase, ckpt: Checkpoint, backbone: list[str]) -> None:
+def _add_artifacts(writer: TableWriterBase, ckpt: Checkpoint, backbone: list[str], tokenizer: list[Path]) -> None:
     writer.add_artifact("config.json", (ckpt.path / "config.json").read_bytes())
     # The temporary backbone file lives in the writer's scratch folder where it has one (the
     # store's disk; what a killed ingest leaves there is removed by the next ingest), else in the
@@ -278,30 +297,32 @@ def _add_artifacts(writer: TableWriterBase, ckpt: Checkpoint, backbone: list[str
         writer.add_artifact("backbone.safetensors", path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for f in ckpt.tokenizer_files():
+    for f in tokenizer:
         writer.add_artifact(f.name, f.read_bytes())
 
 
-def _source_record(ckpt: Checkpoint, fmt: RowFormat, progress: bool) -> bytes:
+def _source_record(ckpt: Checkpoint, fmt: RowFormat, tokenizer: list[Path], progress: bool) -> bytes:
     """SOURCE_ARTIFACT's bytes: the sha256 of every file the ingest reads (config, weights, weight
     index, tokenizer files) and the row format they are encoded to; canonical JSON, so two ingests
     of the same files in the same format give the same bytes. Reading the files costs a fraction of
     computing the rows (a 15 GB checkpoint: seconds, not minutes)."""
     from tqdm import tqdm
 
-    files = [ckpt.path / "config.json", *ckpt.weight_files(), *ckpt.tokenizer_files()]
+    files = [ckpt.path / "config.json", *ckpt.weight_files()]
     files += [ckpt.path / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
               if (ckpt.path / n).is_file()]
+    # tokenizer files by their artifact name: the same files give the same record wherever they were read
+    keyed = [(str(f.relative_to(ckpt.path)), f) for f in files] + [(f.name, f) for f in tokenizer]
     digests: dict[str, str] = {}
-    with tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, disable=not progress,
+    with tqdm(total=sum(f.stat().st_size for _, f in keyed), unit="B", unit_scale=True, disable=not progress,
               desc="checksum", dynamic_ncols=True) as bar:
-        for f in files:
+        for key, f in keyed:
             digest = hashlib.sha256()
             with open(f, "rb") as stream:
                 while chunk := stream.read(HASH_CHUNK_BYTES):
                     digest.update(chunk)
                     bar.update(len(chunk))
-            digests[str(f.relative_to(ckpt.path))] = digest.hexdigest()
+            digests[key] = digest.hexdigest()
     record = {"files_sha256": digests, "form": ckpt.form, "encoding": fmt.encoding.value, "zstd": fmt.zstd,
               "block_size": fmt.block_size}
     return json.dumps(record, sort_keys=True, indent=1).encode()
@@ -356,7 +377,7 @@ def main(args: argparse.Namespace) -> int:
                                  device=args.device, chunk_tokens=args.chunk_tokens, progress=not args.no_progress,
                                  keep_versions=args.keep_versions, force=args.force,
                                  allow_no_tokenizer=args.allow_no_tokenizer, say=later.append,
-                                 block_size=args.block_size)
+                                 block_size=args.block_size, tokenizer_dir=args.tokenizer)
     except AlreadyIngested as e:   # not a failure: the table already is what was asked for
         print(e, *later, sep="\n", flush=True)
         return 0
