@@ -32,7 +32,7 @@ afterwards unless --keep.
 --encoding nf4 builds the table in NF4 (blocks of --block-size, default 64: ~10.6 GB for the
 410M-16E shape, which fits in the RAM of a 16+ GB machine: the results say whether it is bigger
 than RAM) and adds the case inprocess_nf4 (an in-process nf4 table of --inprocess-rows rows,
-inference.nf4.Nf4Table); the targets compare with the in-process fp16 table as before.
+inference.lut.PackedTable); the targets compare with the in-process fp16 table as before.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -55,8 +54,8 @@ from benchmarks.bigtables import write_table, zipf_tokens
 from inference.lut import MiB, InProcessTable, RemoteTable
 from inference.model import ModelArgs, Transformer, init_weights
 from lutstore.client import LutClient
-from lutstore.codec import Encoding, RowFormat, encode_payloads
-from lutstore.nf4 import DEFAULT_BLOCK_SIZE
+from lutstore.formats.codec import Encoding, RowFormat, encode_payloads
+from lutstore.formats.nf4 import DEFAULT_BLOCK_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -239,9 +238,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def nf4_table(rows: torch.Tensor, fmt: RowFormat) -> InProcessTable:
     """The in-process nf4 comparison: the same random rows encoded as the daemon stores them."""
-    from inference.nf4 import Nf4Table
+    from inference.lut import PackedTable
     packed = encode_payloads(fmt, rows.numpy())
-    return Nf4Table(torch.from_numpy(np.ascontiguousarray(packed)).view(len(rows), fmt.num_layers, fmt.nf4_layer_bytes), fmt)
+    return PackedTable(torch.from_numpy(np.ascontiguousarray(packed)).view(len(rows), fmt.num_layers, fmt.nf4_layer_bytes), fmt)
 
 
 def cases_for(shared_memory: str) -> tuple[str, ...]:
@@ -319,4 +318,4 @@ def _delta(after: int | None, before: int | None) -> int | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.run("bench_bigger_than_ram", main)

@@ -36,9 +36,9 @@ import torch
 from benchmarks import bench_decode, common
 from benchmarks.bench_store import random_batches, summarise, time_requests
 from benchmarks.bigtables import RandomPool
-from lutstore.backend import open_store
-from lutstore.codec import Encoding, RowFormat, encode_rows
-from lutstore.store import TableMeta
+from lutstore.storage.backends import open_store
+from lutstore.formats.codec import Encoding, RowFormat, encode_rows
+from lutstore.storage.model import TableMeta
 
 log = logging.getLogger(__name__)
 
@@ -214,4 +214,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    common.run("bench_cluster", main)

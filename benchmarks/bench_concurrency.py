@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,8 +23,7 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.bigtables import write_table, zipf_tokens
-from lutstore.codec import Encoding, RowFormat
-from lutstore.store import StoreError
+from lutstore.formats.codec import Encoding, RowFormat
 
 SHAPE = (12, 16, 768)
 CLIENTS = (1, 4, 16)
@@ -188,8 +186,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (StoreError, KeyboardInterrupt) as e:
-        print(f"bench_concurrency: {e or 'interrupted'}", file=sys.stderr)
-        sys.exit(1)
+    common.run("bench_concurrency", main)

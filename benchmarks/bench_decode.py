@@ -42,7 +42,7 @@ NF4 (--encoding nf4, --block-size B): the 160m table is served in nf4 and the lu
 (RemoteTable: rows packed in its cache, each layer dequantised when gathered) are compared, in
 the same run, with two ceilings: "inprocess" is the same model's fp16 table in memory (what a
 user of the official code runs; here the nf4 table's values held as fp16) and "inprocess_nf4"
-is the nf4 table in memory (inference.nf4.Nf4Table: like with like). Every case records
+is the nf4 table in memory (inference.lut.PackedTable: like with like). Every case records
 vs_inprocess (fp16) and vs_inprocess_nf4.
 
 --device cuda puts the model, the tables and the RemoteTable on the GPU (torch.cuda.synchronize()
@@ -73,13 +73,13 @@ from tqdm import tqdm
 
 from benchmarks import common
 from benchmarks.bigtables import write_table, zipf_tokens
-from inference.generate import DEFAULT_PREFILL_CHUNK, announce_chunks, chunk_bounds
+from inference.generation import DEFAULT_PREFILL_CHUNK, announce_chunks, chunk_bounds
 from inference.lut import MiB, InProcessTable, LutSource, RemoteTable
 from inference.model import ModelArgs, Transformer, init_weights
 from lutstore.client import LutClient
-from lutstore.codec import Encoding, RowFormat
+from lutstore.formats.codec import Encoding, RowFormat
 from lutstore.errors import UserError
-from lutstore.nf4 import DEFAULT_BLOCK_SIZE
+from lutstore.formats.nf4 import DEFAULT_BLOCK_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ DEMO_DIR = REPO / "demo-data"
 PAPER_VOCAB = 50304
 BASE_CASES = ("inprocess", "remote_cold", "remote_warm", "remote_warm_zipf", "offload", "backbone")
 REMOTE_CASES = ("remote_cold", "remote_warm", "remote_warm_zipf")
-NF4_CEILING = "inprocess_nf4"       # nf4 runs only: the nf4 table in memory (Nf4Table)
+NF4_CEILING = "inprocess_nf4"       # nf4 runs only: the nf4 table in memory (PackedTable)
 GPU_STEP_TIMES = common.RESULTS_DIR / "gpu_step_times.json"
 DEFAULT_STEP_MS, DEFAULT_PREFILL_MS = (2.0, 4.0), 25.0
 WARM_DEFINITION = ("remote_warm: the same decode workload (same prompt and token stream) ran once before, untimed, "
@@ -200,7 +200,7 @@ class Setup:
     vocab: int
     make_train_model: Callable[[], Transformer]   # (c): built on demand (big)
     row_bytes: int
-    inprocess_nf4: InProcessTable | None = None   # nf4 runs: the nf4 table in memory (Nf4Table)
+    inprocess_nf4: InProcessTable | None = None   # nf4 runs: the nf4 table in memory (PackedTable)
 
 
 class OffloadedExperts:
@@ -322,7 +322,7 @@ def ceilings(client: LutClient, table: str, args: argparse.Namespace) -> tuple[I
 
 def demo_setup(args: argparse.Namespace, work: Path) -> Setup:
     from inference.backbone import load_checkpoint
-    from lutstore.checkpoint import Checkpoint
+    from lutstore.ingest.checkpoint import Checkpoint
 
     model_dir, db = DEMO_DIR / "model", DEMO_DIR / "db"
     stamp = DEMO_DIR / "ingested.json"
@@ -751,4 +751,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.run("bench_decode", main)

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from benchmarks import common
 from benchmarks.bigtables import ModelShape, write_rep_checkpoint
-from lutstore.codec import CRC_BYTES, Encoding, RowFormat
-from lutstore.store import Store
+from lutstore.formats.codec import CRC_BYTES, Encoding, RowFormat
+from lutstore.storage.rocksdb import Store
 
 REPO = Path(__file__).resolve().parent.parent
 MARGIN_BYTES = 1 << 30
@@ -178,8 +178,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("bench_ingest: interrupted", file=sys.stderr)
-        sys.exit(1)
+    common.run("bench_ingest", main)

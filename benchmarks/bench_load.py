@@ -31,7 +31,7 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.bigtables import write_table, zipf_tokens
-from lutstore.codec import Encoding, RowFormat
+from lutstore.formats.codec import Encoding, RowFormat
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 
@@ -216,4 +216,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    common.run("bench_load", main)

@@ -26,7 +26,6 @@ import multiprocessing as mp
 import shutil
 import socket
 import struct
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,8 +35,9 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.bigtables import write_table
-from lutstore.codec import Encoding, RowFormat
-from lutstore.store import Store, StoreError, TableMeta
+from lutstore.formats.codec import Encoding, RowFormat
+from lutstore.storage.rocksdb import Store
+from lutstore.storage.model import TableMeta
 
 log = logging.getLogger(__name__)
 
@@ -340,8 +340,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (StoreError, KeyboardInterrupt) as e:
-        print(f"bench_store: {e or 'interrupted'}", file=sys.stderr)
-        sys.exit(1)
+    common.run("bench_store", main)

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from lutstore.codec import RowFormat, encode_rows
-from lutstore.store import Store, TableMeta
+from lutstore.formats.codec import RowFormat, encode_rows
+from lutstore.storage.rocksdb import Store
+from lutstore.storage.model import TableMeta
 
 log = logging.getLogger(__name__)
 

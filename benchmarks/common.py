@@ -10,11 +10,13 @@ import platform
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NoReturn
 
 from lutstore import alloc
+from lutstore.errors import UserError
 from testing.daemon import Daemon
 
 # $LUTSTORE_BENCH_RESULTS sends result files and plots elsewhere (the tests' smoke runs: never into the repo)
@@ -164,3 +166,18 @@ def finish(name: str, results: dict[str, Any], plots: list[Path] | tuple[Path, .
     path = write_results(name, results)
     print(f"results: {path}" + (f"; plots: {', '.join(str(p) for p in plots)}" if plots else ""), flush=True)
     return path
+
+
+def run(name: str, main: Callable[[], Any]) -> NoReturn:
+    """A benchmark's `__main__`: exit with main()'s status (0 unless it returns a non-zero int; some
+    return their results); a UserError (a store, a daemon, a flag) or a Ctrl-C is one line on stderr
+    and exit 1, not a traceback."""
+    try:
+        code = main()
+    except UserError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)

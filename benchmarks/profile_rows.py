@@ -35,8 +35,8 @@ from benchmarks import common
 from benchmarks.bigtables import write_table
 from lutstore import alloc
 from lutstore.client import LutClient
-from lutstore.codec import Encoding, RowFormat
-from lutstore.store import Store
+from lutstore.formats.codec import Encoding, RowFormat
+from lutstore.storage.rocksdb import Store
 
 SHAPE = (12, 16, 768)
 
@@ -228,4 +228,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    common.run("profile_rows", main)

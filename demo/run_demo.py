@@ -41,17 +41,26 @@ class DemoError(Exception):
     """A step failed; the message says which and why."""
 
 
+def in_repo(text: str) -> str:
+    """Text with this checkout's paths written relative to it, as one would type them there."""
+    return text.replace(str(REPO) + "/", "")
+
+
 def say(text: str) -> None:
-    print(f"\n== {text}", flush=True)
+    print(f"\n== {in_repo(text)}", flush=True)
+
+
+def typed(cmd: list[str]) -> str:
+    """A command as one would type it in the repository (`python` for this interpreter)."""
+    return in_repo(shlex.join("python" if c == sys.executable else c for c in cmd))
 
 
 def run(cmd: list[str], capture: bool = False) -> str:
     """Run a command (printed first, as one could type it); stream or capture its stdout."""
-    shown = [Path(c).name if c == sys.executable else c for c in cmd]
-    print("$ " + shlex.join(shown), flush=True)
+    print("$ " + typed(cmd), flush=True)
     done = subprocess.run(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE if capture else None)
     if done.returncode != 0:
-        raise DemoError(f"`{shlex.join(shown)}` failed with exit code {done.returncode}")
+        raise DemoError(f"`{typed(cmd)}` failed with exit code {done.returncode}")
     return done.stdout or ""
 
 
@@ -94,10 +103,10 @@ def ensure_tables(model_dir: Path, db: Path) -> None:
     stamp.write_text(json.dumps(wanted, indent=2) + "\n")
 
 
-def start_child(shown: list[str], start: Callable[[], Child]) -> Child:
+def start_child(cmd: list[str], start: Callable[[], Child]) -> Child:
     """Print a server's command as one would start it in the background, then start it (a
     ChildServer); DemoError if it does not come up."""
-    print("$ " + shlex.join(shown) + " &", flush=True)
+    print("$ " + typed(cmd) + " &", flush=True)
     try:
         return start()
     except ChildServerError as e:
@@ -106,8 +115,8 @@ def start_child(shown: list[str], start: Callable[[], Child]) -> Child:
 
 def start_daemon(db: Path | str, *flags: str) -> Daemon:
     """`lutstore serve --port 0` in the background (its ready line printed); its port is read from that line."""
-    return start_child(["python", *lutstore("serve", "--db", str(db), "--port", "0", *flags)[1:]],
-                       lambda: Daemon(db, *flags, on_ready_line=lambda line: print("  " + line, flush=True)))
+    return start_child(lutstore("serve", "--db", str(db), "--port", "0", *flags),
+                       lambda: Daemon(db, *flags, on_ready_line=lambda line: print("  " + in_repo(line), flush=True)))
 
 
 def generate(address: str, tokens: int) -> None:
@@ -129,7 +138,7 @@ def serve_endpoint(address: str, tokens: int = 16) -> None:
     from inference.endpoint_process import Endpoint
 
     say("7. the OpenAI-compatible endpoint: two concurrent streaming requests, one batch")
-    endpoint = start_child(["python", "-m", "inference.serve", "--lut-addr", address, "--table", TABLES["fp16"],
+    endpoint = start_child([sys.executable, "-m", "inference.serve", "--lut-addr", address, "--table", TABLES["fp16"],
                             "--port", "0"], lambda: Endpoint(address, "--table", TABLES["fp16"]))
     lock, failures, texts = threading.Lock(), [], ["", ""]
 

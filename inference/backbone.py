@@ -156,7 +156,7 @@ def load_checkpoint(path: Path, device: str = "cpu", dtype: torch.dtype = torch.
     Rep form   -> (lut-form Transformer, table [V, L, N, D]): moe_table is the LUT.
     Returns (Backbone, table | None).
     """
-    from lutstore.checkpoint import TABLE, Checkpoint
+    from lutstore.ingest.checkpoint import TABLE, Checkpoint
 
     with Checkpoint.open(path) as ckpt:
         args = ModelArgs.from_config(ckpt.config.raw)

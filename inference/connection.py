@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import torch
 
-from lutstore.address import parse_addresses, why_unreachable
+from lutstore.client.address import parse_addresses, why_unreachable
 from lutstore.errors import LutError, UserError
 
 DEFAULT_CACHE_MB = 256

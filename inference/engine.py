@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from inference.generate import chunk_bounds
+from inference.generation import chunk_bounds
 from inference.lut import LutSource
 from inference.model import Transformer
 from inference.sampling import SamplingConfig, sample_rows

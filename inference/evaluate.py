@@ -31,11 +31,11 @@ import numpy as np
 import torch
 
 from inference.connection import add_remote_args, connect
-from inference.generate import cli_main
+from inference.cli import cli_main
 from inference.lut import InProcessTable, LutSource
 from inference.model import Transformer
-from lutstore.address import parse_addresses
-from lutstore.cli import HelpFormatter, add_verbose
+from lutstore.client.address import parse_addresses
+from lutstore.help_format import HelpFormatter, add_verbose
 from lutstore.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ Two sources:
   - InProcessTable: the whole table as one tensor on the device (or in RAM).
     No fetch at all: the ceiling a remote table is measured against.
   - RemoteTable: rows from a `lutstore serve` daemon through the client's
-    RowFetcher (lutstore.fetch: a session, a call or shared memory). Requests
+    RowFetcher (lutstore.client.fetch: a session, a call or shared memory). Requests
     are de-duplicated and start the moment ids are known, so the fetch of a
     sampled token's row overlaps the start of the next forward pass; rows live
     in a byte-budgeted LRU slab on the device, keyed by token id (token
@@ -30,15 +30,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from inference.dequantize import device_form
 from inference.rowcache import (PREFAULT_BYTES, ArrivingRows, Copy, DeviceStaging, Plan, RowParts, RowSlab,
-                                cached_row_bytes, stage_rows, storage_dtype, write_staged, write_views)
+                                cached_row_bytes, stage_rows, write_staged, write_views)
 from lutstore.client import LutClient
-from lutstore.codec import CRC_BYTES, Encoding, RowFormat, slice_payload_bytes
-from lutstore.fetch import SHARED_MEMORY_MIN_BYTES, RowFetcher
+from lutstore.formats.codec import CRC_BYTES, RowFormat, slice_payload_bytes
+from lutstore.client.fetch import SHARED_MEMORY_MIN_BYTES, RowFetcher
 
 log = logging.getLogger(__name__)
 
-__all__ = ["InProcessTable", "LutSource", "LutStats", "MiB", "RemoteTable", "layer_ends_for",
+__all__ = ["InProcessTable", "LutSource", "LutStats", "MiB", "PackedTable", "RemoteTable", "layer_ends_for",
            "PREFAULT_BYTES", "SHARED_MEMORY_MIN_BYTES"]
 
 MiB = 1 << 20
@@ -121,12 +122,11 @@ class InProcessTable(LutSource):
     def from_client(cls, client: LutClient, table: str, version: int = 0, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> InProcessTable:
         """Download every row of a served table (for comparisons and benchmarks), kept in dtype
-        (default float32; an nf4 table without a dtype stays nf4: inference.nf4.Nf4Table)."""
+        (default float32; a packed table (nf4) without a dtype stays packed: PackedTable)."""
         table_name = table
         info = client.info(table, version)
-        if dtype is None and client.row_format(info).encoding is Encoding.NF4:
-            from inference.nf4 import Nf4Table   # (imports this module)
-            return Nf4Table.from_client(client, table, int(info.version), device)
+        if dtype is None and device_form(client.row_format(info)).packed:
+            return PackedTable.from_client(client, table, int(info.version), device)
         row_bytes = max(1, int(info.row_bytes))
         # calls of at most ~64 MiB, so each finishes well within the client's deadline
         step = max(1, min(int(info.max_batch_rows) or 1024, (64 << 20) // row_bytes))
@@ -154,6 +154,60 @@ class _TableLayers:
         return self.table.index_select(0, self.flat).view(*self.shape, *self.table.shape[1:])
 
 
+class PackedTable(InProcessTable):
+    """The whole table in memory in its packed stored form (nf4: uint8 [V, L, P], 0.27x of fp16's
+    bytes): rows(idx) gives LayerRows whose layer(l) gathers layer l's pieces of idx and dequantises
+    only those, on the table's device: the in-process ceiling a packed RemoteTable is compared with."""
+
+    def __init__(self, packed: Tensor, fmt: RowFormat, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        form = device_form(fmt)
+        if not form.packed:
+            raise ValueError(f"PackedTable needs a packed encoding (nf4), not {fmt.encoding.value}")
+        shape = form.value_shape(fmt)
+        if packed.dtype != form.dtype or packed.ndim != 3 or tuple(packed.shape[1:]) != shape:
+            raise ValueError(f"packed must be {form.dtype} [V, {shape[0]}, {shape[1]}], got "
+                             f"{packed.dtype} {tuple(packed.shape)}")
+        self.table, self.fmt, self.dtype, self.form = packed.to(device), fmt, dtype, form
+        self.vocab_size = packed.shape[0]
+        self.num_layers, self.num_experts, self.hidden_size = fmt.shape
+
+    def rows(self, idx: Tensor) -> _PackedLayers:
+        return _PackedLayers(self, idx)
+
+    def gather(self, idx: Tensor) -> Tensor:
+        return _PackedLayers(self, idx).all()
+
+    @classmethod
+    def from_client(cls, client: LutClient, table: str, version: int = 0, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> PackedTable:
+        """Download every row of a served packed table, kept packed; layers dequantise to dtype."""
+        info = client.info(table, version)
+        fmt = client.row_format(info)
+        shape = device_form(fmt).value_shape(fmt)
+        step = max(1, min(int(info.max_batch_rows) or 1024, (64 << 20) // max(1, int(info.row_bytes))))
+        packed = torch.empty((int(info.vocab_size), *shape), dtype=torch.uint8)
+        for s in range(0, info.vocab_size, step):
+            ids, payloads = client.get_payloads(table, range(s, min(s + step, info.vocab_size)), info.version)
+            packed[s:s + len(ids)] = torch.from_numpy(payloads).view(len(ids), *shape)
+        return cls(packed, fmt, device, dtype)
+
+
+class _PackedLayers:
+    """LayerRows of a PackedTable: layer l = its pieces of the rows idx names, dequantised."""
+
+    def __init__(self, table: PackedTable, idx: Tensor) -> None:
+        self.t, self.shape = table, tuple(idx.shape)
+        self.flat = idx.reshape(-1).to(table.table.device)
+
+    def layer(self, l: int) -> Tensor:
+        pieces = self.t.table[:, l].index_select(0, self.flat)
+        return self.t.form.dequantize(pieces, None, self.t.fmt, self.t.dtype).view(*self.shape, self.t.num_experts, self.t.hidden_size)
+
+    def all(self) -> Tensor:
+        return torch.stack([self.layer(l) for l in range(self.t.num_layers)], dim=len(self.shape))
+
+
 def layer_ends_for(num_layers: int) -> list[int]:
     """Doubling layer groups [0,1), [1,2), [2,4), [4,8), ...: the first layer's slices arrive after
     the fewest bytes, later groups (needed later) are bigger, and there are ~log2(L) messages."""
@@ -168,7 +222,7 @@ class RemoteTable(LutSource):
     """Rows from a lutstore daemon with prefetch, de-duplication and a device-side LRU.
 
     Fetching: ids are fetched the moment they are announced (request) by the
-    client's RowFetcher, which picks the transport and falls back (lutstore.fetch:
+    client's RowFetcher, which picks the transport and falls back (lutstore.client.fetch:
     one open BatchGetStream session by default; with session=False, for big
     fetches when the client uses shared memory, or when the daemon has no
     session for us, one call each on `fetch_threads` fetch threads; a call no
@@ -182,15 +236,15 @@ class RemoteTable(LutSource):
     device (capacity = budget // row bytes, capped at the vocabulary), allocated
     whole when the table opens, and on a CPU its first PREFAULT_BYTES written
     once so their pages are mapped then (as a model's weights are loaded before
-    the first token; slots are handed out from 0 up). Growing it by doubling
-    copied it, up to 70 ms in the middle of a decode step, and peaked at 2.5x
-    the budget; fresh pages cost ~70 page faults per 295 KB row inside the step.
+    the first token; slots are handed out from 0 up): a slab that grew would be
+    copied in the middle of a decode step (tens of ms) and peak at 2.5x the
+    budget, and fresh pages fault ~70 times per 295 KB row inside the step.
     A dict maps token id -> slot in LRU order; a layer of a batch is one
     index_select from the slab. A batch with more distinct ids than the slab
     holds is served from a temporary tensor and leaves the cache as it was.
 
-    Rows are kept in their stored precision: fp16/bf16 as is, int8 as int8 plus
-    per-vector scales (a quarter of float32's bytes), dequantised on the device
+    Rows are kept in their stored form (inference.dequantize.DEVICE_FORMS: fp16/bf16
+    as is, int8 with per-vector scales, nf4 packed) and dequantised on the device
     for the rows a step uses. CRCs are checked by the client (LutClient(verify=...)).
     """
 
@@ -201,16 +255,13 @@ class RemoteTable(LutSource):
         self.info = client.info(table, version)
         self.name, self.version = self.info.name, int(self.info.version)   # pin: rows never change under us
         self.fmt: RowFormat = client.row_format(self.info)
-        self._dequantize_nf4 = None
-        if self.fmt.encoding is Encoding.NF4:   # rows stay packed in the slab; a layer is dequantised when gathered
-            from inference.nf4 import dequantize_nf4   # (inference.nf4 imports this module)
-            self._dequantize_nf4 = dequantize_nf4
+        self._form = device_form(self.fmt)   # how the slab keeps rows; a layer is dequantised when gathered
         self.vocab_size = int(self.info.vocab_size)
         self.num_layers, self.num_experts, self.hidden_size = self.fmt.shape
         self.max_batch_rows = int(self.info.max_batch_rows) or 4096
         self._fetch_rows = max(1, min(self.max_batch_rows, FETCH_CHUNK_BYTES // self.fmt.payload_bytes))
         self.device = torch.device(device)
-        self.dtype = storage_dtype(self.fmt)
+        self.dtype = self._form.dtype
         self.row_device_bytes = cached_row_bytes(self.fmt)
         self.capacity = min(self.vocab_size, max(0, int(cache_bytes)) // self.row_device_bytes)
         self._budget = int(cache_bytes)
@@ -271,7 +322,7 @@ class RemoteTable(LutSource):
 
     @property
     def transport(self) -> str:
-        """How fetches go now: "session" or "calls" (lutstore.fetch)."""
+        """How fetches go now: "session" or "calls" (lutstore.client.fetch)."""
         return self._fetcher.transport
 
     def close(self) -> None:
@@ -442,10 +493,7 @@ class RemoteTable(LutSource):
         else:   # index_select of the layer's view copies N x D blocks; values[index, layer] went element by element
             values = src.values[:, layer].index_select(0, index)
             scales = None if src.scales is None else src.scales[:, layer].index_select(0, index)
-        if scales is not None:
-            values = values.float() * scales.unsqueeze(-1)
-        elif self._dequantize_nf4 is not None:   # [m, P] packed pieces -> [m, N, D] float32, on the device
-            values = self._dequantize_nf4(values, self.fmt)
+        values = self._form.dequantize(values, scales, self.fmt, torch.float32)   # on the device
         if isinstance(index, slice):
             return values.expand(b * t, self.num_experts, self.hidden_size).reshape(b, t, self.num_experts, self.hidden_size)
         return values.view(b, t, self.num_experts, self.hidden_size)

@@ -15,7 +15,7 @@ Two forms share every weight but the experts:
   - "lut": the experts are gone; the caller supplies each token's row
     LUT[token] of shape [L, N, D] (per call, or per layer on demand).
 
-Module names equal the official HF tensor names (see mole-format.md), so a
+Module names equal the official HF checkpoints' tensor names, so a
 checkpoint's state_dict loads directly.
 """
 

@@ -10,7 +10,7 @@ one fp32 scale per vector, nf4 packed as uint8 per layer) and written byte for b
 is its payload slice (int8: the group's scales, then its values, see the
 proto), copied into the slot's bytes of those layers.
 
-Copies to a GPU (not run on this CPU-only machine yet; see issue 18): the
+Copies to a GPU: the
 rows of a layer group are gathered on the fetch's thread into one pinned host
 buffer (stage_rows), copied to the device with non_blocking=True on the model
 thread's current stream, then scattered into the slab by a kernel on that same
@@ -32,29 +32,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lutstore.codec import Encoding, RowFormat
+from inference.dequantize import device_form
+from lutstore.formats.codec import RowFormat
 
 MiB = 1 << 20
 # A CPU slab's first bytes are written when the table opens, so the slots handed out first (slot 0
 # up) do not fault their pages in during a step; bounded so a big budget costs no more at start.
 PREFAULT_BYTES = 512 * MiB
-
-
-def storage_dtype(fmt: RowFormat) -> torch.dtype:
-    """How rows are kept in the cache: the stored precision where torch has it (no inflation of
-    fp16/bf16 rows); int8 rows stay int8 (+ one fp32 scale per vector) and nf4 rows stay packed
-    (uint8: per layer its block scales and 4-bit codes, 0.27x of fp16), both dequantised on the
-    device, only for the rows a step gathers."""
-    return {Encoding.FP16: torch.float16, Encoding.BF16: torch.bfloat16,
-            Encoding.INT8: torch.int8, Encoding.NF4: torch.uint8}.get(fmt.encoding, torch.float32)
-
-
-def value_shape(fmt: RowFormat) -> tuple[int, ...]:
-    """A cached row's `values` shape: [L, N, D], or [L, P] for nf4 (P = fmt.nf4_layer_bytes: a
-    layer's piece of the payload, byte for byte)."""
-    if fmt.encoding is Encoding.NF4:
-        return (fmt.num_layers, fmt.nf4_layer_bytes)
-    return fmt.shape
 
 
 def cached_row_bytes(fmt: RowFormat) -> int:
@@ -92,9 +76,12 @@ class RowParts:
 
     @staticmethod
     def empty(n: int, fmt: RowFormat, device: torch.device) -> RowParts:
+        """n rows as the cache keeps them: in the stored precision where torch has it (no inflation of
+        fp16/bf16 rows), int8 with its scales, nf4 packed (inference.dequantize.DEVICE_FORMS)."""
+        form = device_form(fmt)
         scales = torch.empty((n, fmt.num_layers, fmt.num_experts), dtype=torch.float32, device=device) \
-            if fmt.encoding is Encoding.INT8 else None
-        return RowParts(torch.empty((n, *value_shape(fmt)), dtype=storage_dtype(fmt), device=device), scales)
+            if form.scaled else None
+        return RowParts(torch.empty((n, *form.value_shape(fmt)), dtype=form.dtype, device=device), scales)
 
 
 class RowSlab:

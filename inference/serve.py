@@ -65,8 +65,8 @@ from inference.engine import (Engine, EngineStopped, FailedEvent, FinishedEvent,
 from inference.connection import LutstoreSettings, add_remote_args, connect
 from inference.chat_template import ChatTemplate, ChatTemplateError
 from inference.daemon_health import PROBE_TIMEOUT_S, DaemonHealth
-from inference.generate import cli_main
-from lutstore.cli import HelpFormatter
+from inference.cli import cli_main
+from lutstore.help_format import HelpFormatter
 from lutstore.security import warn_if_others_can_read
 from inference.sampling import SamplingConfig
 from lutstore.errors import UserError

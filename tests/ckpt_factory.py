@@ -11,7 +11,7 @@ shared/docs/mole-format.md); config.json is a plain Llama config plus
 whose vocabulary has exactly `vocab` entries.
 
 `reference_lut` is deliberately written here from the formulas, sharing no
-code with lutstore/ingest.py, so tests compare two independent
+code with lutstore/ingest/pipeline.py, so tests compare two independent
 implementations of the reparameterisation.
 """
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lutstore.codec import Encoding, RowFormat, encode_rows
+from lutstore.formats.codec import Encoding, RowFormat, encode_rows
 from testing.daemon import READY, REPO, Daemon  # noqa: F401  (READY, REPO: used by tests)
-from lutstore.backend import open_store
-from lutstore.store import TableMeta
+from lutstore.storage.backends import open_store
+from lutstore.storage.model import TableMeta
 
 
 

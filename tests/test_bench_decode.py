@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import REPO, write_table
-from inference.nf4 import Nf4Table
+from inference.lut import PackedTable
 from lutstore.client import LutClient
-from lutstore.codec import Encoding, RowFormat
+from lutstore.formats.codec import Encoding, RowFormat
 from lutstore.errors import UserError
 
 sys.path.insert(0, str(REPO))
@@ -30,7 +30,7 @@ def test_nf4_run_compares_with_the_fp16_and_the_nf4_table(db_path, serve) -> Non
     with LutClient(server.address) as client:
         fp16, packed = bench_decode.ceilings(client, "q", args)
         want = torch.from_numpy(client.get_rows("q", list(range(24))))
-    assert fp16.table.dtype == torch.float16 and isinstance(packed, Nf4Table)
+    assert fp16.table.dtype == torch.float16 and isinstance(packed, PackedTable)
     idx = torch.tensor([[5, 23, 0]])
     # the same model's rows both ways: the fp16 ceiling holds the nf4 values, rounded to fp16
     np.testing.assert_allclose(fp16.gather(idx).float().numpy(), want[idx].numpy(), rtol=1e-3, atol=1e-3)

@@ -1,4 +1,4 @@
-"""lutstore.checkpoint: form detection, lazy access and validation of bad checkpoints."""
+"""lutstore.ingest.checkpoint: form detection, lazy access and validation of bad checkpoints."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from ckpt_factory import load_tensors, make_checkpoint, reference_lut
 
-from lutstore.checkpoint import EMBED, TABLE, Checkpoint
+from lutstore.ingest.checkpoint import EMBED, TABLE, Checkpoint
 from lutstore.errors import UserError
 
 

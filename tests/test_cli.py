@@ -29,12 +29,12 @@ from conftest import REPO, start_server, write_table
 from rocksdict import Options, Rdict
 
 from lutstore import __version__
-from lutstore.address import AddressError, parse_addresses
+from lutstore.client.address import AddressError, parse_addresses
 from lutstore.client import LutClient
-from lutstore.codec import decode_row
-from lutstore.dbpath import is_cluster_url
+from lutstore.formats.codec import decode_row
+from lutstore.storage.backends import is_cluster_url
 from lutstore.errors import UserError
-from lutstore.store import Store, row_key
+from lutstore.storage.rocksdb import Store, row_key
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
@@ -509,7 +509,7 @@ def test_sigterm_swallowed_by_a_tensor_read_is_still_sigterm(tmp_path, monkeypat
     object type 'torch.storage.UntypedStorage'"); the checkpoint reader must not call that a damaged
     checkpoint, and ingest must end as terminated (143)."""
     from lutstore import interrupts
-    from lutstore.checkpoint import Checkpoint
+    from lutstore.ingest.checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(make_checkpoint(tmp_path / "m", vocab=32))
     name = next(iter(ckpt.names()))

@@ -11,8 +11,8 @@ import grpc
 import numpy as np
 import pytest
 
-from lutstore.client import LutClient, LutError, channel_target
-from lutstore.codec import Encoding, RowFormat, decode_rows
+from lutstore.client.lut_client import LutClient, LutError, channel_target
+from lutstore.formats.codec import Encoding, RowFormat, decode_rows
 
 from conftest import write_table
 

@@ -20,11 +20,11 @@ import grpc
 import pytest
 from redis.crc import key_slot
 
-from lutstore.backend import open_store
+from lutstore.storage.backends import open_store
 from lutstore.client import LutClient
-from lutstore.cluster_store import ClusterConfig
-from lutstore.codec import Encoding, RowFormat
-from lutstore.store import StoreError
+from lutstore.storage.cluster import ClusterConfig
+from lutstore.formats.codec import Encoding, RowFormat
+from lutstore.storage.model import StoreError
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 
@@ -100,7 +100,7 @@ def _wait_replicated(cluster, timeout: float = 60.0) -> None:
 
 def test_reads_from_replicas_and_concurrent_ingests_get_distinct_versions(valkey_cluster) -> None:
     from conftest import random_rows
-    from lutstore.codec import encode_rows
+    from lutstore.formats.codec import encode_rows
 
     url = valkey_cluster.url(namespace=f"c{next(_count)}")
     values = encode_rows(FMT, random_rows(FMT, 40, seed=9))
@@ -174,8 +174,8 @@ def test_cli_ingest_verify_info_drop(url: str, tmp_path: Path) -> None:
 
 KILLED_INGEST = textwrap.dedent("""
     import os, signal, sys
-    from lutstore.backend import open_store
-    from lutstore.codec import Encoding, RowFormat, encode_rows
+    from lutstore.storage.backends import open_store
+    from lutstore.formats.codec import Encoding, RowFormat, encode_rows
     import numpy as np
     fmt = RowFormat(2, 4, 16, Encoding.FP16)
     values = encode_rows(fmt, np.ones((200, *fmt.shape), np.float32))
@@ -247,7 +247,7 @@ def test_generate_through_a_cluster_backed_daemon_equals_the_train_form(url: str
     trained model's (the same check test_inference makes against RocksDB)."""
     import torch
 
-    from inference import generate
+    from inference import generation
     from inference.backbone import load_checkpoint
 
     ckpt = make_checkpoint(tmp_path / "ckpt", form="train", vocab=128, layers=2, experts=4, hidden=32, heads=4, seed=7)
@@ -261,7 +261,7 @@ def test_generate_through_a_cluster_backed_daemon_equals_the_train_form(url: str
     (seq,) = json.loads(proc.stdout)["sequences"]
     backbone, _ = load_checkpoint(ckpt)
     with torch.no_grad():
-        trained = generate.generate(backbone.model, None, [seq["prompt_ids"]], 10, eos_id=backbone.args.eos_token_id)
+        trained = generation.generate(backbone.model, None, [seq["prompt_ids"]], 10, eos_id=backbone.args.eos_token_id)
     assert seq["ids"] == trained.tokens[0] and len(seq["ids"]) > 0
 
 

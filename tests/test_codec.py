@@ -1,10 +1,10 @@
-"""Row codec round trips, with the error bounds stated in lutstore/codec.py."""
+"""Row codec round trips, with the error bounds stated in lutstore/formats/codec.py."""
 
 import numpy as np
 import pytest
 
-from lutstore import nf4
-from lutstore.codec import (CRC_BYTES, ChecksumError, Encoding, RowFormat, check, decode_row, decode_rows,
+from lutstore.formats import nf4
+from lutstore.formats.codec import (CRC_BYTES, ChecksumError, Encoding, RowFormat, check, decode_row, decode_rows,
                             encode_rows)
 
 SHAPE = (3, 4, 16)
@@ -75,3 +75,18 @@ def test_refuses_bad_shapes_and_non_finite() -> None:
         encode_rows(fmt, bad)
     with pytest.raises(ValueError, match="fp16 range"):
         encode_rows(fmt, np.full((1, *SHAPE), 1e6, np.float32))
+
+
+def test_every_encoding_has_its_entries():
+    """An encoding is its codec entry, the proto's enum value and a device form: none may be missing,
+    and `lutstore ingest --encoding` offers exactly the codec's encodings."""
+    from inference.dequantize import DEVICE_FORMS
+    from lutstore.cli import build_parser
+    from lutstore.formats.codec import ENCODINGS
+    from lutstore.formats.protocol import ENCODING_FROM_PB, ENCODING_TO_PB
+
+    assert set(ENCODINGS) == set(Encoding) == set(ENCODING_TO_PB) == set(DEVICE_FORMS)
+    assert len(set(ENCODING_TO_PB.values())) == len(Encoding) and set(ENCODING_FROM_PB.values()) == set(Encoding)
+    ingest = build_parser()._subparsers._group_actions[0].choices["ingest"]
+    (encoding,) = [a for a in ingest._actions if a.dest == "encoding"]
+    assert encoding.choices == [e.value for e in Encoding]

@@ -30,12 +30,13 @@ from conftest import REPO, start_server
 
 from inference import evaluate
 from inference.backbone import open_remote
-from inference.generate import SamplingConfig, generate
+from inference.generation import generate
+from inference.sampling import SamplingConfig
 from inference.lut import MiB, RemoteTable
 from lutstore import cli
 from lutstore.client import LutClient
-from lutstore.codec import decode_rows
-from lutstore.store import Store
+from lutstore.formats.codec import decode_rows
+from lutstore.storage.rocksdb import Store
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")]

@@ -24,8 +24,8 @@ from test_metrics import metrics_port, scrape, value
 import lutstore as lutstore_package   # (lutstore() below runs the CLI)
 from lutstore.child_server import ChildServer
 from lutstore.cli import main as cli_main
-from lutstore.codec import Encoding, RowFormat
-from lutstore.store import SECONDARY_PREFIX, Store
+from lutstore.formats.codec import Encoding, RowFormat
+from lutstore.storage.rocksdb import SECONDARY_PREFIX, Store
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from lutstore.client import LutClient
-from lutstore.codec import Encoding, RowFormat
+from lutstore.formats.codec import Encoding, RowFormat
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 

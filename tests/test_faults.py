@@ -23,7 +23,7 @@ import pytest
 from ckpt_factory import make_checkpoint
 
 from lutstore.client import LutClient
-from lutstore.store import Store
+from lutstore.storage.rocksdb import Store
 
 from conftest import REPO, Server, start_server, write_table
 
@@ -114,7 +114,7 @@ def run_generate(address: str, cache: Path, *extra: str) -> subprocess.Completed
 def answered(server: Server) -> int:
     """BatchGets a daemon has answered: one debug line each, whether a call of its own or one
     request of a BatchGetStream session."""
-    return sum("lutstore.server: BatchGet " in line for line in server.output)
+    return sum("lutstore.daemon.servicer: BatchGet " in line for line in server.output)
 
 
 def paused_mid_generation(address: str, cache: Path, servers: list[Server], *extra: str) -> subprocess.Popen:

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from conftest import REPO, write_table
-from lutstore.codec import Encoding, RowFormat
+from lutstore.formats.codec import Encoding, RowFormat
 from lutstore.security import REJECT_LOG_SECONDS, auth_metadata
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
@@ -73,7 +73,8 @@ def shared(**fields):
         return e.code().name
 out["by_name"] = shared(segment_name=os.path.basename(victim))
 print(json.dumps(out), flush=True)   # what an old daemon (which opened /dev/shm/NAME) did, before anything newer
-from lutstore.shm_segment import HELLO, Segment
+from lutstore.client.shm_segment import Segment
+from lutstore.formats.protocol import SEGMENT_HELLO
 try:
     open(victim, "r+b")
     out["open_victim"] = "opened"
@@ -82,7 +83,7 @@ except PermissionError:
 path = pb_grpc.LutStoreStub(channel).GetTableInfo(pb.GetTableInfoRequest(table="t"), timeout=10).shared_memory_socket
 with open(readable, "rb") as f, socket.socket(socket.AF_UNIX) as conn:
     conn.connect(path)
-    socket.send_fds(conn, [HELLO], [f.fileno()])
+    socket.send_fds(conn, [SEGMENT_HELLO], [f.fileno()])
     out["read_only_fd"] = conn.recv(256).decode().strip()
 seg = Segment(4096, path)
 out["own_segment"] = shared(segment_handle=seg.handle)

@@ -18,9 +18,9 @@ import torch
 from ckpt_factory import make_checkpoint, reference_lut
 from conftest import REPO, start_server
 
-from inference import evaluate, generate
+from inference import evaluate, generate, generation
 from inference.backbone import ensure_backbone, load_checkpoint, open_remote, pick_table
-from inference.generate import SamplingConfig
+from inference.sampling import SamplingConfig
 from inference.lut import InProcessTable, RemoteTable
 from lutstore import cli
 from lutstore.client import LutClient
@@ -124,9 +124,9 @@ def test_greedy_generate_through_daemon_equals_in_process_table(daemon) -> None:
     lut_model, _ = load_checkpoint_lut(daemon["ckpt"])
     table = InProcessTable(torch.from_numpy(reference_lut(daemon["ckpt"])).float())
     for seq in remote["sequences"]:
-        want = generate.generate(lut_model, table, [seq["prompt_ids"]], 12, eos_id=backbone.args.eos_token_id)
+        want = generation.generate(lut_model, table, [seq["prompt_ids"]], 12, eos_id=backbone.args.eos_token_id)
         assert seq["ids"] == want.tokens[0]
-        trained = generate.generate(backbone.model, None, [seq["prompt_ids"]], 12, eos_id=backbone.args.eos_token_id)
+        trained = generation.generate(backbone.model, None, [seq["prompt_ids"]], 12, eos_id=backbone.args.eos_token_id)
         assert seq["ids"] == trained.tokens[0]
     assert len(remote["sequences"]) == 2 and all(len(s["ids"]) > 0 for s in remote["sequences"])
 
@@ -134,7 +134,7 @@ def test_greedy_generate_through_daemon_equals_in_process_table(daemon) -> None:
 def load_checkpoint_lut(ckpt: Path):
     """The checkpoint's backbone as a lut-form model (experts dropped by name)."""
     from inference.model import Transformer
-    from lutstore.checkpoint import Checkpoint
+    from lutstore.ingest.checkpoint import Checkpoint
 
     backbone, _ = load_checkpoint(ckpt)
     model = Transformer(backbone.args, "lut").eval()
@@ -148,12 +148,12 @@ def test_batched_sampling_is_per_sequence_and_seeded(daemon) -> None:
     try:
         model, source = remote.backbone.model, remote.source
         prompts = [[5, 6, 7], [9], [5, 6, 7]]
-        greedy = generate.generate(model, source, prompts, 8)
+        greedy = generation.generate(model, source, prompts, 8)
         for p, toks in zip(prompts, greedy.tokens):     # left padding changes nothing for a sequence
-            assert generate.generate(model, source, [p], 8).tokens[0] == toks
+            assert generation.generate(model, source, [p], 8).tokens[0] == toks
         cfg = SamplingConfig(temperature=1.0, top_k=20, top_p=0.9)
-        a = generate.generate(model, source, prompts, 8, cfg, seed=3).tokens
-        b = generate.generate(model, source, prompts, 8, cfg, seed=3).tokens
+        a = generation.generate(model, source, prompts, 8, cfg, seed=3).tokens
+        b = generation.generate(model, source, prompts, 8, cfg, seed=3).tokens
         assert a == b and all(0 <= t < 128 for seq in a for t in seq)
     finally:
         remote.close()
@@ -275,18 +275,18 @@ class RecordingTable(InProcessTable):
 
 
 def _prefill_logits(model, source, prompts: list[list[int]], chunk: int) -> torch.Tensor:
-    idx, key_mask = generate.left_pad(prompts, max(len(p) for p in prompts) + 4)
+    idx, key_mask = generation.left_pad(prompts, max(len(p) for p in prompts) + 4)
     model.setup_caches(len(prompts), key_mask.shape[1])
-    return generate.prefill(model, source, idx, key_mask, chunk)
+    return generation.prefill(model, source, idx, key_mask, chunk)
 
 
 def test_chunk_bounds() -> None:
-    assert generate.chunk_bounds(10, 0) == [(0, 10)]
-    assert generate.chunk_bounds(10, 10) == generate.chunk_bounds(10, 64) == [(0, 10)]
-    assert generate.chunk_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
-    assert generate.chunk_bounds(8, 4) == [(0, 4), (4, 8)]
+    assert generation.chunk_bounds(10, 0) == [(0, 10)]
+    assert generation.chunk_bounds(10, 10) == generation.chunk_bounds(10, 64) == [(0, 10)]
+    assert generation.chunk_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert generation.chunk_bounds(8, 4) == [(0, 4), (4, 8)]
     with pytest.raises(ValueError, match=">= 0"):
-        generate.chunk_bounds(10, -1)
+        generation.chunk_bounds(10, -1)
 
 
 def test_chunked_prefill_matches_one_forward(daemon) -> None:
@@ -310,8 +310,8 @@ def test_chunked_prefill_matches_one_forward(daemon) -> None:
                         got = _prefill_logits(model, source, prompts, chunk)
                         delta = (got - whole).abs().max().item()
                         assert delta < 1e-4, f"{type(source).__name__} chunk {chunk}: max |delta logit| {delta:.3g}"
-                    want = generate.generate(model, source, prompts, 6, prefill_chunk=0).tokens
-                    assert generate.generate(model, source, prompts, 6, prefill_chunk=32).tokens == want
+                    want = generation.generate(model, source, prompts, 6, prefill_chunk=0).tokens
+                    assert generation.generate(model, source, prompts, 6, prefill_chunk=32).tokens == want
             # the served table and the in-process one give the same logits, chunked
             delta = (_prefill_logits(model, remote, padded, 32) - _prefill_logits(model, table, padded, 0)).abs().max()
             assert delta.item() < 1e-4
@@ -325,8 +325,8 @@ def test_chunked_prefill_announces_every_chunk_first(daemon) -> None:
     model, _ = load_checkpoint_lut(daemon["ckpt"])
     source = RecordingTable(torch.from_numpy(reference_lut(daemon["ckpt"])).float())
     prompts = [_ids(70, seed=21).tolist(), _ids(40, seed=22).tolist()]
-    idx, _ = generate.left_pad(prompts, 80)
-    result = generate.generate(model, source, prompts, 1, prefill_chunk=32)
+    idx, _ = generation.left_pad(prompts, 80)
+    result = generation.generate(model, source, prompts, 1, prefill_chunk=32)
     assert len(result.tokens[0]) == 1
     chunks = [sorted(set(idx[:, s:e].reshape(-1).tolist())) for s, e in ((0, 32), (32, 64), (64, 70))]
     assert source.events[:3] == [("request", c) for c in chunks]
@@ -349,13 +349,13 @@ def test_generate_cli_prefill_chunk(daemon, capsys) -> None:
 def test_nf4_logprobs_within_the_measured_bound_of_the_fp32_table(daemon) -> None:
     """The in-process nf4 table (packed, dequantised per layer) against the fp32 table, same backbone,
     8 sequences of 256 tokens: the largest next-token log-prob difference stays within NF4_BOUND."""
-    from inference.nf4 import Nf4Table
+    from inference.lut import PackedTable
 
     remote = open_remote(daemon["addr"], "m32")
     try:
         with LutClient(daemon["addr"]) as client:
             fp32, q4 = InProcessTable.from_client(client, "m32"), InProcessTable.from_client(client, "m4")
-        assert isinstance(q4, Nf4Table) and q4.table.dtype == torch.uint8
+        assert isinstance(q4, PackedTable) and q4.table.dtype == torch.uint8
         worst = 0.0
         for seq in range(8):
             ids = _ids(256, seed=100 + seq).tolist()

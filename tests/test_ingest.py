@@ -32,9 +32,9 @@ from ckpt_factory import load_tensors, make_checkpoint, reference_lut
 from conftest import REPO, start_server
 from safetensors.torch import load as load_safetensors
 
-from lutstore import nf4
-from lutstore.codec import check, decode_rows
-from lutstore.store import Store
+from lutstore.formats import nf4
+from lutstore.formats.codec import check, decode_rows
+from lutstore.storage.rocksdb import Store
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 
@@ -92,7 +92,7 @@ class Rpc:
 
     def rows(self, table: str, ids: list[int], version: int = 0) -> np.ndarray:
         info = self.info(table, version)
-        from lutstore.codec import Encoding, RowFormat
+        from lutstore.formats.codec import Encoding, RowFormat
         enc = {pb.ENCODING_FP32: "fp32", pb.ENCODING_FP16: "fp16", pb.ENCODING_BF16: "bf16", pb.ENCODING_INT8: "int8",
                pb.ENCODING_NF4: "nf4"}
         fmt = RowFormat(info.num_layers, info.num_experts, info.hidden_size, Encoding(enc[info.encoding]),
@@ -471,7 +471,7 @@ mount -t tmpfs -o size=8m tmpfs {mnt} || exit 99
 {py} -m lutstore.cli ingest {small} --db {mnt}/db --name t --no-progress >{out}/1.out 2>{out}/1.err; echo $? >{out}/1.rc
 {py} -m lutstore.cli ingest {big} --db {mnt}/db --name t --encoding fp32 --no-progress 2>{out}/2.err; echo $? >{out}/2.rc
 LUTSTORE_INGEST_SKIP_SPACE_CHECK=1 {py} -m lutstore.cli ingest {big} --db {mnt}/db --name t --encoding fp32 --no-progress 2>{out}/3.err; echo $? >{out}/3.rc
-{py} -c "from lutstore.store import Store; s = Store.open('{mnt}/db', 'secondary'); print([(m.name, m.version, m.vocab_size) for m in s.tables()])" >{out}/tables 2>&1
+{py} -c "from lutstore.storage.rocksdb import Store; s = Store.open('{mnt}/db', 'secondary'); print([(m.name, m.version, m.vocab_size) for m in s.tables()])" >{out}/tables 2>&1
 ls -A {mnt}/db/staging >{out}/staging
 {py} -m lutstore.cli ingest {small} --db {mnt}/db --name t --no-progress --force >{out}/4.out 2>{out}/4.err; echo $? >{out}/4.rc
 """

@@ -14,10 +14,10 @@ import torch
 from rocksdict import Options, Rdict
 
 from inference.lut import InProcessTable, RemoteTable, layer_ends_for
-from lutstore import codec
+from lutstore.formats import codec
 from lutstore.client import LutClient, LutError
-from lutstore.codec import Encoding, RowFormat
-from lutstore.store import row_key
+from lutstore.formats.codec import Encoding, RowFormat
+from lutstore.storage.rocksdb import row_key
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 
@@ -247,7 +247,7 @@ def _decode_steps_equal(source: RemoteTable, reference: InProcessTable, steps: i
 @pytest.mark.parametrize("how", ["sliced-session", "whole-session", "sliced-calls", "whole-calls"])
 def test_remote_table_rows_equal_in_process_every_way(db_path, serve, encoding: Encoding, how: str) -> None:
     """nf4: rows stay packed in the cache and a layer is dequantised when gathered; they must equal the
-    in-process nf4 table's (Nf4Table) bit for bit."""
+    in-process nf4 table's (PackedTable) bit for bit."""
     fmt = RowFormat(6, 3, 8, encoding, block_size=8 if encoding is Encoding.NF4 else 0)
     write_table(db_path, "t", fmt, vocab_size=50, seed=9)
     server = serve(db_path)

@@ -12,14 +12,15 @@ from rocksdict import Options, Rdict
 
 from conftest import write_table
 from inference.lut import InProcessTable
-from inference.nf4 import Nf4Table, dequantize_nf4
-from lutstore import nf4
+from inference.dequantize import dequantize_nf4
+from inference.lut import PackedTable
+from lutstore.formats import nf4
 from lutstore.cli import main as cli_main
 from lutstore.client import LutClient
-from lutstore.codec import (CRC_BYTES, Encoding, RowFormat, decode_row, decode_rows, encode_payloads, encode_rows,
+from lutstore.formats.codec import (CRC_BYTES, Encoding, RowFormat, decode_row, decode_rows, encode_payloads, encode_rows,
                             seal, slice_parts)
 from lutstore.errors import LutError
-from lutstore.store import row_key
+from lutstore.storage.rocksdb import row_key
 
 # The code book as issue 14 (and bitsandbytes) gives it.
 BNB_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -156,7 +157,7 @@ def test_served_nf4_rows_whole_sliced_and_in_process(db_path, serve) -> None:
         # the in-process table keeps nf4 packed (InProcessTable.from_client without a dtype) and gives
         # the same floats, per layer and whole
         table = InProcessTable.from_client(client, "q")
-        assert isinstance(table, Nf4Table) and table.table.dtype == torch.uint8
+        assert isinstance(table, PackedTable) and table.table.dtype == torch.uint8
         idx = torch.tensor([[3, 39], [0, 17]])
         want = torch.from_numpy(client.get_rows("q", idx.ravel().tolist())).view(2, 2, *fmt.shape)
         assert torch.equal(table.gather(idx), want)
@@ -187,7 +188,7 @@ def test_nf4_row_of_the_wrong_length_is_data_loss(db_path, serve, capsys) -> Non
 @pytest.mark.parametrize("encoding", [Encoding.NF4, Encoding.INT8])
 def test_threaded_encoding_gives_the_same_bytes(encoding: Encoding, monkeypatch) -> None:
     """A chunk big enough to be split over threads encodes to the bytes of one thread."""
-    from lutstore import codec
+    from lutstore.formats import codec
 
     fmt = RowFormat(4, 8, 128, encoding)
     x = (np.random.default_rng(5).standard_normal((300, *fmt.shape)) * 0.02).astype(np.float16)

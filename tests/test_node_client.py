@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from lutstore.client import LutClient
-from lutstore.codec import Encoding, RowFormat, decode_row, decode_rows, encode_rows
+from lutstore.formats.codec import Encoding, RowFormat, decode_row, decode_rows, encode_rows
 
 from conftest import REPO, write_table
 

@@ -19,8 +19,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from lutstore.cli import build_parser
 from lutstore.client import LutClient, LutError
-from lutstore import codec
-from lutstore.codec import decode_rows
+from lutstore.formats import codec
+from lutstore.formats.codec import decode_rows
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 

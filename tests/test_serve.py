@@ -38,7 +38,7 @@ from inference.backbone import open_remote
 from inference.endpoint_process import REPO, Endpoint
 from inference.engine import Engine, FailedEvent, FinishedEvent, Sequence
 from inference.lut import InProcessTable
-from inference.generate import generate
+from inference.generation import generate
 from inference.model import ModelArgs, Transformer, init_weights
 from lutstore import cli
 

@@ -19,12 +19,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from rocksdict import Options, Rdict
 
-from lutstore.cache import ByteLRU
+from lutstore.daemon.cache import ByteLRU
 from lutstore.cli import main as cli_main
 from lutstore.client import LutClient, LutError
-from lutstore.codec import Encoding, RowFormat, decode_rows
-from lutstore.rows import CorruptRow, RowSource
-from lutstore.store import Store, row_key
+from lutstore.formats.codec import Encoding, RowFormat, decode_rows
+from lutstore.daemon.rows import CorruptRow, RowSource
+from lutstore.storage.rocksdb import Store, row_key
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 
@@ -315,10 +315,10 @@ def test_row_source_caches_verified_rows_only(db_path: Path) -> None:
 def test_a_stored_name_that_is_not_utf8_is_left_out_of_list_tables(db_path, serve, monkeypatch) -> None:
     """Databases written before names were checked may hold a name with a lone surrogate (a folder
     name with a stray byte): ListTables leaves it out and says so, instead of failing for everyone."""
-    import lutstore.store as store_mod
+    import lutstore.storage.model as table_model
 
     write_table(db_path, "good", vocab_size=8)
-    monkeypatch.setattr(store_mod, "check_table_name", lambda name: None)   # the old, unchecked writer
+    monkeypatch.setattr(table_model, "check_table_name", lambda name: None)   # the old, unchecked writer
     write_table(db_path, "bad\udcff", vocab_size=8)
     monkeypatch.undo()
     server = serve(db_path)

@@ -16,9 +16,10 @@ from rocksdict import Options, Rdict
 
 from conftest import REPO, write_table
 from lutstore.client import LutClient, LutError
-from lutstore.codec import Encoding, RowFormat
-from lutstore.shm_segment import HELLO, Segment, SegmentRefused
-from lutstore.store import row_key
+from lutstore.formats.codec import Encoding, RowFormat
+from lutstore.client.shm_segment import Segment, SegmentRefused
+from lutstore.formats.protocol import SEGMENT_HELLO
+from lutstore.storage.rocksdb import row_key
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 
@@ -184,13 +185,13 @@ def test_bad_segments_are_refused(db_path: Path, serve, segment, tmp_path: Path)
     # What the socket refuses: no descriptor, a read-only one, one that is not a file, two, a wrong greeting.
     path = socket_of(server.address)
     with open(victim, "rb") as read_only:
-        assert hand_over(path, HELLO, [read_only.fileno()]).startswith("ERR the descriptor is not open for writing")
+        assert hand_over(path, SEGMENT_HELLO, [read_only.fileno()]).startswith("ERR the descriptor is not open for writing")
     r, w = os.pipe()
     try:
-        assert hand_over(path, HELLO, [w]).startswith("ERR the descriptor is not a regular file")
-        assert hand_over(path, HELLO, []).startswith("ERR expected one file descriptor")
+        assert hand_over(path, SEGMENT_HELLO, [w]).startswith("ERR the descriptor is not a regular file")
+        assert hand_over(path, SEGMENT_HELLO, []).startswith("ERR expected one file descriptor")
         with open(victim, "r+b") as f:
-            assert hand_over(path, HELLO, [f.fileno(), f.fileno()]).startswith("ERR expected one file descriptor")
+            assert hand_over(path, SEGMENT_HELLO, [f.fileno(), f.fileno()]).startswith("ERR expected one file descriptor")
             assert hand_over(path, b"hello\n", [f.fileno()]).startswith("ERR expected")
     finally:
         os.close(r)
@@ -229,7 +230,7 @@ def test_a_file_on_disk_is_not_a_segment(db_path: Path, serve, tmp_path: Path) -
             f.flush()
             if _on_shared_memory(f.fileno()):
                 continue
-            assert hand_over(socket_of(server.address), HELLO, [f.fileno()]).startswith(
+            assert hand_over(socket_of(server.address), SEGMENT_HELLO, [f.fileno()]).startswith(
                 "ERR the descriptor is not a memfd or a tmpfs file")
             return
     pytest.skip("no folder off tmpfs to make a file in")
@@ -237,13 +238,13 @@ def test_a_file_on_disk_is_not_a_segment(db_path: Path, serve, tmp_path: Path) -
 
 def _refused_segment(path: str) -> None:
     """A segment whose greeting the server does not accept raises SegmentRefused naming the reason."""
-    import lutstore.shm_segment as seg_mod
-    saved = seg_mod.HELLO
-    seg_mod.HELLO = b"lutstore-segment v0\n"
+    import lutstore.client.shm_segment as seg_mod
+    saved = seg_mod.SEGMENT_HELLO
+    seg_mod.SEGMENT_HELLO = b"lutstore-segment v0\n"
     try:
         Segment(4096, path)
     finally:
-        seg_mod.HELLO = saved
+        seg_mod.SEGMENT_HELLO = saved
 
 
 def test_batch_get_errors_apply_to_the_shared_path(db_path: Path, serve, segment) -> None:

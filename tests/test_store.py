@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lutstore import store as store_mod
-from lutstore.codec import Encoding, RowFormat, decode_rows, encode_rows
+from lutstore.storage import model as table_model
+from lutstore.formats.codec import Encoding, RowFormat, decode_rows, encode_rows
 from lutstore.errors import UserError
-from lutstore.store import Store, StoreError, TableNotFound, VersionGone
+from lutstore.storage.rocksdb import Store
+from lutstore.storage.model import StoreError, TableNotFound, VersionGone
 
 from conftest import random_rows, write_table
 
@@ -112,7 +113,7 @@ def test_stale_staging_removed(db_path: Path) -> None:
 
 
 def test_artifacts_multi_chunk_from_path(db_path: Path, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(store_mod, "ARTIFACT_CHUNK_BYTES", 1000)
+    monkeypatch.setattr(table_model, "ARTIFACT_CHUNK_BYTES", 1000)
     blob = np.random.default_rng(0).bytes(4321)
     src = tmp_path / "backbone.safetensors"
     src.write_bytes(blob)
@@ -160,3 +161,27 @@ def test_missing_db_and_second_writer_are_clear_errors(tmp_path: Path, db_path: 
         with Store.open(db_path, "secondary") as reader:
             with pytest.raises(StoreError, match="needs the database opened as primary"):
                 reader.begin_table("x", FMT, 4, "rep")
+
+
+def test_stale_reader_folders_of_both_naming_schemes_are_removed(tmp_path: Path) -> None:
+    """A reader folder whose process is gone goes; so does one of the older naming scheme
+    (lutstore-secondary-<random>, no owner to ask) once nothing in it has changed for a day; a live
+    reader's folder and a recent old-scheme one stay."""
+    import os
+    import time
+
+    from lutstore.storage.rocksdb import OLD_SCHEME_STALE_SECONDS, SECONDARY_PREFIX, _process_start, \
+        remove_stale_secondaries
+
+    live = tmp_path / f"{SECONDARY_PREFIX}{os.getpid()}-{_process_start(os.getpid())}-abc"
+    dead = tmp_path / f"{SECONDARY_PREFIX}999999-1-abc"
+    old_stale, old_recent = tmp_path / f"{SECONDARY_PREFIX}k2j4h5g6", tmp_path / f"{SECONDARY_PREFIX}a1b2c3d4"
+    for folder in (live, dead, old_stale, old_recent):
+        (folder / "own").mkdir(parents=True)
+        (folder / "own" / "MANIFEST-000001").write_bytes(b"x")
+    long_ago = time.time() - OLD_SCHEME_STALE_SECONDS - 60
+    for path in (old_stale / "own" / "MANIFEST-000001", old_stale / "own", old_stale):
+        os.utime(path, (long_ago, long_ago))
+    removed = remove_stale_secondaries(str(tmp_path))
+    assert sorted(removed) == sorted([str(dead), str(old_stale)])
+    assert live.is_dir() and old_recent.is_dir()

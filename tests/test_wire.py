@@ -1,4 +1,4 @@
-"""lutstore.wire must stay byte-compatible with protobuf's BatchGetResponse."""
+"""lutstore.formats.wire must stay byte-compatible with protobuf's BatchGetResponse."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import grpc
 import numpy as np
 import pytest
 
-from lutstore import codec, wire
+from lutstore.formats import codec, wire
 from lutstore.client import LutClient
-from lutstore.codec import Encoding, RowFormat
+from lutstore.formats.codec import Encoding, RowFormat
 from lutstore.v1 import lutstore_pb2 as pb
 from lutstore.v1 import lutstore_pb2_grpc as pb_grpc
 

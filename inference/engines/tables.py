@@ -48,7 +48,7 @@ def table_from_checkpoint(folder: str | Path, device: str | torch.device = "cpu"
 
     Raises lutstore.errors.UserError (one line) for a folder that is not a MoLE checkpoint."""
     from lutstore.checkpoint import Checkpoint
-    from lutstore.ingest import _TrainRows   # the ingest's own reparameterisation, chunk by chunk
+    from lutstore.ingest.reparam import TrainRows   # the ingest's own reparameterisation, chunk by chunk
 
     device = torch.device(device)
     with Checkpoint.open(folder) as ckpt:
@@ -62,7 +62,7 @@ def table_from_checkpoint(folder: str | Path, device: str | torch.device = "cpu"
                 table[start:stop] = ckpt.rows(TABLE_TENSOR, start, stop).reshape(stop - start, L, N, D).to(device, dtype)
         else:
             # experts on the CPU in float32, as the ingest computes them (a GPU result would differ in the last bits)
-            compute = _TrainRows(ckpt, torch.device("cpu"))
+            compute = TrainRows(ckpt, torch.device("cpu"))
             for start in range(0, V, step):
                 stop = min(start + step, V)
                 table[start:stop] = torch.from_numpy(compute(start, stop)).to(device, dtype)

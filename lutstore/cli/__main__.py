@@ -1,0 +1,5 @@
+import sys
+
+from lutstore.cli.commands import main
+
+sys.exit(main())

@@ -1,0 +1,36 @@
+"""The store interface that the daemon, ingest and the CLI program against. Two backends
+implement it: lutstore.storage.rocksdb.Store (RocksDB, embedded, the default) and
+lutstore.storage.cluster.ClusterStore (a Valkey / Redis Cluster); lutstore.storage.backends
+opens the one a --db value names.
+
+Both keep the same row bytes (codec: payload || crc32) and the same TableMeta JSON, so a row
+served from either backend is byte-identical.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Protocol, runtime_checkable
+
+from lutstore.formats.codec import RowFormat
+from lutstore.storage.model import RowsUnreadable, TableMeta, TableWriterBase
+
+
+@runtime_checkable
+class TableStore(Protocol):
+    """What the daemon, ingest and the CLI need of a store (docs/internals.md "Store API")."""
+
+    mode: str   # "primary" (may write) or "secondary" (reads, catching up with the writers)
+
+    def tables(self) -> list[TableMeta]: ...
+    def resolve(self, name: str, version: int = 0) -> TableMeta: ...
+    def get_values(self, meta: TableMeta, token_ids: list[int]) -> list[bytes | None]: ...
+    # every row in token order; a row the store cannot read comes as its RowsUnreadable, and the walk goes on
+    def iter_rows(self, meta: TableMeta) -> Iterator[tuple[int, bytes | RowsUnreadable]]: ...
+    def iter_artifact(self, meta: TableMeta, name: str) -> Iterator[bytes]: ...
+    def refresh(self) -> None: ...
+    def begin_table(self, name: str, fmt: RowFormat, vocab_size: int, source_form: str) -> TableWriterBase: ...
+    # what had to stay behind ("rows", "artifacts": a damaged range left in place), for `lutstore drop` to say
+    def drop(self, name: str, version: int) -> list[str]: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> TableStore: ...
+    def __exit__(self, *exc) -> None: ...
