@@ -45,8 +45,9 @@ Server = Daemon
 _STARTED: list[Daemon] = []
 
 
-def start_server(db: Path, *extra: str, verbose: int = 1, timeout: float = 30.0) -> Daemon:
-    """Start `lutstore serve --db DB --port 0` (few workers, quick refresh) and wait until it is ready."""
+def start_server(db: Path, *extra: str, verbose: int = 1, timeout: float = 120.0) -> Daemon:
+    """Start `lutstore serve --db DB --port 0` (few workers, quick refresh) and wait until it is ready
+    (timeout: a bound for a daemon that never gets ready; a start takes ~1 s on an idle box, 30+ s on a loaded one)."""
     server = Daemon(db, "--workers", "4", "--refresh-seconds", "0.2", *extra, verbose=verbose, timeout=timeout)
     _STARTED.append(server)
     return server
