@@ -976,7 +976,8 @@ def run(args: argparse.Namespace) -> int:
         raise
     host, port = sock.getsockname()[:2]
 
-    server = Server(uvicorn.Config(create_app(state, args.max_body_bytes), lifespan="off",
+    # log_config=None: uvicorn's lines go through the logging cli_main set up, in the project's format
+    server = Server(uvicorn.Config(create_app(state, args.max_body_bytes), lifespan="off", log_config=None,
                                    log_level="warning" if args.verbose == 0 else "info",
                                    timeout_graceful_shutdown=args.shutdown_grace + 5, access_log=args.verbose > 0),
                     state, f"http://{host}:{port}", args.shutdown_grace)

@@ -15,6 +15,7 @@ import http.client
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -628,6 +629,20 @@ def test_a_second_ctrl_c_ends_open_streams_with_an_error(setup, long_daemon) -> 
     assert [line.rstrip() for line in ep.output[served:]] == [
         "serve: stopping; waiting up to 600 s for 3 open request(s) (Ctrl-C again ends them now)",
         "serve: interrupted; 3 open request(s) ended with an error"], "".join(ep.output)
+
+
+def test_uvicorns_lines_are_in_the_projects_log_format(setup) -> None:
+    """With -v the access log is on: its lines come as every other log line of the project
+    ("DATE TIME LEVEL logger: message"), not in uvicorn's own format ("INFO:     127.0.0.1 ...")."""
+    ep = Endpoint(setup["daemon"].address, "-v", env=setup["env"])
+    try:
+        assert _get(ep, "/health")[0] == 200
+        _wait_for("the access log line", lambda: any("uvicorn.access" in line for line in ep.output))
+    finally:
+        ep.stop()
+    access = [line for line in ep.output if "GET /health" in line]
+    assert access and all(re.match(r"\d{4}-\d\d-\d\d [\d:,]+ INFO uvicorn\.access: ", line) for line in access), access
+    assert not any(line.startswith("INFO:") for line in ep.output), ep.output
 
 
 def test_an_unreachable_daemon_is_said_at_once(setup) -> None:
