@@ -210,10 +210,10 @@ def _run(args: argparse.Namespace) -> int:
             from lutstore.daemon import run
             return run.main(args)
         if args.command == "get":
-            from lutstore.cli import rowview
-            return rowview.get(args)
-        from lutstore.cli import admin
-        return getattr(admin, args.command)(args)
+            from lutstore.cli.rowview import get
+            return get(args)
+        from lutstore.cli.admin import drop, info, verify
+        return {"info": info, "verify": verify, "drop": drop}[args.command](args)
     except UserError as e:
         print(f"lutstore {args.command}: error: {e}", file=sys.stderr)
         return 2

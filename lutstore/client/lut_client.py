@@ -33,7 +33,7 @@ from lutstore.formats import codec, protocol
 
 from lutstore import security
 
-from lutstore.client import shm_segment
+from lutstore.client.shm_segment import Segment
 from lutstore.client.address import parse_addresses
 from lutstore.client.answer import AnswerError, OnGroup, RowsAnswer, read_message, row_payload
 from lutstore.client.retry import RetryPolicy
@@ -131,8 +131,8 @@ class LutClient:
         self._pool_lock = threading.Lock()
         auto_ok = shared_memory != "auto" or _is_loopback(address)
         self._shared_memory: bool | str = shared_memory if auto_ok else False
-        self._segments: list[shm_segment.Segment] = []       # every segment this client created (unlinked at close)
-        self._free_segments: list[shm_segment.Segment] = []  # one per concurrent call, reused
+        self._segments: list[Segment] = []       # every segment this client created (unlinked at close)
+        self._free_segments: list[Segment] = []  # one per concurrent call, reused
 
     @property
     def shared_memory(self) -> bool:
@@ -267,14 +267,14 @@ class LutClient:
                 self._free_segments.append(segment)
         return info
 
-    def _take_segment(self, size: int, socket_path: str) -> shm_segment.Segment:
+    def _take_segment(self, size: int, socket_path: str) -> Segment:
         """A segment no other call is using (one per concurrent call), at least size bytes."""
         with self._pool_lock:
             if self._free_segments:
                 segment = self._free_segments.pop()
                 segment.reserve(size)
                 return segment
-        segment = shm_segment.Segment(size, socket_path)
+        segment = Segment(size, socket_path)
         with self._pool_lock:
             self._segments.append(segment)
         return segment
