@@ -194,6 +194,20 @@ def make_checkpoint(dest: str | Path, form: str = "train", weights: str = "safet
     return dest
 
 
+def update_config(ckpt_dir: str | Path, **values) -> None:
+    """Set keys of a checkpoint's config.json (a variant of a factory checkpoint: GQA, rope scaling, ...)."""
+    path = Path(ckpt_dir) / "config.json"
+    config = json.loads(path.read_text())
+    config.update(values)
+    path.write_text(json.dumps(config, indent=2))
+
+
+def load_golden(name: str) -> dict[str, np.ndarray]:
+    """Recorded numbers tests/golden/<name>.npz, as plain arrays."""
+    with np.load(Path(__file__).parent / "golden" / f"{name}.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
 def load_tensors(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint folder (any weight format, sharded or not), loaded eagerly."""
     ckpt_dir = Path(ckpt_dir)

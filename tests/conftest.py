@@ -101,3 +101,15 @@ def serve():
     yield _serve
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def single_threaded_torch():
+    """torch on one thread for the module: comparisons with recorded numbers at 1e-5 need a fixed
+    reduction order (at 2 threads the same forward measured up to 1.6e-5 apart from run to run)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,23 +17,22 @@ ingest, fp32 rows, open_remote), the path a client takes.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from ckpt_factory import make_checkpoint
+from ckpt_factory import load_golden, make_checkpoint, update_config
 from conftest import start_server
 from safetensors.torch import load_file, save_file
 
 from inference.backbone import load_checkpoint, open_remote
 from lutstore import cli
 
-GOLDEN = Path(__file__).parent / "golden" / "mole_logits.npz"
 # CPU kernels reorder fp32 sums (SDPA vs eager, batch sizes): measured <= 2e-6 here
 BOUND = 1e-5
 SHAPE = dict(vocab=128, layers=2, experts=4, hidden=64, intermediate=64)
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")   # recorded numbers: one reduction order
 
 
 def _gqa_checkpoint(dest: Path) -> Path:
@@ -45,16 +44,13 @@ def _gqa_checkpoint(dest: Path) -> Path:
         if name.endswith(("k_proj.weight", "v_proj.weight")):
             tensors[name] = torch.randn(2 * 16, 64, generator=gen) / 8
     save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((ckpt / "config.json").read_text())
-    config["num_key_value_heads"] = 2
-    (ckpt / "config.json").write_text(json.dumps(config, indent=2))
+    update_config(ckpt, num_key_value_heads=2)
     return ckpt
 
 
 @pytest.fixture(scope="module")
 def golden() -> dict[str, np.ndarray]:
-    with np.load(GOLDEN) as data:
-        return {k: data[k] for k in data.files}
+    return load_golden("mole_logits")
 
 
 @pytest.fixture(scope="module")

@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ckpt_factory import make_checkpoint
+from ckpt_factory import load_golden, make_checkpoint, update_config
 
 from inference.backbone import load_checkpoint
 from inference.model import ModelArgs
 from lutstore.errors import UserError
 
-GOLDEN = Path(__file__).parent / "golden" / "rope_logits.npz"
 BOUND = 1e-5     # CPU kernels reorder fp32 sums; measured <= 3e-6 here
 SHAPE = dict(vocab=128, layers=2, experts=4, hidden=64, intermediate=64, heads=2)
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")   # recorded numbers: one reduction order
 PREFILL = 12
 SCALINGS = {   # name: (rope_scaling, max_position_embeddings)
     "linear": ({"type": "linear", "factor": 2.0}, 256),
@@ -38,9 +38,7 @@ SCALINGS = {   # name: (rope_scaling, max_position_embeddings)
 
 def rope_checkpoint(dest: Path, rope_scaling: dict, max_positions: int) -> Path:
     ckpt = make_checkpoint(dest, form="train", seed=5, **SHAPE)
-    config = json.loads((ckpt / "config.json").read_text())
-    config.update(rope_scaling=rope_scaling, max_position_embeddings=max_positions)
-    (ckpt / "config.json").write_text(json.dumps(config, indent=2))
+    update_config(ckpt, rope_scaling=rope_scaling, max_position_embeddings=max_positions)
     return ckpt
 
 
@@ -50,8 +48,7 @@ def rope_checkpoints(root: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def golden() -> dict[str, np.ndarray]:
-    with np.load(GOLDEN) as data:
-        return {k: data[k] for k in data.files}
+    return load_golden("rope_logits")
 
 
 @pytest.fixture(scope="module")

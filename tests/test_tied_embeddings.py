@@ -11,13 +11,12 @@ loader would overwrite the embedding with it; transformers 5 would untie them): 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from ckpt_factory import make_checkpoint
+from ckpt_factory import load_golden, make_checkpoint, update_config
 from conftest import start_server
 from safetensors.torch import load_file, save_file
 
@@ -26,9 +25,9 @@ from inference.model import ModelArgs
 from lutstore import cli
 from lutstore.errors import UserError
 
-GOLDEN = Path(__file__).parent / "golden" / "tied_logits.npz"
 BOUND = 5e-5      # logits reach 48 here (the embedding as lm_head): fp32 reorderings, measured <= 1.2e-5
 SHAPE = dict(vocab=128, layers=2, experts=4, hidden=64, intermediate=64, heads=2)
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")   # recorded numbers: one reduction order
 
 
 def tied_checkpoint(dest: Path, keep_head: bool = False) -> Path:
@@ -37,16 +36,13 @@ def tied_checkpoint(dest: Path, keep_head: bool = False) -> Path:
     if not keep_head:
         del tensors["lm_head.weight"]
     save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((ckpt / "config.json").read_text())
-    config["tie_word_embeddings"] = True
-    (ckpt / "config.json").write_text(json.dumps(config, indent=2))
+    update_config(ckpt, tie_word_embeddings=True)
     return ckpt
 
 
 @pytest.fixture(scope="module")
 def golden() -> dict[str, np.ndarray]:
-    with np.load(GOLDEN) as data:
-        return {k: data[k] for k in data.files}
+    return load_golden("tied_logits")
 
 
 @pytest.fixture(scope="module")
